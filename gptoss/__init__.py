@@ -1,0 +1,11 @@
+"""gptoss: gpt-oss sparse-expert language models in JAX/Flax NNX, with experts kept packed in MXFP4."""
+
+from gptoss.config import ConfigError, ModelConfig
+from gptoss.io import CheckpointError, from_pretrained, save_pretrained
+from gptoss.model import GptOss
+from gptoss.quant import MXFP4Array, QuantWeight, dequantize, quantize
+
+__version__ = "0.1.0"
+
+__all__ = ["CheckpointError", "ConfigError", "GptOss", "MXFP4Array", "ModelConfig", "QuantWeight", "__version__",
+           "dequantize", "from_pretrained", "quantize", "save_pretrained"]

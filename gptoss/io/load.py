@@ -1,0 +1,195 @@
+"""`from_pretrained`: HF or `original/` checkpoints, tensor by tensor, MXFP4 experts kept packed."""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+import warnings
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from tqdm.auto import tqdm
+
+from gptoss.config import ConfigError, ModelConfig
+from gptoss.io.keymap import HF_DENSE_MARKER, HF_PACKED_MARKER, Entry, hf_entries, original_entries
+from gptoss.io.safetensors_io import CheckpointError, TensorIndex, find_nonfinite
+from gptoss.model import GptOss
+from gptoss.quant import MXFP4Array, dequantize, quantize
+
+HUB_PATTERNS = ["config.json", "generation_config.json", "model*.safetensors", "model.safetensors.index.json",
+                "tokenizer*", "special_tokens_map.json", "chat_template*"]
+
+
+def from_pretrained(path: str | os.PathLike, *, dtype: Any = "bfloat16", experts: str = "mxfp4",
+                    moe_impl: str = "auto", layout: str = "auto", check_finite: bool = True,
+                    progress: bool = True, revision: str | None = None,
+                    place: Callable[[Any, tuple], Any] | None = None) -> GptOss:
+    """Loads a gpt-oss checkpoint folder (HF layout, or `original/`) or a hub id into a `GptOss`.
+
+    experts="mxfp4" keeps expert weights packed (never dequantized at load); "dense" stores them in `dtype`.
+    `place(array, path)` puts each parameter on its device(s); the default is `jax.device_put`.
+    """
+    if experts not in ("mxfp4", "dense"):
+        raise ValueError(f"experts must be 'mxfp4' or 'dense', got {experts!r}")
+    dtype = jnp.dtype(dtype)
+    root = _resolve(os.fspath(path), revision)
+    kind, cfg, index, where = open_checkpoint(root, layout)
+    if kind == "hf":
+        packed = any(n.endswith(HF_PACKED_MARKER) for n in index.names())
+        if not packed and not any(n.endswith(HF_DENSE_MARKER) for n in index.names()):
+            raise CheckpointError(f"{where}: no expert tensors (neither *{HF_PACKED_MARKER} nor *{HF_DENSE_MARKER})")
+        entries = hf_entries(cfg, packed)
+    else:
+        packed, entries = True, original_entries(cfg)
+    _check_names(entries, index, cfg, where)
+    if experts == "mxfp4" and not packed:
+        warnings.warn(f"{where} has dense experts; quantizing them to MXFP4 at load (lossy). "
+                      "Pass experts='dense' to keep them exact.", stacklevel=2)
+
+    abstract = nnx.eval_shape(lambda: GptOss(cfg, dtype=dtype, experts=experts, moe_impl=moe_impl))
+    graphdef, state = nnx.split(abstract)
+    targets = dict(state.flat_state())
+    place = place or (lambda x, _path: jax.device_put(x))
+    total = sum(index.info(n).end - index.info(n).start for e in entries for n in set(e.names))
+    with tqdm(total=total, unit="B", unit_scale=True, desc="loading", disable=not progress) as bar:
+        for entry in entries:
+            var = targets[entry.path]
+            value = _convert(entry, [_read(index, n, s, check_finite) for n, s in zip(entry.names, entry.shapes)],
+                             var.get_value(), index)
+            if isinstance(value, MXFP4Array):
+                value = MXFP4Array(place(value.blocks, entry.path), place(value.scales, entry.path), value.dtype)
+            else:
+                value = place(value, entry.path)
+            var.set_value(value)
+            bar.update(sum(index.info(n).end - index.info(n).start for n in set(entry.names)))
+    return nnx.merge(graphdef, state)
+
+
+def open_checkpoint(root: str, layout: str = "auto") -> tuple[str, ModelConfig, TensorIndex, str]:
+    """Finds the layout under `root`: ("hf" | "original", config, tensor index, folder)."""
+    if layout not in ("auto", "hf", "original"):
+        raise ValueError(f"layout must be 'auto', 'hf' or 'original', got {layout!r}")
+    if not os.path.isdir(root):
+        raise CheckpointError(f"{root}: not a folder")
+    hf_files = _hf_files(root)
+    if layout in ("auto", "hf") and hf_files:
+        return "hf", ModelConfig.from_hf(os.path.join(root, "config.json")), TensorIndex(hf_files), root
+    for folder in (os.path.join(root, "original"), root):
+        files = sorted(glob.glob(os.path.join(folder, "*.safetensors")))
+        cfg_path = os.path.join(folder, "config.json")
+        if layout in ("auto", "original") and files and os.path.exists(cfg_path) and not _is_hf_config(cfg_path):
+            return "original", ModelConfig.from_original(cfg_path), TensorIndex(files), folder
+    found = sorted(os.listdir(root))[:20]
+    raise CheckpointError(
+        f"{root}: no gpt-oss checkpoint found (layout={layout!r}). Expected config.json with model*.safetensors "
+        f"(HF layout) or original/config.json with original/*.safetensors; found {found}"
+    )
+
+
+def _hf_files(root: str) -> list[str]:
+    cfg_path = os.path.join(root, "config.json")
+    if not os.path.exists(cfg_path) or not _is_hf_config(cfg_path):
+        return []
+    index_path = os.path.join(root, "model.safetensors.index.json")
+    if os.path.exists(index_path):
+        try:
+            with open(index_path) as f:
+                weight_map = json.load(f)["weight_map"]
+        except (json.JSONDecodeError, KeyError) as e:
+            raise CheckpointError(f"{index_path}: not a valid safetensors index ({e})") from None
+        files = []
+        for shard in sorted(set(weight_map.values())):
+            full = os.path.join(root, shard)
+            if not os.path.exists(full):
+                names = [n for n, s in weight_map.items() if s == shard][:3]
+                raise CheckpointError(
+                    f"{index_path} lists shard {shard!r} (holding e.g. {names}) but the file is missing")
+            files.append(full)
+        return files
+    return sorted(glob.glob(os.path.join(root, "model*.safetensors")))
+
+
+def _is_hf_config(path: str) -> bool:
+    try:
+        with open(path) as f:
+            d = json.load(f)
+    except (OSError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{path}: cannot read config ({e})") from None
+    return "model_type" in d or "architectures" in d or "num_local_experts" in d
+
+
+def _check_names(entries: list[Entry], index: TensorIndex, cfg: ModelConfig, where: str) -> None:
+    expected = {n for e in entries for n in e.names}
+    found = index.names()
+    missing, unexpected = sorted(expected - found), sorted(found - expected)
+    if missing:
+        raise CheckpointError(f"{where}: {len(missing)} tensor(s) missing from the checkpoint, e.g. {missing[:5]}")
+    if unexpected:
+        hint = ""
+        if any(".layers." in n or n.startswith("block.") for n in unexpected):
+            hint = f" (config says num_hidden_layers={cfg.num_hidden_layers})"
+        raise CheckpointError(f"{where}: {len(unexpected)} unexpected tensor(s), e.g. {unexpected[:5]}{hint}")
+
+
+def _read(index: TensorIndex, name: str, shape: tuple[int, ...], check_finite: bool) -> np.ndarray:
+    info = index.info(name)
+    if info.shape != shape:
+        raise CheckpointError(f"{info.file}: tensor {name!r} has shape {list(info.shape)} but the config implies "
+                              f"{list(shape)} (config.json contradicts the tensors?)")
+    arr = index.read(name)
+    if check_finite:
+        bad = find_nonfinite(arr)
+        if bad is not None:
+            pos = tuple(int(i) for i in np.unravel_index(bad, arr.shape))
+            raise CheckpointError(f"{info.file}: tensor {name!r} holds NaN/Inf (first at index {pos})")
+    return arr
+
+
+def _convert(entry: Entry, arrays: list[np.ndarray], target: Any, index: TensorIndex):
+    """Checkpoint arrays -> the value of the model parameter, in the target's format and dtype."""
+    if entry.kind == "mxfp4":
+        blocks, scales = arrays
+        for name, a in zip(entry.names, arrays):
+            if a.dtype != np.uint8:
+                raise CheckpointError(f"{index.info(name).file}: tensor {name!r} has dtype {a.dtype}, expected uint8 "
+                                      "(MXFP4 blocks/scales)")
+        if np.any(scales == 255):
+            raise CheckpointError(f"{index.info(entry.names[1]).file}: tensor {entry.names[1]!r} holds scale byte "
+                                  "255, which E8M0 reserves for NaN")
+        if isinstance(target, MXFP4Array):
+            return MXFP4Array(blocks, scales, target.dtype)
+        return np.asarray(jax.jit(dequantize, static_argnums=2)(blocks, scales, target.dtype))
+    (arr,) = arrays
+    if not np.issubdtype(arr.dtype, np.floating) and arr.dtype.kind != "V" and "bfloat16" not in str(arr.dtype):
+        info = index.info(entry.names[0])
+        raise CheckpointError(f"{info.file}: tensor {info.name!r} has dtype {info.dtype}, expected a float tensor")
+    value = entry.to_model(arr)
+    if isinstance(target, MXFP4Array):
+        try:
+            return jax.jit(quantize, static_argnums=1)(value.astype(np.float32), target.dtype)
+        except ValueError as e:
+            raise ConfigError(f"{entry.names[0]}: {e}") from None
+    return np.ascontiguousarray(value.astype(target.dtype))
+
+
+def _resolve(path: str, revision: str | None) -> str:
+    if os.path.exists(path):
+        return path
+    looks_like_repo = path.count("/") == 1 and not path.startswith((".", "/", "~"))
+    if not looks_like_repo:
+        raise CheckpointError(f"{path}: no such folder")
+    try:
+        from huggingface_hub import snapshot_download
+    except ImportError:
+        raise CheckpointError(f"{path!r} is not a local folder, and huggingface_hub is not installed to fetch it "
+                              "from the hub (pip install 'gptoss[hub]', or pass a local folder)") from None
+    try:
+        return snapshot_download(path, revision=revision, allow_patterns=HUB_PATTERNS)
+    except Exception as e:  # offline, unknown repo, gated, ...: all mean "give me a local folder"
+        raise CheckpointError(f"could not fetch {path!r} from the Hugging Face hub ({type(e).__name__}: {e}); "
+                              "download it yourself and pass the local folder") from e

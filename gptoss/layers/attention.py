@@ -1,0 +1,65 @@
+"""Grouped-query attention with q/k/v/o biases, per-head sinks and an optional sliding window."""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+from flax import nnx
+
+from gptoss.config import ModelConfig
+from gptoss.layers.rope import apply_rope
+
+
+def attend(q_BTNH, k_BSKH, v_BSKH, sinks_N, q_pos_BT, k_pos_BS, *, window: int | None, scale: float):
+    """Softmax attention where each head's sink is one extra logit with no value, in fp32.
+
+    Keys are allowed when 0 <= k_pos <= q_pos and, with a window W, k_pos > q_pos - W (W keys including
+    the query's own). Negative key positions mark empty cache slots or padding. Returns [B, T, N, H].
+    """
+    B, T, N, H = q_BTNH.shape
+    K = k_BSKH.shape[2]
+    q = q_BTNH.astype(jnp.float32).reshape(B, T, K, N // K, H)  # query head n uses kv head n // (N/K)
+    logits_BKGTS = jnp.einsum("btkgh,bskh->bkgts", q, k_BSKH.astype(jnp.float32)) * scale
+    qp, kp = q_pos_BT[:, :, None], k_pos_BS[:, None, :]
+    allowed_BTS = (kp <= qp) & (kp >= 0)
+    if window is not None:
+        allowed_BTS &= kp > qp - window
+    logits_BKGTS = jnp.where(allowed_BTS[:, None, None], logits_BKGTS, -jnp.inf)
+    sink_KG = sinks_N.astype(jnp.float32).reshape(K, N // K)[None, :, :, None, None]  # not scaled
+    m = jnp.maximum(jnp.max(logits_BKGTS, axis=-1, keepdims=True), sink_KG)
+    p = jnp.exp(logits_BKGTS - m)
+    denom = jnp.sum(p, axis=-1, keepdims=True) + jnp.exp(sink_KG - m)
+    out = jnp.einsum("bkgts,bskh->btkgh", p / denom, v_BSKH.astype(jnp.float32))
+    return out.reshape(B, T, N, H)
+
+
+class Attention(nnx.Module):
+    def __init__(self, cfg: ModelConfig, layer: int, *, dtype, rngs: nnx.Rngs):
+        D, N, K, H = cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+        init = nnx.initializers.normal(D**-0.5)
+
+        def param(shape, std_init=init):
+            return nnx.Param(std_init(rngs.params(), shape, jnp.float32).astype(dtype))
+
+        zeros = nnx.initializers.zeros
+        self.wq_DNH, self.bq_NH = param((D, N, H)), param((N, H), zeros)
+        self.wk_DKH, self.bk_KH = param((D, K, H)), param((K, H), zeros)
+        self.wv_DKH, self.bv_KH = param((D, K, H)), param((K, H), zeros)
+        self.wo_NHD = nnx.Param((init(rngs.params(), (N, H, D), jnp.float32) * (D / (N * H)) ** 0.5).astype(dtype))
+        self.bo_D = param((D,), zeros)
+        self.sinks_N = param((N,), zeros)
+        self.window = cfg.sliding_window if cfg.is_sliding(layer) else None
+        self.scale = H**-0.5
+
+    def qkv(self, x_BTD, cos, sin):
+        q = jnp.einsum("btd,dnh->btnh", x_BTD, self.wq_DNH[...]) + self.bq_NH[...]
+        k = jnp.einsum("btd,dkh->btkh", x_BTD, self.wk_DKH[...]) + self.bk_KH[...]
+        v = jnp.einsum("btd,dkh->btkh", x_BTD, self.wv_DKH[...]) + self.bv_KH[...]
+        return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
+
+    def output(self, o_BTNH):
+        return jnp.einsum("btnh,nhd->btd", o_BTNH.astype(self.wo_NHD.dtype), self.wo_NHD[...]) + self.bo_D[...]
+
+    def __call__(self, x_BTD, positions_BT, cos, sin):
+        q, k, v = self.qkv(x_BTD, cos, sin)
+        o = attend(q, k, v, self.sinks_N[...], positions_BT, positions_BT, window=self.window, scale=self.scale)
+        return self.output(o)

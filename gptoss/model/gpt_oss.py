@@ -1,0 +1,118 @@
+"""The gpt-oss transformer as a Flax NNX module."""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from gptoss.config import ModelConfig
+from gptoss.layers import Attention, MoE, RMSNorm, rope_tables
+from gptoss.layers.dispatch import IMPLS
+
+
+class Block(nnx.Module):
+    """Pre-norm residual block: x + attn(norm(x)), then x + moe(norm(x))."""
+
+    def __init__(self, cfg: ModelConfig, layer: int, *, dtype, experts: str, rngs: nnx.Rngs):
+        self.attn_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.attn = Attention(cfg, layer, dtype=dtype, rngs=rngs)
+        self.mlp_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.mlp = MoE(cfg, dtype=dtype, experts=experts, rngs=rngs)
+
+    def __call__(self, x_BTD, positions_BT, cos, sin, moe_impl: str):
+        x_BTD = x_BTD + self.attn(self.attn_norm(x_BTD), positions_BT, cos, sin)
+        y_BTD, router_logits = self.mlp(self.mlp_norm(x_BTD), moe_impl)
+        return x_BTD + y_BTD, router_logits
+
+
+class GptOss(nnx.Module):
+    """gpt-oss: embeddings, alternating sliding/full attention blocks with routed MoE, untied unembedding.
+
+    `dtype` is the parameter and activation dtype (norm gains stay fp32); `experts` is "mxfp4" (packed,
+    dequantized where used) or "dense".
+    """
+
+    def __init__(self, cfg: ModelConfig, *, dtype: Any = jnp.bfloat16, experts: str = "mxfp4",
+                 moe_impl: str = "auto", rngs: nnx.Rngs | None = None):
+        rngs = rngs or nnx.Rngs(0)
+        dtype = jnp.dtype(dtype)
+        self.config = cfg
+        self.dtype = dtype
+        self.experts_format = experts
+        self.moe_impl = _check_impl(moe_impl)
+        D, V = cfg.hidden_size, cfg.vocab_size
+        self.embed_VD = nnx.Param(jax.random.normal(rngs.params(), (V, D), jnp.float32).astype(dtype))
+        self.layers = nnx.List(
+            [Block(cfg, i, dtype=dtype, experts=experts, rngs=rngs) for i in range(cfg.num_hidden_layers)]
+        )
+        self.norm = RMSNorm(D, cfg.rms_norm_eps)
+        self.unembed_VD = nnx.Param((jax.random.normal(rngs.params(), (V, D), jnp.float32) * D**-0.5).astype(dtype))
+
+    def forward(self, tokens_BT, positions_BT=None, *, return_router_logits: bool = False,
+                moe_impl: str | None = None):
+        """The computation itself (traceable); `__call__` wraps it in a cached jit."""
+        moe_impl = _check_impl(moe_impl or self.moe_impl)
+        B, T = tokens_BT.shape
+        if positions_BT is None:
+            positions_BT = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
+        cos, sin = rope_tables(self.config, positions_BT)
+        x = jnp.take(self.embed_VD[...], tokens_BT, axis=0)
+        router_logits = []
+        for block in self.layers:
+            x, logits = block(x, positions_BT, cos, sin, moe_impl)
+            router_logits.append(logits)
+        x = self.norm(x)
+        logits_BTV = jnp.einsum("btd,vd->btv", x, self.unembed_VD[...], preferred_element_type=jnp.float32)
+        if return_router_logits:
+            return logits_BTV, jnp.stack(router_logits)  # [layers, B, T, E]
+        return logits_BTV
+
+    def __call__(self, tokens_BT, positions_BT=None, *, return_router_logits: bool = False,
+                 moe_impl: str | None = None):
+        """int32 tokens [B, T] (and optional positions) -> float32 logits [B, T, vocab]."""
+        tokens_BT = self._check_tokens(tokens_BT)
+        if positions_BT is not None:
+            positions_BT = jnp.asarray(positions_BT, jnp.int32)
+            if positions_BT.shape != tokens_BT.shape:
+                raise ValueError(f"positions shape {positions_BT.shape} != tokens shape {tokens_BT.shape}")
+        if isinstance(tokens_BT, jax.core.Tracer):
+            return self.forward(tokens_BT, positions_BT, return_router_logits=return_router_logits,
+                                moe_impl=moe_impl)
+        graphdef, state = nnx.split(self)
+        return _jit_forward(graphdef, state, tokens_BT, positions_BT, return_router_logits, moe_impl)
+
+    def _check_tokens(self, tokens):
+        if isinstance(tokens, jax.core.Tracer):
+            return tokens
+        arr = np.asarray(tokens)
+        if arr.ndim == 1:
+            raise ValueError(f"tokens must be [batch, time]; got a 1-D array of shape {arr.shape} "
+                             "(wrap it as tokens[None])")
+        if arr.ndim != 2:
+            raise ValueError(f"tokens must be [batch, time]; got shape {arr.shape}")
+        if not np.issubdtype(arr.dtype, np.integer):
+            raise TypeError(f"tokens must be integers, got dtype {arr.dtype}")
+        if arr.size:
+            bad = np.argwhere((arr < 0) | (arr >= self.config.vocab_size))
+            if len(bad):
+                b, t = bad[0]
+                raise ValueError(f"token id {int(arr[b, t])} at [{b}, {t}] is outside the vocabulary "
+                                 f"[0, {self.config.vocab_size})")
+        return jnp.asarray(arr, jnp.int32)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 4, 5))
+def _jit_forward(graphdef, state, tokens, positions, return_router_logits, moe_impl):
+    model = nnx.merge(graphdef, state)
+    return model.forward(tokens, positions, return_router_logits=return_router_logits, moe_impl=moe_impl)
+
+
+def _check_impl(impl: str) -> str:
+    if impl not in IMPLS:
+        raise ValueError(f"unknown moe_impl {impl!r}; choose one of {IMPLS}")
+    return impl
