@@ -174,7 +174,7 @@ def _convert(entry: Entry, arrays: list[np.ndarray], target: Any, index: TensorI
             return jax.jit(quantize, static_argnums=1)(value.astype(np.float32), target.dtype)
         except ValueError as e:
             raise ConfigError(f"{entry.names[0]}: {e}") from None
-    return np.ascontiguousarray(value.astype(target.dtype))
+    return np.ascontiguousarray(value.astype(target.dtype, copy=False))
 
 
 def _resolve(path: str, revision: str | None) -> str:
