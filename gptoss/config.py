@@ -156,6 +156,7 @@ class ModelConfig:
             rope_theta=float(theta), rope_type=rope_type,
             max_position_embeddings=d.get("max_position_embeddings", 131072),
             rms_norm_eps=d.get("rms_norm_eps", 1e-5), swiglu_limit=d.get("swiglu_limit", 7.0),
+            swiglu_alpha=d.get("swiglu_alpha", 1.702),
             eos_token_id=d.get("eos_token_id"), pad_token_id=d.get("pad_token_id"),
         )
         if rope_type == "yarn":
@@ -187,7 +188,8 @@ class ModelConfig:
             "num_experts_per_tok": self.experts_per_token, "experts_per_token": self.experts_per_token,
             "sliding_window": self.sliding_window, "layer_types": list(self.layer_types),
             "max_position_embeddings": self.max_position_embeddings, "rms_norm_eps": self.rms_norm_eps,
-            "swiglu_limit": self.swiglu_limit, "rope_theta": self.rope_theta, "attention_bias": True,
+            "swiglu_limit": self.swiglu_limit, "swiglu_alpha": self.swiglu_alpha,
+            "rope_theta": self.rope_theta, "attention_bias": True,
             "attention_dropout": 0.0, "hidden_act": "silu", "initializer_range": 0.02,
             "router_aux_loss_coef": 0.9, "output_router_logits": False, "tie_word_embeddings": False,
             "use_cache": True,

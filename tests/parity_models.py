@@ -226,7 +226,7 @@ def quantize_experts(w_in_out: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
     from gptoss.quant import quantize
 
     q = quantize(np.ascontiguousarray(w_in_out.float().numpy().transpose(0, 2, 1)))
-    return np.asarray(q.blocks, np.uint8), np.asarray(q.scales, np.uint8)
+    return np.array(q.blocks, np.uint8), np.array(q.scales, np.uint8)
 
 
 def hf_mxfp4_tensors(model_or_state, dtype=torch.bfloat16) -> dict[str, torch.Tensor]:
@@ -244,15 +244,22 @@ def hf_mxfp4_tensors(model_or_state, dtype=torch.bfloat16) -> dict[str, torch.Te
 
 def hub_config_dict(config: GptOssConfig, *, mxfp4: bool) -> dict:
     """config.json as the hub writes it: YaRN under `rope_scaling`, rope_theta at the top level."""
-    d = config.to_dict()
-    rope = dict(d.pop("rope_parameters", None) or d.pop("rope_scaling"))
-    d["rope_theta"] = rope.pop("rope_theta", None) or d.get("rope_theta")
-    d["rope_scaling"] = rope
-    for key in ("dtype", "torch_dtype", "transformers_version", "_attn_implementation_autoset"):
-        d.pop(key, None)
-    d["architectures"] = ["GptOssForCausalLM"]
-    d["model_type"] = "gpt_oss"
-    d["experts_per_token"] = config.num_experts_per_tok
+    rope = dict(config.rope_parameters)
+    theta = rope.pop("rope_theta")
+    d = {
+        "architectures": ["GptOssForCausalLM"], "model_type": "gpt_oss",
+        "vocab_size": config.vocab_size, "hidden_size": config.hidden_size,
+        "intermediate_size": config.intermediate_size, "num_hidden_layers": config.num_hidden_layers,
+        "num_attention_heads": config.num_attention_heads, "num_key_value_heads": config.num_key_value_heads,
+        "head_dim": config.head_dim, "num_local_experts": config.num_local_experts,
+        "num_experts_per_tok": config.num_experts_per_tok, "experts_per_token": config.num_experts_per_tok,
+        "sliding_window": config.sliding_window, "layer_types": list(config.layer_types),
+        "max_position_embeddings": config.max_position_embeddings, "rms_norm_eps": config.rms_norm_eps,
+        "swiglu_limit": config.swiglu_limit, "rope_theta": theta, "rope_scaling": rope,
+        "attention_bias": True, "attention_dropout": 0.0, "hidden_act": "silu", "initializer_range": 0.02,
+        "router_aux_loss_coef": 0.9, "output_router_logits": False, "tie_word_embeddings": False,
+        "use_cache": True, "eos_token_id": config.eos_token_id, "pad_token_id": config.pad_token_id,
+    }
     if mxfp4:
         d["quantization_config"] = {"quant_method": "mxfp4", "modules_to_not_convert": MXFP4_NOT_CONVERTED}
     return d

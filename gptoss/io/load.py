@@ -53,7 +53,7 @@ def from_pretrained(path: str | os.PathLike, *, dtype: Any = "bfloat16", experts
 
     abstract = nnx.eval_shape(lambda: GptOss(cfg, dtype=dtype, experts=experts, moe_impl=moe_impl))
     graphdef, state = nnx.split(abstract)
-    targets = dict(state.flat_state())
+    targets = dict(nnx.to_flat_state(state))
     place = place or (lambda x, _path: jax.device_put(x))
     total = sum(index.info(n).end - index.info(n).start for e in entries for n in set(e.names))
     with tqdm(total=total, unit="B", unit_scale=True, desc="loading", disable=not progress) as bar:

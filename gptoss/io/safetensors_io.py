@@ -60,12 +60,19 @@ def read_header(path: str) -> dict[str, TensorInfo]:
         raise CheckpointError(f"cannot read {path}: {e}") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise CheckpointError(f"{path}: header is not valid JSON ({e}); not a safetensors file?") from None
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{path}: header is not a JSON object; not a safetensors file?")
     base = 8 + n
     infos = {}
     for name, meta in header.items():
         if name == "__metadata__":
             continue
-        dtype, shape, (start, end) = meta["dtype"], tuple(meta["shape"]), meta["data_offsets"]
+        try:
+            dtype, shape, (start, end) = meta["dtype"], tuple(meta["shape"]), meta["data_offsets"]
+            if not all(isinstance(v, int) and v >= 0 for v in (*shape, start, end)):
+                raise ValueError
+        except (KeyError, TypeError, ValueError):
+            raise CheckpointError(f"{path}: tensor {name!r} has a malformed header entry {meta!r}") from None
         if dtype not in DTYPES:
             raise CheckpointError(f"{path}: tensor {name!r} has unsupported dtype {dtype}")
         expected = int(np.prod(shape, dtype=np.int64)) * DTYPES[dtype].itemsize
@@ -145,7 +152,7 @@ def write_file(path: str, tensors: list[tuple[str, str, tuple[int, ...], Callabl
         f.write(struct.pack("<Q", len(blob)))
         f.write(blob)
         for name, dtype, shape, produce in tensors:
-            arr = np.ascontiguousarray(produce())
+            arr = np.require(produce(), requirements="C")  # (ascontiguousarray turns 0-d into 1-d)
             if arr.dtype != DTYPES[dtype] or tuple(arr.shape) != tuple(shape):
                 raise AssertionError(f"{name}: produced {arr.dtype}{arr.shape}, declared {dtype}{shape}")
             f.write(memoryview(arr.reshape(-1).view(np.uint8)))

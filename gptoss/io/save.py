@@ -35,7 +35,7 @@ def save_pretrained(model, path: str | os.PathLike, *, experts: str = "mxfp4",
         cfg.check_mxfp4()
     path = os.fspath(path)
     os.makedirs(path, exist_ok=True)
-    flat = dict(nnx.state(model).flat_state())
+    flat = dict(nnx.to_flat_state(nnx.state(model)))
     tensors = []
     for entry in hf_entries(cfg, packed_experts=(experts == "mxfp4")):
         value = flat[entry.path].get_value()

@@ -88,7 +88,10 @@ class MXFP4Array:
                 f"MXFP4Array of logical shape {self.shape} can be indexed on its first {self.ndim - 1} axes only; "
                 "the last (K) axis is packed"
             )
-        return MXFP4Array(self.blocks[idx], self.scales[idx], self.dtype)
+        scales = self.scales[idx]
+        if scales.ndim < 2:
+            raise IndexError(f"index {idx} leaves a single row of {self.shape}; an MXFP4Array is [..., N, K]")
+        return MXFP4Array(self.blocks[idx], scales, self.dtype)
 
     def take(self, indices, axis: int = 0) -> MXFP4Array:
         """Gathers along a leading axis (e.g. the routed experts of each token) without unpacking."""

@@ -32,6 +32,11 @@ def naive_dequant(blocks, scales):
     return out.astype(np.float32)
 
 
+def ref_unpack(blocks, scales):
+    with np.errstate(over="ignore"):  # 6 * 2**127 overflows to inf, on purpose
+        return unpack_ref(blocks, scales)
+
+
 def bits(a):
     return np.asarray(a, np.float32).view(np.uint32)
 
@@ -59,7 +64,7 @@ def test_unpack_ref_matches_literal_table():
     rng = np.random.default_rng(0)
     blocks = rng.integers(0, 256, (2, 3, 2, 16), dtype=np.uint8)
     scales = rng.integers(100, 150, (2, 3, 2), dtype=np.uint8)
-    assert_bits_equal(unpack_ref(blocks, scales), naive_dequant(blocks, scales))
+    assert_bits_equal(ref_unpack(blocks, scales), naive_dequant(blocks, scales))
 
 
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
@@ -69,7 +74,7 @@ def test_dequantize_all_bytes_all_normal_scales_bit_exact(dtype):
     blocks, scales = every_byte_every_scale(np.arange(2, 255))
     got = np.asarray(_jit_dequant(blocks, scales, dtype))
     assert got.dtype == np.dtype(dtype)
-    ref = unpack_ref(blocks, scales)
+    ref = ref_unpack(blocks, scales)
     assert np.isinf(ref).any()  # 6 * 2**127 overflows: make sure the extreme end is really exercised
     assert_bits_equal(got.astype(np.float32), ref.astype(dtype).astype(np.float32))
 
@@ -80,20 +85,21 @@ def test_dequantize_random_bytes_bit_exact(dtype):
     blocks = rng.integers(0, 256, (3, 7, 4, 16), dtype=np.uint8)
     scales = rng.integers(2, 255, (3, 7, 4), dtype=np.uint8)
     got = np.asarray(_jit_dequant(blocks, scales, dtype)).astype(np.float32)
-    assert_bits_equal(got, unpack_ref(blocks, scales).astype(dtype).astype(np.float32))
+    assert_bits_equal(got, ref_unpack(blocks, scales).astype(dtype).astype(np.float32))
 
 
 def test_dequantize_smallest_scales_exact_or_flushed_to_signed_zero():
-    # Scale bytes 0 and 1 give subnormal products (0.5 * 2**-127 ...). XLA may flush subnormals to zero;
-    # allow exactly that and nothing else: each element is the reference or a zero of the same sign.
+    # Scale byte 0 is the subnormal 2**-127 and scale byte 1 gives subnormal products (0.5 * 2**-126).
+    # XLA on CPU treats subnormals as zero (inputs and outputs), which no checkpoint can notice; allow exactly
+    # that and nothing else: every element is the reference or a zero of the reference's sign, and every
+    # normal product of a normal scale (byte 1) is exact.
     blocks, scales = every_byte_every_scale([0, 1])
     got = np.asarray(_jit_dequant(blocks, scales, jnp.float32))
     ref = unpack_ref(blocks, scales)
-    flushed = np.where(np.abs(ref) < F32_TINY, np.copysign(np.float32(0), ref), ref)
-    ok = (bits(got) == bits(ref)) | (bits(got) == bits(flushed))
-    assert ok.all()
-    normal = np.abs(ref) >= F32_TINY
-    assert normal.any() and (got[normal] == ref[normal]).all()
+    zero = np.copysign(np.float32(0), ref)
+    assert ((bits(got) == bits(ref)) | (bits(got) == bits(zero))).all()
+    normal = np.abs(ref[1]) >= F32_TINY
+    assert normal.sum() > 100 and (got[1][normal] == ref[1][normal]).all()
 
 
 def test_dequantize_scale_255_is_nan():
@@ -117,16 +123,16 @@ def test_nibble_order_hand_built(scale, factor):
     assert_bits_equal(naive_dequant(blocks, scales), want)
 
 
-@settings(max_examples=20, deadline=None)
+@settings(max_examples=15, deadline=None)
 @given(lead=st.lists(st.integers(1, 3), min_size=0, max_size=2), n=st.integers(1, 4), g=st.integers(1, 3),
        seed=st.integers(0, 2**31 - 1))
 def test_dequantize_random_shapes_property(lead, n, g, seed):
     rng = np.random.default_rng(seed)
     blocks = rng.integers(0, 256, (*lead, n, g, 16), dtype=np.uint8)
     scales = rng.integers(2, 255, (*lead, n, g), dtype=np.uint8)
-    got = dequantize(blocks, scales, jnp.float32)
+    got = _jit_dequant(blocks, scales, jnp.float32)
     assert got.shape == (*lead, n, g * 32)
-    assert_bits_equal(got, unpack_ref(blocks, scales))
+    assert_bits_equal(got, ref_unpack(blocks, scales))
 
 
 # ---------------------------------------------------------------------------------------------- quantize
@@ -258,7 +264,7 @@ def test_array_indexing_and_take_equal_dequantize_then_index():
     blocks, scales = packed(np.random.default_rng(6), (5, 7, 64))
     a = MXFP4Array(jnp.asarray(blocks), jnp.asarray(scales), jnp.float32)
     full = unpack_ref(blocks, scales)
-    cases = [(2, full[2]), ((2, 3), full[2, 3]), (slice(1, 4), full[1:4]), ((slice(None), 5), full[:, 5]),
+    cases = [(2, full[2]), ((2, slice(3, 4)), full[2, 3:4]), (slice(1, 4), full[1:4]), ((slice(None), 5), full[:, 5]),
              (np.array([4, 0, 4]), full[[4, 0, 4]]), (jnp.array([1, 3]), full[[1, 3]]), (Ellipsis, full)]
     for idx, want in cases:
         got = a[idx]
@@ -278,6 +284,8 @@ def test_array_cannot_index_packed_axis():
         a[1, 2, 3]
     with pytest.raises(IndexError):
         a[..., 0]
+    with pytest.raises(IndexError, match="single row"):
+        a[2, 3]  # would leave a lone packed row: an MXFP4Array holds [..., N, K] matrices
     with pytest.raises(IndexError):
         a.take(np.array([0]), axis=2)
     with pytest.raises(IndexError):

@@ -1,0 +1,61 @@
+import os
+import sys
+
+import pytest
+
+TESTS_DIR = os.path.dirname(os.path.abspath(__file__))
+if TESTS_DIR not in sys.path:
+    sys.path.insert(0, TESTS_DIR)  # helper modules (parity_models) import as top-level modules
+
+
+# ---------------------------------------------------------------------------------------------- parity
+# Built once per session; torch/transformers are imported lazily so that tests that don't use them stay fast.
+PARITY_SEED = 0
+PARITY_T = 40  # >= 4 x the tiny sliding window (5) and past the YaRN original context (32)
+
+
+@pytest.fixture(scope="session")
+def parity_hf():
+    """The tiny random fp32 transformers gpt-oss (eager) that every checkpoint below is written from."""
+    from parity_models import make_hf_model
+
+    return make_hf_model(PARITY_SEED)
+
+
+@pytest.fixture(scope="session")
+def parity_tokens():
+    from parity_models import sample_tokens
+
+    return sample_tokens(2, PARITY_T, seed=1)
+
+
+@pytest.fixture(scope="session")
+def parity_dir(tmp_path_factory):
+    return tmp_path_factory.mktemp("parity")
+
+
+@pytest.fixture(scope="session")
+def hf_dense_ckpt(parity_hf, parity_dir):
+    """transformers save_pretrained of `parity_hf`: fp32, dense experts."""
+    from parity_models import save_hf_dense
+
+    return save_hf_dense(parity_hf, parity_dir / "hf_dense")
+
+
+@pytest.fixture(scope="session")
+def hf_mxfp4_ckpt(parity_hf, parity_dir):
+    """(path, oracle): a hand-written HF MXFP4 checkpoint (bf16 non-expert tensors, 2 shards + index) and
+    transformers' fp32 model loaded from it with Mxfp4Config(dequantize=True)."""
+    from parity_models import save_hf_mxfp4
+
+    path = parity_dir / "hf_mxfp4"
+    oracle = save_hf_mxfp4(parity_hf, path)
+    return path, oracle
+
+
+@pytest.fixture(scope="session")
+def original_root(parity_hf, parity_dir):
+    """A hub-snapshot-like root holding only `original/` (same bf16/MXFP4 values as hf_mxfp4_ckpt)."""
+    from parity_models import save_original
+
+    return save_original(parity_hf, parity_dir / "snapshot")
