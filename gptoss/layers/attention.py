@@ -6,6 +6,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from gptoss.config import ModelConfig
+from gptoss.layers.kv_cache import LayerCache
 from gptoss.layers.rope import apply_rope
 
 
@@ -59,7 +60,21 @@ class Attention(nnx.Module):
     def output(self, o_BTNH):
         return jnp.einsum("btnh,nhd->btd", o_BTNH.astype(self.wo_NHD.dtype), self.wo_NHD[...]) + self.bo_D[...]
 
-    def __call__(self, x_BTD, positions_BT, cos, sin):
+    def __call__(self, x_BTD, positions_BT, cos, sin, cache: LayerCache | None = None):
+        """Returns (output, updated cache). With a cache, new tokens attend to it and are written into it."""
         q, k, v = self.qkv(x_BTD, cos, sin)
-        o = attend(q, k, v, self.sinks_N[...], positions_BT, positions_BT, window=self.window, scale=self.scale)
-        return self.output(o)
+        sinks = self.sinks_N[...]
+        if cache is None:
+            o = attend(q, k, v, sinks, positions_BT, positions_BT, window=self.window, scale=self.scale)
+            return self.output(o), None
+        if q.shape[1] == 1:  # decode: the new key cannot evict anything still inside the window
+            cache = cache.write(k, v, positions_BT)
+            o = attend(q, cache.k_BSKH, cache.v_BSKH, sinks, positions_BT, cache.pos_BS,
+                       window=self.window, scale=self.scale)
+            return self.output(o), cache
+        # a chunk: attend to the cache and the chunk itself, then keep what later tokens need
+        keys = jnp.concatenate([cache.k_BSKH, k.astype(cache.k_BSKH.dtype)], axis=1)
+        values = jnp.concatenate([cache.v_BSKH, v.astype(cache.v_BSKH.dtype)], axis=1)
+        key_pos = jnp.concatenate([cache.pos_BS, positions_BT], axis=1)
+        o = attend(q, keys, values, sinks, positions_BT, key_pos, window=self.window, scale=self.scale)
+        return self.output(o), cache.write(k, v, positions_BT)

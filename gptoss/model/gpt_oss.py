@@ -24,10 +24,11 @@ class Block(nnx.Module):
         self.mlp_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = MoE(cfg, dtype=dtype, experts=experts, rngs=rngs)
 
-    def __call__(self, x_BTD, positions_BT, cos, sin, moe_impl: str):
-        x_BTD = x_BTD + self.attn(self.attn_norm(x_BTD), positions_BT, cos, sin)
+    def __call__(self, x_BTD, positions_BT, cos, sin, moe_impl: str, cache=None):
+        h_BTD, cache = self.attn(self.attn_norm(x_BTD), positions_BT, cos, sin, cache)
+        x_BTD = x_BTD + h_BTD
         y_BTD, router_logits = self.mlp(self.mlp_norm(x_BTD), moe_impl)
-        return x_BTD + y_BTD, router_logits
+        return x_BTD + y_BTD, router_logits, cache
 
 
 class GptOss(nnx.Module):
@@ -56,21 +57,30 @@ class GptOss(nnx.Module):
     def forward(self, tokens_BT, positions_BT=None, *, return_router_logits: bool = False,
                 moe_impl: str | None = None):
         """The computation itself (traceable); `__call__` wraps it in a cached jit."""
-        moe_impl = _check_impl(moe_impl or self.moe_impl)
         B, T = tokens_BT.shape
         if positions_BT is None:
             positions_BT = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
+        x, router_logits, _ = self.hidden_states(tokens_BT, positions_BT, None, moe_impl)
+        logits_BTV = self.logits(x)
+        if return_router_logits:
+            return logits_BTV, router_logits
+        return logits_BTV
+
+    def hidden_states(self, tokens_BT, positions_BT, cache, moe_impl: str | None = None):
+        """Final-normed hidden states [B, T, D], router logits [layers, B, T, E] and the updated cache
+        (a list of per-layer LayerCache, or None). Positions < 0 mark padding."""
+        moe_impl = _check_impl(moe_impl or self.moe_impl)
         cos, sin = rope_tables(self.config, positions_BT)
         x = jnp.take(self.embed_VD[...], tokens_BT, axis=0)
-        router_logits = []
-        for block in self.layers:
-            x, logits = block(x, positions_BT, cos, sin, moe_impl)
+        router_logits, new_cache = [], []
+        for i, block in enumerate(self.layers):
+            x, logits, layer_cache = block(x, positions_BT, cos, sin, moe_impl, None if cache is None else cache[i])
             router_logits.append(logits)
-        x = self.norm(x)
-        logits_BTV = jnp.einsum("btd,vd->btv", x, self.unembed_VD[...], preferred_element_type=jnp.float32)
-        if return_router_logits:
-            return logits_BTV, jnp.stack(router_logits)  # [layers, B, T, E]
-        return logits_BTV
+            new_cache.append(layer_cache)
+        return self.norm(x), jnp.stack(router_logits), (None if cache is None else new_cache)
+
+    def logits(self, x_BTD):
+        return jnp.einsum("btd,vd->btv", x_BTD, self.unembed_VD[...], preferred_element_type=jnp.float32)
 
     def __call__(self, tokens_BT, positions_BT=None, *, return_router_logits: bool = False,
                  moe_impl: str | None = None):

@@ -1,0 +1,177 @@
+"""Batched, KV-cached generation: one bucketed prefill, then a decode loop inside jit (lax.while_loop)."""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from collections.abc import Iterator, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from gptoss.engine.sampling import SamplingParams, sample
+from gptoss.layers.kv_cache import LayerCache
+
+HARMONY_STOP = (200002, 200012)  # <|return|>, <|call|>: the ends of an assistant turn (not <|end|>)
+MIN_BUCKET = 16
+
+
+@dataclasses.dataclass
+class Generation:
+    tokens: list[list[int]]  # new tokens per prompt, including the stop token when one was hit
+    logprobs: list[list[float]] | None  # log p(token) under the model (before temperature/top-k/top-p)
+    finished: list[bool]  # stopped on a stop token (else ran out of max_new_tokens)
+
+
+def default_stop_tokens(vocab_size: int) -> tuple[int, ...]:
+    return HARMONY_STOP if vocab_size > max(HARMONY_STOP) else ()
+
+
+def bucket(n: int) -> int:
+    """Rounds lengths up to a power of two (>= 16) so the number of compiled shapes stays small."""
+    return max(MIN_BUCKET, 1 << (n - 1).bit_length())
+
+
+def init_cache(cfg, batch: int, length: int, dtype) -> list[LayerCache]:
+    return [LayerCache.empty(batch, cfg.sliding_window if cfg.is_sliding(i) else length, cfg.num_key_value_heads,
+                             cfg.head_dim, dtype, ring=cfg.is_sliding(i)) for i in range(cfg.num_hidden_layers)]
+
+
+def prepare(model, prompts: Sequence[Sequence[int]], max_new_tokens: int):
+    """Validates prompts and pads them into [B, P] tokens and positions (-1 marks padding)."""
+    cfg = model.config
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
+    if not prompts:
+        raise ValueError("prompts is empty: pass a list of token-id lists")
+    if isinstance(prompts[0], (int, np.integer)):
+        raise TypeError("prompts must be a list of token-id lists (one per row), e.g. [[1, 2, 3]]")
+    lens = [len(p) for p in prompts]
+    for i, p in enumerate(prompts):
+        if len(p) == 0:
+            raise ValueError(f"prompt {i} is empty")
+        arr = np.asarray(p)
+        if not np.issubdtype(arr.dtype, np.integer):
+            raise TypeError(f"prompt {i} holds non-integer values ({arr.dtype})")
+        bad = np.flatnonzero((arr < 0) | (arr >= cfg.vocab_size))
+        if bad.size:
+            raise ValueError(f"prompt {i} has token id {int(arr[bad[0]])} at index {int(bad[0])}, outside the "
+                             f"vocabulary [0, {cfg.vocab_size})")
+        if len(p) + max_new_tokens > cfg.max_position_embeddings:
+            raise ValueError(f"prompt {i} has {len(p)} tokens; with max_new_tokens={max_new_tokens} that exceeds the "
+                             f"model's context of {cfg.max_position_embeddings} tokens")
+    P = bucket(max(lens))
+    tokens = np.zeros((len(prompts), P), np.int32)
+    positions = np.full((len(prompts), P), -1, np.int32)
+    for i, p in enumerate(prompts):
+        tokens[i, : len(p)] = p
+        positions[i, : len(p)] = np.arange(len(p))
+    cache_len = min(bucket(max(lens) + max_new_tokens), max(cfg.max_position_embeddings, max(lens) + max_new_tokens))
+    return tokens, positions, np.asarray(lens, np.int32), cache_len
+
+
+def _prefill(model, tokens, positions, lens, cache_len):
+    cache = init_cache(model.config, tokens.shape[0], cache_len, model.dtype)
+    x, _, cache = model.hidden_states(tokens, positions, cache)
+    last = jnp.take_along_axis(x, (lens - 1)[:, None, None], axis=1)  # [B, 1, D]
+    return model.logits(last)[:, 0], cache
+
+
+def _decode_step(model, tok_B, pos_B, cache):
+    x, _, cache = model.hidden_states(tok_B[:, None], pos_B[:, None], cache)
+    return model.logits(x)[:, 0], cache
+
+
+@functools.partial(jax.jit, static_argnums=(0, 5, 6, 7, 8))
+def _generate_jit(graphdef, state, tokens, positions, lens, cache_len, max_new, params, stop, seed):
+    model = nnx.merge(graphdef, state)
+    B = tokens.shape[0]
+    key = jax.random.key(seed)
+    logits, cache = _prefill(model, tokens, positions, lens, cache_len)
+    stop_arr = jnp.asarray(stop if stop else (-1,), jnp.int32)
+
+    def pick(logits, step):
+        tok = sample(logits, jax.random.fold_in(key, step), params)
+        lp = jnp.take_along_axis(jax.nn.log_softmax(logits, axis=-1), tok[:, None], axis=-1)[:, 0]
+        return tok, lp
+
+    tok, lp = pick(logits, 0)
+    out = jnp.zeros((B, max_new), jnp.int32)
+    out_lp = jnp.zeros((B, max_new), jnp.float32)
+    done = jnp.zeros((B,), bool)
+    n_out = jnp.zeros((B,), jnp.int32)
+
+    def cond(s):
+        step, _, _, _, done, *_ = s
+        return (step < max_new) & ~jnp.all(done)
+
+    def body(s):
+        step, tok, lp, cache, done, n_out, out, out_lp = s
+        live = ~done
+        out = out.at[:, step].set(jnp.where(live, tok, 0))
+        out_lp = out_lp.at[:, step].set(jnp.where(live, lp, 0.0))
+        n_out = n_out + live
+        done = done | jnp.isin(tok, stop_arr)
+        logits, cache = _decode_step(model, tok, lens + step, cache)
+        tok, lp = pick(logits, step + 1)
+        return step + 1, tok, lp, cache, done, n_out, out, out_lp
+
+    state0 = (jnp.int32(0), tok, lp, cache, done, n_out, out, out_lp)
+    _, _, _, _, done, n_out, out, out_lp = jax.lax.while_loop(cond, body, state0)
+    return out, out_lp, n_out, done
+
+
+def generate(model, prompts: Sequence[Sequence[int]], *, max_new_tokens: int, temperature: float = 0.0,
+             top_p: float = 1.0, top_k: int = 0, seed: int = 0, stop_tokens: Sequence[int] | None = None,
+             return_logprobs: bool = False) -> Generation:
+    """Continues each prompt (a list of token ids; lengths may differ) by up to `max_new_tokens` tokens.
+
+    Greedy when temperature is 0. Stops a row at any of `stop_tokens` (default: harmony's <|return|> and
+    <|call|> when the vocabulary has them). Rows are independent: padding never leaks into other rows.
+    """
+    params = SamplingParams(float(temperature), float(top_p), int(top_k))
+    tokens, positions, lens, cache_len = prepare(model, prompts, max_new_tokens)
+    stop = tuple(int(t) for t in (default_stop_tokens(model.config.vocab_size) if stop_tokens is None
+                                  else stop_tokens))
+    graphdef, state = nnx.split(model)
+    out, out_lp, n_out, done = _generate_jit(graphdef, state, tokens, positions, lens, cache_len, max_new_tokens,
+                                             params, stop, int(seed))
+    out, out_lp, n_out, done = (np.asarray(a) for a in (out, out_lp, n_out, done))
+    toks = [out[i, : n_out[i]].tolist() for i in range(len(prompts))]
+    lps = [out_lp[i, : n_out[i]].tolist() for i in range(len(prompts))] if return_logprobs else None
+    return Generation(toks, lps, done.tolist())
+
+
+@functools.partial(jax.jit, static_argnums=(0, 5))
+def _prefill_jit(graphdef, state, tokens, positions, lens, cache_len):
+    return _prefill(nnx.merge(graphdef, state), tokens, positions, lens, cache_len)
+
+
+@functools.partial(jax.jit, static_argnums=(0,), donate_argnums=(4,))
+def _step_jit(graphdef, state, tok, pos, cache):
+    return _decode_step(nnx.merge(graphdef, state), tok, pos, cache)
+
+
+def generate_stream(model, prompts: Sequence[Sequence[int]], *, max_new_tokens: int, temperature: float = 0.0,
+                    top_p: float = 1.0, top_k: int = 0, seed: int = 0,
+                    stop_tokens: Sequence[int] | None = None) -> Iterator[list[int | None]]:
+    """Yields, step by step, one new token per prompt (None once that row has stopped): for UIs and CLIs.
+
+    Same tokens as `generate` (same sampling keys); each step is a jitted decode with the cache donated.
+    """
+    params = SamplingParams(float(temperature), float(top_p), int(top_k))
+    tokens, positions, lens, cache_len = prepare(model, prompts, max_new_tokens)
+    stop = set(default_stop_tokens(model.config.vocab_size) if stop_tokens is None else stop_tokens)
+    graphdef, state = nnx.split(model)
+    key = jax.random.key(int(seed))
+    logits, cache = _prefill_jit(graphdef, state, tokens, positions, lens, cache_len)
+    done = np.zeros(len(prompts), bool)
+    for step in range(max_new_tokens):
+        tok = np.asarray(sample(logits, jax.random.fold_in(key, step), params))
+        yield [None if d else int(t) for t, d in zip(tok, done)]
+        done |= np.isin(tok, list(stop))
+        if done.all() or step + 1 == max_new_tokens:
+            return
+        logits, cache = _step_jit(graphdef, state, jnp.asarray(tok), jnp.asarray(lens + step), cache)
