@@ -8,23 +8,21 @@ if TESTS_DIR not in sys.path:
     sys.path.insert(0, TESTS_DIR)  # helper modules (parity_models) import as top-level modules
 
 
-# ---------------------------------------------------------------------------------------------- parity
-# Built once per session; torch/transformers are imported lazily so that tests that don't use them stay fast.
-PARITY_SEED = 0
-PARITY_T = 40  # >= 4 x the tiny sliding window (5) and past the YaRN original context (32)
+# -------------------------------------------------------------------------------- parity fixtures
+# Built once per session; torch/transformers are imported lazily, so tests that do not use them stay fast.
 
 
 @pytest.fixture(scope="session")
 def parity_hf():
     """The tiny random fp32 transformers gpt-oss (eager) that every checkpoint below is written from."""
-    from parity_models import make_hf_model
+    from parity_models import PARITY_SEED, make_hf_model
 
     return make_hf_model(PARITY_SEED)
 
 
 @pytest.fixture(scope="session")
 def parity_tokens():
-    from parity_models import sample_tokens
+    from parity_models import PARITY_T, sample_tokens
 
     return sample_tokens(2, PARITY_T, seed=1)
 
@@ -59,3 +57,13 @@ def original_root(parity_hf, parity_dir):
     from parity_models import save_original
 
     return save_original(parity_hf, parity_dir / "snapshot")
+
+
+@pytest.fixture(scope="session")
+def bf16_mxfp4_ckpt(parity_dir):
+    """(path, oracle) like hf_mxfp4_ckpt, for the CONFIDENT variant of the tiny model (the bf16 test)."""
+    from parity_models import CONFIDENT, PARITY_SEED, make_hf_model, save_hf_mxfp4
+
+    path = parity_dir / "hf_mxfp4_confident"
+    oracle = save_hf_mxfp4(make_hf_model(PARITY_SEED, **CONFIDENT), path)
+    return path, oracle

@@ -8,11 +8,13 @@ share of the attention mass, every bias is nonzero and the router logits are spr
 
 Writers:
   * `save_hf_dense`     transformers `save_pretrained` (fp32, dense experts), one safetensors file.
-  * `save_hf_mxfp4`     an HF MXFP4 checkpoint written by hand (experts quantized with `gptoss.quant.quantize`,
-                        everything else bf16 like the hub files), sharded with an index, hub-style config.json
-                        (`rope_scaling`). Returns the transformers oracle that dequantizes it on load.
+  * `save_hf_mxfp4`     an HF MXFP4 checkpoint written by hand (experts quantized with
+                        `gptoss.quant.quantize`, everything else bf16 like the hub files), sharded with an
+                        index, hub-style config.json (`rope_scaling`). Returns the transformers oracle that
+                        dequantizes it on load.
   * `save_original`     the OpenAI `original/` layout (fused qkv, `block.L.*` names, MXFP4 experts), sharded
-                        like the 120b repo (`model--0000k-of-0000n.safetensors`, no index) under `root/original`.
+                        like the 120b repo (`model--0000k-of-0000n.safetensors`, no index), under
+                        `root/original`.
 """
 
 from __future__ import annotations
@@ -29,6 +31,8 @@ from safetensors.torch import save_file
 from transformers import GptOssConfig, GptOssForCausalLM, Mxfp4Config
 
 SLIDING, FULL = "sliding_attention", "full_attention"
+PARITY_SEED = 0  # the weights of the session's parity model
+PARITY_T = 40  # parity sequence length: >= 4 x the sliding window (5), past the YaRN original context (32)
 
 # ModelConfig.tiny() as a transformers config.
 TINY = dict(
@@ -65,10 +69,23 @@ INIT = {
     "lm_head.weight": ("normal", 0.0, 0.3),
 }
 
-MXFP4_NOT_CONVERTED = ["model.layers.*.self_attn", "model.layers.*.mlp.router", "model.embed_tokens", "lm_head"]
+# A variant for the bf16 test. With INIT, a routing flip at a near-tie (which bf16 rounding causes for ~1 % of
+# tokens in any implementation, transformers' own bf16 included) swaps one large random expert output for
+# another, and the flat output distribution has many near-tied top-1s: transformers' bf16 then gets only ~96 %
+# top-1 agreement with its fp32 self. CONFIDENT makes the experts share most of their weights (a flip changes
+# little), the expert outputs and attention logits smaller, and adds a bigram path to the unembedding (a clear
+# top-1, mean max-prob ~0.9, as a trained model has) while the clamp still triggers as often as with INIT.
+CONFIDENT = dict(
+    init={"experts.down_proj": ("normal", 0.0, 0.008), "q_proj.weight": ("normal", 0.0, 0.1),
+          "k_proj.weight": ("normal", 0.0, 0.1), "lm_head.weight": ("normal", 0.0, 0.2)},
+    bigram=8.0, expert_spread=0.3,
+)
+
+MXFP4_NOT_CONVERTED = ["model.layers.*.self_attn", "model.layers.*.mlp.router", "model.embed_tokens",
+                       "lm_head"]
 
 
-# ---------------------------------------------------------------------------------------------- models
+# -------------------------------------------------------------------------------- models
 def hf_config(**overrides) -> GptOssConfig:
     kw = copy.deepcopy(TINY)
     kw.update(overrides)
@@ -77,21 +94,42 @@ def hf_config(**overrides) -> GptOssConfig:
     return GptOssConfig(**kw)
 
 
-def make_hf_model(seed: int = 0, **config_overrides) -> GptOssForCausalLM:
-    """A tiny random fp32 transformers gpt-oss (eager attention, eager experts), deterministically re-initialized."""
+def make_hf_model(seed: int = 0, *, init: Mapping | None = None, bigram: float = 0.0,
+                  expert_spread: float = 1.0, **config_overrides) -> GptOssForCausalLM:
+    """A tiny random fp32 transformers gpt-oss (eager attention and experts), deterministically initialized.
+
+    `init` overrides entries of INIT; `bigram` > 0 adds that multiple of a permuted copy of the embedding to
+    the unembedding, so the model predicts a fixed successor of the current token with a clear margin (as a
+    trained model is confident); `expert_spread` s < 1 mixes every expert tensor (biases too) with a common
+    part, s * own + sqrt(1 - s^2) * common (common = one randomly chosen expert's own draw), so that a
+    near-tie routing flip changes little; `config_overrides` go to GptOssConfig."""
     config = hf_config(**config_overrides)
-    model = GptOssForCausalLM._from_config(config, attn_implementation="eager", experts_implementation="eager",
-                                           dtype=torch.float32)
-    reinit_(model, seed)
+    model = GptOssForCausalLM._from_config(config, attn_implementation="eager",
+                                           experts_implementation="eager", dtype=torch.float32)
+    reinit_(model, seed, init)
+    if expert_spread != 1.0:
+        g = torch.Generator().manual_seed(seed + 2)
+        with torch.no_grad():
+            for name, p in sorted(model.named_parameters()):
+                if ".experts." in name:
+                    shared = p[torch.randint(0, p.shape[0], (), generator=g)].clone()
+                    p.mul_(expert_spread).add_((1 - expert_spread**2) ** 0.5 * shared)
+    if bigram:
+        g = torch.Generator().manual_seed(seed + 1)
+        succ = torch.randperm(config.vocab_size, generator=g)  # token t predicts succ[t]
+        with torch.no_grad():
+            emb = model.model.embed_tokens.weight
+            model.lm_head.weight[succ] += bigram * emb / emb.norm(dim=-1, keepdim=True)
     return model.eval()
 
 
-def reinit_(model: torch.nn.Module, seed: int) -> None:
+def reinit_(model: torch.nn.Module, seed: int, init: Mapping | None = None) -> None:
     """Overwrites every parameter from a seeded generator (visiting them in name order)."""
+    rules = {**INIT, **(init or {})}
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, p in sorted(model.named_parameters()):
-            kind, a, b = _init_rule(name)
+            kind, a, b = _init_rule(name, rules)
             if kind == "normal":
                 value = torch.randn(p.shape, generator=g, dtype=torch.float32) * b + a
             else:
@@ -99,8 +137,8 @@ def reinit_(model: torch.nn.Module, seed: int) -> None:
             p.copy_(value)
 
 
-def _init_rule(name: str):
-    for suffix, rule in INIT.items():
+def _init_rule(name: str, rules: Mapping):
+    for suffix, rule in rules.items():
         if name.endswith(suffix):
             return rule
     raise KeyError(f"no init rule for parameter {name!r}")
@@ -144,7 +182,7 @@ def sample_tokens(batch: int, length: int, vocab: int = TINY["vocab_size"], seed
     return tokens.astype(np.int32)
 
 
-# ---------------------------------------------------------------------------------------------- metrics
+# -------------------------------------------------------------------------------- metrics
 def rel_err(ours, ref) -> float:
     """max|ours - ref| / max|ref|."""
     ours, ref = np.asarray(ours, np.float64), np.asarray(ref, np.float64)
@@ -177,10 +215,10 @@ def describe_divergence(ours, ref, name="logits") -> str:
             f"first position over 1e-4 per batch row: {first_bad}")
 
 
-# ---------------------------------------------------------------------------------------------- capture
+# -------------------------------------------------------------------------------- capture
 @torch.no_grad()
 def expert_preactivations(model: GptOssForCausalLM, tokens: np.ndarray):
-    """Per layer, the routed experts' gate and up pre-activations (x @ W + b, before the clamp) for `tokens`."""
+    """Per layer, the routed experts' gate and up pre-activations (x @ W + b, before the clamp)."""
     captured = []
 
     def hook(module, args):
@@ -206,7 +244,7 @@ def sink_mass(model: GptOssForCausalLM, tokens: np.ndarray) -> np.ndarray:
     return np.stack([1.0 - a.sum(-1).numpy() for a in out.attentions])
 
 
-# ---------------------------------------------------------------------------------------------- writers
+# -------------------------------------------------------------------------------- writers
 def _state(model_or_state) -> dict[str, torch.Tensor]:
     if isinstance(model_or_state, Mapping):
         return {k: v.detach() for k, v in model_or_state.items()}
@@ -222,7 +260,7 @@ def _config_of(model_or_state, config):
 
 
 def quantize_experts(w_in_out: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
-    """transformers' [E, in, out] expert matrix -> checkpoint [E, out, in] MXFP4 (blocks, scales) via gptoss."""
+    """transformers' [E, in, out] expert matrix -> checkpoint [E, out, in] MXFP4 (blocks, scales)."""
     from gptoss.quant import quantize
 
     q = quantize(np.ascontiguousarray(w_in_out.float().numpy().transpose(0, 2, 1)))
@@ -294,7 +332,8 @@ def save_hf_mxfp4(hf_model: GptOssForCausalLM, path, *, dtype=torch.bfloat16, nu
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     tensors = hf_mxfp4_tensors(hf_model, dtype)
-    names = [f"model-{i:05d}-of-{num_shards - 1:05d}.safetensors" for i in range(num_shards)]  # hub: from 00000
+    # the hub names shards model-00000-of-0000N ... model-0000N-of-0000N
+    names = [f"model-{i:05d}-of-{num_shards - 1:05d}.safetensors" for i in range(num_shards)]
     _write_shards(tensors, path, names, index=True)
     with open(path / "config.json", "w") as f:
         json.dump(hub_config_dict(hf_model.config, mxfp4=True), f, indent=2)

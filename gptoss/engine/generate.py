@@ -84,13 +84,14 @@ def _decode_step(model, tok_B, pos_B, cache):
     return model.logits(x)[:, 0], cache
 
 
-@functools.partial(jax.jit, static_argnums=(0, 5, 6, 7, 8))
-def _generate_jit(graphdef, state, tokens, positions, lens, cache_len, max_new, params, stop, seed):
+@functools.partial(jax.jit, static_argnums=(0, 5, 6))
+def _generate_jit(graphdef, state, tokens, positions, lens, cache_len, buffer, max_new, params, stop_arr, seed):
+    """`buffer` (static) bounds the output; max_new, sampling parameters, stop ids and seed are traced,
+    so changing them does not recompile."""
     model = nnx.merge(graphdef, state)
     B = tokens.shape[0]
     key = jax.random.key(seed)
     logits, cache = _prefill(model, tokens, positions, lens, cache_len)
-    stop_arr = jnp.asarray(stop if stop else (-1,), jnp.int32)
 
     def pick(logits, step):
         tok = sample(logits, jax.random.fold_in(key, step), params)
@@ -98,8 +99,8 @@ def _generate_jit(graphdef, state, tokens, positions, lens, cache_len, max_new, 
         return tok, lp
 
     tok, lp = pick(logits, 0)
-    out = jnp.zeros((B, max_new), jnp.int32)
-    out_lp = jnp.zeros((B, max_new), jnp.float32)
+    out = jnp.zeros((B, buffer), jnp.int32)
+    out_lp = jnp.zeros((B, buffer), jnp.float32)
     done = jnp.zeros((B,), bool)
     n_out = jnp.zeros((B,), jnp.int32)
 
@@ -133,11 +134,14 @@ def generate(model, prompts: Sequence[Sequence[int]], *, max_new_tokens: int, te
     """
     params = SamplingParams(float(temperature), float(top_p), int(top_k))
     tokens, positions, lens, cache_len = prepare(model, prompts, max_new_tokens)
-    stop = tuple(int(t) for t in (default_stop_tokens(model.config.vocab_size) if stop_tokens is None
-                                  else stop_tokens))
+    stop = [int(t) for t in (default_stop_tokens(model.config.vocab_size) if stop_tokens is None
+                             else stop_tokens)]
+    stop_arr = np.full(bucket(len(stop) + 1), -1, np.int32)  # padded with -1, which no token equals
+    stop_arr[: len(stop)] = stop
     graphdef, state = nnx.split(model)
-    out, out_lp, n_out, done = _generate_jit(graphdef, state, tokens, positions, lens, cache_len, max_new_tokens,
-                                             params, stop, int(seed))
+    out, out_lp, n_out, done = _generate_jit(graphdef, state, tokens, positions, lens, cache_len,
+                                             bucket(max_new_tokens), jnp.int32(max_new_tokens), params.arrays(),
+                                             stop_arr, jnp.uint32(seed))
     out, out_lp, n_out, done = (np.asarray(a) for a in (out, out_lp, n_out, done))
     toks = [out[i, : n_out[i]].tolist() for i in range(len(prompts))]
     lps = [out_lp[i, : n_out[i]].tolist() for i in range(len(prompts))] if return_logprobs else None
@@ -147,6 +151,9 @@ def generate(model, prompts: Sequence[Sequence[int]], *, max_new_tokens: int, te
 @functools.partial(jax.jit, static_argnums=(0, 5))
 def _prefill_jit(graphdef, state, tokens, positions, lens, cache_len):
     return _prefill(nnx.merge(graphdef, state), tokens, positions, lens, cache_len)
+
+
+_sample_jit = jax.jit(sample)
 
 
 @functools.partial(jax.jit, static_argnums=(0,), donate_argnums=(4,))
@@ -165,11 +172,11 @@ def generate_stream(model, prompts: Sequence[Sequence[int]], *, max_new_tokens: 
     tokens, positions, lens, cache_len = prepare(model, prompts, max_new_tokens)
     stop = set(default_stop_tokens(model.config.vocab_size) if stop_tokens is None else stop_tokens)
     graphdef, state = nnx.split(model)
-    key = jax.random.key(int(seed))
+    key = jax.random.key(jnp.uint32(seed))
     logits, cache = _prefill_jit(graphdef, state, tokens, positions, lens, cache_len)
     done = np.zeros(len(prompts), bool)
     for step in range(max_new_tokens):
-        tok = np.asarray(sample(logits, jax.random.fold_in(key, step), params))
+        tok = np.asarray(_sample_jit(logits, jax.random.fold_in(key, step), params.arrays()))
         yield [None if d else int(t) for t, d in zip(tok, done)]
         done |= np.isin(tok, list(stop))
         if done.all() or step + 1 == max_new_tokens:

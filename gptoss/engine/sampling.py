@@ -23,24 +23,31 @@ class SamplingParams:
             raise ValueError(f"top_k must be a non-negative integer, got {self.top_k!r}")
 
 
-def filter_logits(logits_BV, params: SamplingParams):
+    def arrays(self):
+        """The parameters as traced scalars, so changing them never recompiles."""
+        return (jnp.float32(self.temperature), jnp.float32(self.top_p), jnp.int32(self.top_k))
+
+
+def filter_logits(logits_BV, params: SamplingParams | tuple):
     """Temperature-scaled logits with everything outside top-k / the top-p nucleus set to -inf."""
-    logits = logits_BV.astype(jnp.float32) / params.temperature
-    if params.top_k:
-        kth = jax.lax.top_k(logits, min(params.top_k, logits.shape[-1]))[0][..., -1:]
-        logits = jnp.where(logits >= kth, logits, -jnp.inf)
-    if params.top_p < 1.0:
-        sorted_desc = jnp.sort(logits, axis=-1)[..., ::-1]
-        probs = jax.nn.softmax(sorted_desc, axis=-1)
-        before = jnp.cumsum(probs, axis=-1) - probs  # mass strictly above each candidate
-        keep = before < params.top_p  # the most likely token is always kept
-        threshold = jnp.min(jnp.where(keep, sorted_desc, jnp.inf), axis=-1, keepdims=True)
-        logits = jnp.where(logits >= threshold, logits, -jnp.inf)
-    return logits
+    temperature, top_p, top_k = params.arrays() if isinstance(params, SamplingParams) else params
+    logits = logits_BV.astype(jnp.float32) / jnp.maximum(temperature, 1e-6)
+    sorted_desc = jnp.sort(logits, axis=-1)[..., ::-1]
+    kth = jnp.take(sorted_desc, jnp.maximum(top_k - 1, 0), axis=-1)[..., None]
+    logits = jnp.where((top_k > 0) & (logits < kth), -jnp.inf, logits)
+    sorted_desc = jnp.where((top_k > 0) & (sorted_desc < kth), -jnp.inf, sorted_desc)
+    probs = jax.nn.softmax(sorted_desc, axis=-1)
+    before = jnp.cumsum(probs, axis=-1) - probs  # mass strictly above each candidate
+    keep = before < top_p  # the most likely token is always kept
+    threshold = jnp.min(jnp.where(keep, sorted_desc, jnp.inf), axis=-1, keepdims=True)
+    return jnp.where((top_p < 1.0) & (logits < threshold), -jnp.inf, logits)
 
 
-def sample(logits_BV, key, params: SamplingParams):
-    """One token per row (int32 [B])."""
-    if params.temperature == 0.0:
-        return jnp.argmax(logits_BV, axis=-1).astype(jnp.int32)
-    return jax.random.categorical(key, filter_logits(logits_BV, params), axis=-1).astype(jnp.int32)
+def sample(logits_BV, key, params: SamplingParams | tuple):
+    """One token per row (int32 [B]); greedy when the temperature is 0."""
+    temperature = params.arrays()[0] if isinstance(params, SamplingParams) else params[0]
+    return jax.lax.cond(
+        temperature == 0.0,
+        lambda: jnp.argmax(logits_BV, axis=-1).astype(jnp.int32),
+        lambda: jax.random.categorical(key, filter_logits(logits_BV, params), axis=-1).astype(jnp.int32),
+    )

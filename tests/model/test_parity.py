@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import json
+import types
 
 import jax
 import jax.numpy as jnp
@@ -16,6 +17,7 @@ import numpy as np
 import pytest
 import torch
 from parity_models import (
+    PARITY_SEED,
     describe_divergence,
     expert_preactivations,
     hf_forward,
@@ -37,7 +39,7 @@ TOL = 1e-4  # max|ours - ref| / max|ref| in fp32
 IMPLS = ("dense", "gather", "grouped")
 
 
-# ---------------------------------------------------------------------------------------------- helpers
+# -------------------------------------------------------------------------------- helpers
 def _logits(model, tokens, **kw):
     out = model(jnp.asarray(tokens, jnp.int32), **kw)
     return jax.tree.map(np.asarray, out)
@@ -52,14 +54,19 @@ def _assert_router_close(ours_LBTE, ref_LBTE, what):
     assert ours_LBTE.shape == ref_LBTE.shape, (ours_LBTE.shape, ref_LBTE.shape)
     errs = [rel_err(o, r) for o, r in zip(ours_LBTE, ref_LBTE)]
     bad = [i for i, e in enumerate(errs) if e > TOL]
-    assert not bad, (f"{what}: router logits diverge from layer {bad[0]} on (per-layer rel err "
-                     f"{['%.1e' % e for e in errs]}); {describe_divergence(ours_LBTE[bad[0]], ref_LBTE[bad[0]])}")
+    per_layer = ", ".join(f"{e:.1e}" for e in errs)
+    assert not bad, (f"{what}: router logits diverge from layer {bad[0]} on (per-layer rel err {per_layer}); "
+                     f"{describe_divergence(ours_LBTE[bad[0]], ref_LBTE[bad[0]], 'router logits')}")
+
+
+def nnx_state(model):
+    from flax import nnx
+
+    return nnx.state(model)
 
 
 def _flat_state(model):
-    from flax import nnx
-
-    leaves, treedef = jax.tree_util.tree_flatten_with_path(nnx.state(model))
+    leaves, treedef = jax.tree_util.tree_flatten_with_path(nnx_state(model))
     return {jax.tree_util.keystr(p): np.asarray(v) for p, v in leaves}, treedef
 
 
@@ -70,7 +77,7 @@ def _assert_same_params(a, b, what):
     assert ta == tb, f"{what}: parameter tree structure (incl. static metadata) differs"
     for k in sa:
         x, y = sa[k], sb[k]
-        assert x.dtype == y.dtype and x.shape == y.shape, f"{what}: {k}: {x.dtype}{x.shape} vs {y.dtype}{y.shape}"
+        assert (x.dtype, x.shape) == (y.dtype, y.shape), f"{what}: {k}: {x.dtype}{x.shape} {y.dtype}{y.shape}"
         assert np.array_equal(x.view(np.uint8), y.view(np.uint8)), f"{what}: {k} is not bit-identical"
 
 
@@ -98,14 +105,14 @@ def ours_dense_out(hf_dense_ckpt, parity_tokens):
     return _logits(model, parity_tokens, return_router_logits=True)
 
 
-# ---------------------------------------------------------------------------------------------- the oracle
+# -------------------------------------------------------------------------------- the oracle
 def test_oracle_exercises_the_clamp(parity_hf, parity_tokens):
     """Without a good fraction of clamped values a missing or one-sided clamp would go unnoticed."""
     for layer, (gate, up) in enumerate(expert_preactivations(parity_hf, parity_tokens)):
-        assert (gate > 7).mean() > 0.05, f"layer {layer}: gate clamp hit by only {(gate > 7).mean():.1%}"
-        assert (up > 7).mean() > 0.05, f"layer {layer}: upper up clamp hit by only {(up > 7).mean():.1%}"
-        assert (up < -7).mean() > 0.05, f"layer {layer}: lower up clamp hit by only {(up < -7).mean():.1%}"
-        assert (gate < -7).mean() > 0.05, f"layer {layer}: gate below -7 (must NOT be clamped) only {(gate < -7).mean():.1%}"
+        # (gate < -7 is not clamped, but gate * sigmoid(1.702 gate) is ~0 there, so that can't be tested)
+        fractions = {"gate > 7": (gate > 7).mean(), "up > 7": (up > 7).mean(), "up < -7": (up < -7).mean()}
+        for what, frac in fractions.items():
+            assert frac > 0.05, f"layer {layer}: only {frac:.1%} of the routed pre-activations have {what}"
 
 
 def test_oracle_exercises_sinks_router_biases(parity_hf, parity_tokens):
@@ -118,15 +125,16 @@ def test_oracle_exercises_sinks_router_biases(parity_hf, parity_tokens):
     for layer, r in enumerate(router):
         chosen = np.argsort(-r, axis=-1)[..., :k]
         assert len(np.unique(chosen)) == E, f"layer {layer}: some expert is never routed to"
-        assert len({tuple(sorted(c)) for c in chosen.reshape(-1, k)}) > 3, f"layer {layer}: routing is not varied"
+        combos = {tuple(sorted(c)) for c in chosen.reshape(-1, k)}
+        assert len(combos) > 3, f"layer {layer}: routing is not varied ({combos})"
         assert r.std(axis=-1).mean() > 1.0, f"layer {layer}: router logits are too flat"
     for name, p in parity_hf.named_parameters():
         if name.endswith(("bias", "sinks")):
-            assert p.abs().min() > 0 or p.abs().mean() > 0.1, f"{name} is (nearly) zero"
+            assert p.abs().mean() > 0.1, f"{name} is (nearly) zero"
 
 
 def test_mxfp4_writer_matches_transformers_dequantization(parity_hf, hf_mxfp4_ckpt):
-    """The oracle's experts are exactly the MXFP4 values we wrote; the other weights the stored bf16 values."""
+    """The oracle's experts are exactly the MXFP4 values we wrote, its other weights the bf16 we stored."""
     path, oracle = hf_mxfp4_ckpt
     index = json.loads((path / "model.safetensors.index.json").read_text())
     assert len(set(index["weight_map"].values())) >= 2
@@ -140,7 +148,8 @@ def test_mxfp4_writer_matches_transformers_dequantization(parity_hf, hf_mxfp4_ck
             with safe_open(str(path / index["weight_map"][name + "_scales"]), "np") as f:
                 scales = f.get_tensor(name + "_scales")
             dense = unpack_ref(blocks, scales).transpose(0, 2, 1)  # checkpoint [E, out, in] -> [E, in, out]
-            np.testing.assert_array_equal(getattr(block.mlp.experts, proj).detach().numpy(), dense, err_msg=name)
+            theirs = getattr(block.mlp.experts, proj).detach().numpy()
+            np.testing.assert_array_equal(theirs, dense, err_msg=name)
     ours = oracle.state_dict()
     for name, value in parity_hf.state_dict().items():
         if "experts." in name and not name.endswith("_bias"):
@@ -169,24 +178,25 @@ def test_original_writer_matches_hf_mxfp4(parity_hf, original_root):
             rows = slice([0, q, q + kv][i], [q, q + kv, q + 2 * kv][i])
             conv[m + f"self_attn.{p}_proj.weight"] = og[b + "attn.qkv.weight"][rows]
             conv[m + f"self_attn.{p}_proj.bias"] = og[b + "attn.qkv.bias"][rows]
-        conv.update({
-            m + "input_layernorm.weight": og[b + "attn.norm.scale"], m + "self_attn.sinks": og[b + "attn.sinks"],
-            m + "self_attn.o_proj.weight": og[b + "attn.out.weight"], m + "self_attn.o_proj.bias": og[b + "attn.out.bias"],
-            m + "post_attention_layernorm.weight": og[b + "mlp.norm.scale"],
-            m + "mlp.router.weight": og[b + "mlp.gate.weight"], m + "mlp.router.bias": og[b + "mlp.gate.bias"],
-            m + "mlp.experts.gate_up_proj_blocks": og[b + "mlp.mlp1_weight.blocks"],
-            m + "mlp.experts.gate_up_proj_scales": og[b + "mlp.mlp1_weight.scales"],
-            m + "mlp.experts.gate_up_proj_bias": og[b + "mlp.mlp1_bias"],
-            m + "mlp.experts.down_proj_blocks": og[b + "mlp.mlp2_weight.blocks"],
-            m + "mlp.experts.down_proj_scales": og[b + "mlp.mlp2_weight.scales"],
-            m + "mlp.experts.down_proj_bias": og[b + "mlp.mlp2_bias"],
-        })
+        renames = {
+            "input_layernorm.weight": "attn.norm.scale", "self_attn.sinks": "attn.sinks",
+            "self_attn.o_proj.weight": "attn.out.weight", "self_attn.o_proj.bias": "attn.out.bias",
+            "post_attention_layernorm.weight": "mlp.norm.scale",
+            "mlp.router.weight": "mlp.gate.weight", "mlp.router.bias": "mlp.gate.bias",
+            "mlp.experts.gate_up_proj_blocks": "mlp.mlp1_weight.blocks",
+            "mlp.experts.gate_up_proj_scales": "mlp.mlp1_weight.scales",
+            "mlp.experts.gate_up_proj_bias": "mlp.mlp1_bias",
+            "mlp.experts.down_proj_blocks": "mlp.mlp2_weight.blocks",
+            "mlp.experts.down_proj_scales": "mlp.mlp2_weight.scales",
+            "mlp.experts.down_proj_bias": "mlp.mlp2_bias",
+        }
+        conv.update({m + theirs: og[b + ours] for theirs, ours in renames.items()})
     assert conv.keys() == hf.keys()
     for name in hf:
         assert conv[name].dtype == hf[name].dtype and torch.equal(conv[name], hf[name]), name
 
 
-# ---------------------------------------------------------------------------------------------- 1. dense HF
+# -------------------------------------------------------------------------------- 1. dense HF
 def test_dense_hf_checkpoint_logits_and_router(parity_hf, parity_tokens, ours_dense_out):
     ref_logits, ref_router = hf_forward(parity_hf, parity_tokens, router=True)
     ours_logits, ours_router = ours_dense_out
@@ -195,22 +205,24 @@ def test_dense_hf_checkpoint_logits_and_router(parity_hf, parity_tokens, ours_de
     _assert_close(ours_logits, ref_logits, "dense HF checkpoint, fp32")
 
 
-# ---------------------------------------------------------------------------------------------- 2. MXFP4 HF
+# -------------------------------------------------------------------------------- 2. MXFP4 HF
 @pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("experts", ["mxfp4", "dense"])
 def test_mxfp4_hf_checkpoint(hf_mxfp4_ckpt, parity_tokens, oracle_out, experts, impl):
     model = _load(hf_mxfp4_ckpt[0], dtype="float32", experts=experts)
     ours_logits, ours_router = _logits(model, parity_tokens, return_router_logits=True, moe_impl=impl)
-    _assert_router_close(ours_router, oracle_out[1], f"MXFP4 HF checkpoint, experts={experts}, moe_impl={impl}")
-    _assert_close(ours_logits, oracle_out[0], f"MXFP4 HF checkpoint, experts={experts}, moe_impl={impl}")
+    what = f"MXFP4 HF checkpoint, experts={experts}, moe_impl={impl}"
+    _assert_router_close(ours_router, oracle_out[1], what)
+    _assert_close(ours_logits, oracle_out[0], what)
 
 
-# ---------------------------------------------------------------------------------------------- 3. original/
+# -------------------------------------------------------------------------------- 3. original/
 @pytest.mark.parametrize("where", ["root", "root/original"])
 def test_original_layout(hf_mxfp4_ckpt, original_root, parity_tokens, oracle_out, where):
     path = original_root if where == "root" else original_root / "original"
     model = _load(path, dtype="float32", experts="mxfp4")
-    ours_logits, ours_router = _logits(model, parity_tokens, return_router_logits=True)
+    # moe_impl="gather" only to reuse test_mxfp4_hf_checkpoint's compiled forward (the graphs are equal).
+    ours_logits, ours_router = _logits(model, parity_tokens, return_router_logits=True, moe_impl="gather")
     _assert_router_close(ours_router, oracle_out[1], f"original/ layout at {where}")
     _assert_close(ours_logits, oracle_out[0], f"original/ layout at {where}")
     # Same values as the HF MXFP4 checkpoint, so the same parameters, bit for bit.
@@ -218,45 +230,63 @@ def test_original_layout(hf_mxfp4_ckpt, original_root, parity_tokens, oracle_out
                         f"original/ at {where} vs HF MXFP4")
 
 
-# ---------------------------------------------------------------------------------------------- 4. bf16
-BF16_B, BF16_T = 4, 64
+# -------------------------------------------------------------------------------- 4. bf16
+BF16_B, BF16_T = 8, 64  # 512 positions: 99 % top-1 allows 5 disagreements
+
+
+def _bf16_metrics(ours, ref):
+    return float((ours.argmax(-1) == ref.argmax(-1)).mean()), float(kl(ref, ours).mean())
 
 
 @pytest.fixture(scope="module")
-def bf16_case(hf_mxfp4_ckpt):
+def bf16_case(bf16_mxfp4_ckpt):
+    """Tokens, the fp32 oracle's logits and our bf16 model, for the CONFIDENT tiny model (parity_models)."""
     tokens = sample_tokens(BF16_B, BF16_T, seed=2)
-    ref = hf_forward(hf_mxfp4_ckpt[1], tokens)
-    model = _load(hf_mxfp4_ckpt[0], dtype="bfloat16", experts="mxfp4")
+    ref = hf_forward(bf16_mxfp4_ckpt[1], tokens)
+    model = _load(bf16_mxfp4_ckpt[0], dtype="bfloat16", experts="mxfp4")
     return tokens, ref, model
 
 
 def test_bf16_params_vs_fp32_reference(bf16_case):
     tokens, ref, model = bf16_case
-    dtypes = {np.asarray(x).dtype for x in jax.tree.leaves(model)}
+    dtypes = {np.asarray(x).dtype for x in jax.tree.leaves(nnx_state(model))}
     assert np.dtype(jnp.bfloat16) in dtypes, f"dtype='bfloat16' gave no bf16 parameters: {dtypes}"
     ours = _logits(model, tokens)
     assert ours.dtype == np.float32
-    top1 = (ours.argmax(-1) == ref.argmax(-1)).mean()
-    mean_kl = kl(ref, ours).mean()
+    top1, mean_kl = _bf16_metrics(ours, ref)
     assert top1 >= 0.99 and mean_kl <= 1e-3, (f"bf16 vs fp32 oracle over {BF16_B}x{BF16_T} positions: "
                                               f"top-1 agreement {top1:.2%}, mean KL {mean_kl:.2e}")
 
 
-# ---------------------------------------------------------------------------------------------- 5. save
+def test_bf16_criteria_are_meaningful(bf16_mxfp4_ckpt, bf16_case):
+    """On this model transformers' own bf16 lands near the bf16 criteria (so they are attainable but not
+    slack), and our bf16 logits fail them against a reference whose sinks are disabled (so they bite)."""
+    tokens, ref, model = bf16_case
+    theirs_bf16 = hf_forward(copy.deepcopy(bf16_mxfp4_ckpt[1]).to(torch.bfloat16), tokens)
+    top1, mean_kl = _bf16_metrics(theirs_bf16, ref)
+    assert top1 >= 0.98 and mean_kl <= 2e-3, f"transformers bf16 itself: top-1 {top1:.2%}, KL {mean_kl:.2e}"
+    wrong = copy.deepcopy(bf16_mxfp4_ckpt[1])
+    _no_sink(wrong)
+    top1, mean_kl = _bf16_metrics(_logits(model, tokens), hf_forward(wrong, tokens))
+    assert top1 < 0.95 and mean_kl > 1e-2, f"vs a sink-less reference: top-1 {top1:.2%}, KL {mean_kl:.2e}"
+
+
+# -------------------------------------------------------------------------------- 5. save
 @pytest.mark.parametrize("experts", ["mxfp4", "dense"])
 def test_save_pretrained_round_trip(hf_mxfp4_ckpt, parity_tokens, tmp_path, experts):
     model = _load(hf_mxfp4_ckpt[0], dtype="float32", experts=experts)
-    ours = _logits(model, parity_tokens)
+    ours = _logits(model, parity_tokens, return_router_logits=True, moe_impl="dense")[0]  # a compiled call
     gptoss.save_pretrained(model, tmp_path, experts=experts, max_shard_bytes=200_000)
-    assert (tmp_path / "model.safetensors.index.json").exists(), "a 200 kB shard limit should give several shards"
+    assert (tmp_path / "model.safetensors.index.json").exists(), "a 200 kB shard limit gives several shards"
     theirs = hf_forward(load_hf(tmp_path, mxfp4=(experts == "mxfp4")), parity_tokens)
     _assert_close(ours, theirs, f"transformers loading our save_pretrained(experts={experts})")
     again = gptoss.from_pretrained(tmp_path, dtype="float32", experts=experts)
     _assert_same_params(again, model, f"from_pretrained(save_pretrained(m, experts={experts}))")
-    np.testing.assert_array_equal(_logits(again, parity_tokens), ours)
+    again_logits = _logits(again, parity_tokens, return_router_logits=True, moe_impl="dense")[0]
+    np.testing.assert_array_equal(again_logits, ours)
 
 
-# ---------------------------------------------------------------------------------------------- 6. the tests bite
+# -------------------------------------------------------------------------------- 6. the tests bite
 def _no_sink(m):
     for layer in m.model.layers:
         layer.self_attn.sinks.data.fill_(-torch.inf)
@@ -284,12 +314,52 @@ def _no_router_bias(m):
         layer.mlp.router.bias.data.zero_()
 
 
+def _scaled_sink(m):
+    for layer in m.model.layers:
+        layer.self_attn.sinks.data *= layer.self_attn.scaling
+
+
+def _patch(m, attr, fn, module=lambda layer: layer.mlp.experts):
+    for layer in m.model.layers:
+        setattr(module(layer), attr, types.MethodType(fn, module(layer)))
+
+
+def _up_clamp_above_only(m):
+    def apply_gate(self, gate_up):
+        gate, up = gate_up[..., ::2].clamp(max=self.limit), gate_up[..., 1::2].clamp(max=self.limit)
+        return (up + 1) * gate * torch.sigmoid(gate * self.alpha)
+
+    _patch(m, "_apply_gate", apply_gate)
+
+
+def _no_plus_one(m):
+    def apply_gate(self, gate_up):
+        gate, up = gate_up[..., ::2].clamp(max=self.limit), gate_up[..., 1::2].clamp(-self.limit, self.limit)
+        return up * gate * torch.sigmoid(gate * self.alpha)
+
+    _patch(m, "_apply_gate", apply_gate)
+
+
+def _softmax_before_topk(m):
+    def forward(self, hidden):
+        logits = torch.nn.functional.linear(hidden, self.weight, self.bias)
+        weights, idx = torch.topk(torch.softmax(logits, dim=-1), self.top_k, dim=-1)  # not renormalized
+        return logits, weights, idx
+
+    _patch(m, "forward", forward, module=lambda layer: layer.mlp.router)
+
+
 PERTURBATIONS = {
     "sinks disabled": (_no_sink, {}),
     "sinks zeroed": (_zero_sink, {}),
     "gate/up interleave swapped": (_swap_gate_up, {}),
     "no SwiGLU clamp": (_no_clamp, {}),
     "router bias dropped": (_no_router_bias, {}),
+    "router softmax over all experts": (_softmax_before_topk, {}),
+    "sinks scaled like logits": (_scaled_sink, {}),
+    "up clamped from above only": (_up_clamp_above_only, {}),
+    "no +1 on up": (_no_plus_one, {}),
+    "plain RoPE (YaRN ignored)": (None, {"rope_parameters": {"rope_type": "default", "rope_theta": 10000.0}}),
     "sliding window + 1": (None, {"sliding_window": 6}),
     "YaRN ramp truncated": (None, {"rope_parameters": {
         "rope_type": "yarn", "factor": 4.0, "beta_fast": 32.0, "beta_slow": 1.0,
@@ -302,20 +372,11 @@ def test_tolerance_catches(parity_hf, parity_tokens, ours_dense_out, bug):
     """A reference with one known bug is far outside the tolerance from our (correct) logits."""
     perturb, config_changes = PERTURBATIONS[bug]
     if config_changes:
-        wrong = make_hf_model(0, **config_changes)  # same seed, same shapes: same weights
+        wrong = make_hf_model(PARITY_SEED, **config_changes)
+        for name, value in parity_hf.state_dict().items():  # same seed and shapes: same weights
+            assert torch.equal(wrong.state_dict()[name], value), name
     else:
         wrong = copy.deepcopy(parity_hf)
         perturb(wrong)
     err = rel_err(ours_dense_out[0], hf_forward(wrong, parity_tokens))
     assert err > 100 * TOL, f"{bug}: only {err:.1e} from our logits; the parity tolerance could not catch it"
-
-
-def test_bf16_metric_catches_disabled_sinks(hf_mxfp4_ckpt, bf16_case):
-    """The bf16 criteria (top-1 >= 99 %, KL <= 1e-3) fail against a reference without sinks."""
-    tokens, _, model = bf16_case
-    wrong = copy.deepcopy(hf_mxfp4_ckpt[1])
-    _no_sink(wrong)
-    ref = hf_forward(wrong, tokens)
-    ours = _logits(model, tokens)
-    top1 = (ours.argmax(-1) == ref.argmax(-1)).mean()
-    assert top1 < 0.99 and kl(ref, ours).mean() > 1e-3
