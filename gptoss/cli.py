@@ -22,7 +22,8 @@ def main(argv: list[str] | None = None) -> int:
 
         kind, cfg, index, folder = open_checkpoint(args.path)
         size = sum(i.end - i.start for i in index.infos.values())
-        print(f"{folder}: {kind} layout, {len(index.files)} file(s), {len(index.infos)} tensors, {size / 2**30:.2f} GiB")
+        print(f"{folder}: {kind} layout, {len(index.files)} file(s), {len(index.infos)} tensors, "
+              f"{size / 2**30:.2f} GiB")
         print(cfg)
         return 0
     return 2

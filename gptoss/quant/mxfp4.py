@@ -10,6 +10,7 @@ indexed and gathered without unpacking; `dequantize` runs inside jit where the w
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any
 
 import jax
@@ -117,18 +118,31 @@ class MXFP4Array:
 def dequantize(blocks, scales, dtype=jnp.float32) -> jax.Array:
     """blocks [..., N, G, 16] + scales [..., N, G] -> [..., N, G*32] in `dtype`, inside jit.
 
-    uint8 -> float4_e2m1fn bitcast splits each byte into (low, high) nibbles, the checkpoint's element
-    order; E8M0 -> float gives 2**(s-127) exactly. Every product is exact in bf16 and fp32.
+    Each byte splits into (low, high) nibbles, the checkpoint's element order; E8M0 -> float gives
+    2**(s-127) exactly. Every product is exact in bf16 and fp32.
     """
     blocks = jnp.asarray(blocks)
     scales = jnp.asarray(scales)
     *lead, n, g, _ = blocks.shape
-    vals = jax.lax.bitcast_convert_type(blocks, jnp.float4_e2m1fn).astype(jnp.float32)  # [..., N, G, 16, 2]
+    vals = jnp.stack([_e2m1_decode(blocks & 0x0F), _e2m1_decode(blocks >> 4)], axis=-1)  # [..., N, G, 16, 2]
     scale = jax.lax.bitcast_convert_type(scales, jnp.float8_e8m0fnu).astype(jnp.float32)
     out = vals.reshape(*lead, n, g, BLOCK) * scale[..., None]
     return out.reshape(*lead, n, g * BLOCK).astype(dtype)
 
 
+def _e2m1_decode(code):
+    """E2M1 nibble codes (uint8, 0..15) -> fp32 by building the fp32 bits: sign, exponent, 1 mantissa bit.
+
+    (Not a uint8 -> float4_e2m1fn bitcast: XLA constant-folds that sub-byte bitcast wrongly, so weights
+    closed over by a jitted function, i.e. compile-time constants, came out scrambled.)
+    """
+    c = code.astype(jnp.uint32)
+    e, m = (c >> 1) & 3, c & 1
+    magnitude = jnp.where(e > 0, ((e + 126) << 23) | (m << 22), m * jnp.uint32(126 << 23))  # e=0: 0 or 0.5
+    return jax.lax.bitcast_convert_type(((c & 8) << 28) | magnitude, jnp.float32)
+
+
+@functools.partial(jax.jit, static_argnames="dtype")  # one compile, not ~20 op-by-op ones, when called eagerly
 def quantize(x, dtype=None) -> MXFP4Array:
     """Quantizes [..., N, K] values to MXFP4 per the OCP MX spec (jit-able).
 

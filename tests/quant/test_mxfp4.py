@@ -37,6 +37,11 @@ def ref_unpack(blocks, scales):
         return unpack_ref(blocks, scales)
 
 
+def unpacked(a: MXFP4Array):
+    """The numpy reference's reading of an MXFP4Array's bytes."""
+    return ref_unpack(np.asarray(a.blocks), np.asarray(a.scales))
+
+
 def bits(a):
     return np.asarray(a, np.float32).view(np.uint32)
 
@@ -86,6 +91,18 @@ def test_dequantize_random_bytes_bit_exact(dtype):
     scales = rng.integers(2, 255, (3, 7, 4), dtype=np.uint8)
     got = np.asarray(_jit_dequant(blocks, scales, dtype)).astype(np.float32)
     assert_bits_equal(got, ref_unpack(blocks, scales).astype(dtype).astype(np.float32))
+
+
+def test_dequantize_of_compile_time_constants():
+    # weights closed over by a jitted function become XLA constants and get constant-folded; a
+    # uint8 -> float4_e2m1fn bitcast was folded wrongly there (scrambled nibbles), so check that path too
+    blocks, scales = every_byte_every_scale([2, 127, 200])
+    bj, sj = jnp.asarray(blocks), jnp.asarray(scales)
+    got = jax.jit(lambda: dequantize(bj, sj, jnp.float32))()
+    assert_bits_equal(got, ref_unpack(blocks, scales))
+    w = MXFP4Array(bj, sj, jnp.bfloat16)
+    got = jax.jit(lambda x: mx_matmul(x, w))(jnp.eye(w.shape[-1], dtype=jnp.float32))
+    assert np.array_equal(np.asarray(got), ref_unpack(blocks, scales).T)  # (-0 + 0 = +0 in the sum)
 
 
 def test_dequantize_smallest_scales_exact_or_flushed_to_signed_zero():
@@ -173,9 +190,9 @@ def test_quantize_ties_and_saturation(e):
     x, want = tie_block(e)
     x = np.stack([x, x[::-1]])  # also with the tie values in other positions (other nibble halves)
     want = np.stack([want, want[::-1]])
-    q = quantize(jnp.asarray(x), jnp.float32)
+    q = _jit_quantize(jnp.asarray(x), jnp.float32)
     np.testing.assert_array_equal(np.asarray(q.scales), np.full((2, 1), e + 127, np.uint8))
-    assert_bits_equal(q.dequantize(), want)
+    assert_bits_equal(_jit_dequant(q.blocks, q.scales, jnp.float32), want)
     assert_same_bytes(q, x)
     # -0.1 * 2**e rounds to zero and keeps its sign: code 8
     assert int(np.asarray(q.blocks)[0, 0, 11] & 0xF0) >> 4 == 8 and want[0, 23] == 0 and np.signbit(want[0, 23])
@@ -185,9 +202,9 @@ def test_quantize_zero_and_mixed_blocks():
     x = np.zeros((2, 96), np.float32)
     x[1, 32:64] = np.linspace(-3, 3, 32)
     x[1, 64] = -1e-3
-    q = quantize(jnp.asarray(x), jnp.float32)
+    q = _jit_quantize(jnp.asarray(x), jnp.float32)
     assert_same_bytes(q, x)
-    y = np.asarray(q.dequantize())
+    y = unpacked(q)
     assert (y[0] == 0).all() and (y[1, :32] == 0).all()
     assert (np.asarray(q.blocks)[0] == 0).all()
 
@@ -200,7 +217,7 @@ def half_step(a):
 @pytest.mark.parametrize("scale", [1e-4, 1.0, 1e5])
 def test_quantize_error_bound(scale):
     x = (np.random.default_rng(3).normal(size=(32, 256)) * scale).astype(np.float32)
-    y = np.asarray(quantize(jnp.asarray(x), jnp.float32).dequantize())
+    y = np.asarray(jax.jit(lambda x: quantize(x).dequantize(jnp.float32))(x))
     xb, yb = x.reshape(32, 8, 32).astype(np.float64), y.reshape(32, 8, 32).astype(np.float64)
     amax = np.abs(xb).max(-1, keepdims=True)
     unit = np.exp2(np.floor(np.log2(amax)) - 2)  # 2**shared_exp: amax / unit lies in [4, 8)
@@ -225,7 +242,7 @@ def test_quantize_is_lossless_on_representable_values():
     blocks[0, 0] = 0  # an all-zero row, and a block with a small amax code (scale must shift)
     blocks[0, 1, 0] = 0x11
     x = dequantize(blocks, scales, jnp.float32)
-    x2 = _jit_quantize(x, jnp.float32).dequantize()
+    x2 = jax.jit(lambda x: quantize(x).dequantize(jnp.float32))(x)
     assert np.array_equal(np.asarray(x2), np.asarray(x))  # equal as values (-0 may come back as +0)
     assert np.array_equal(np.asarray(x), unpack_ref(blocks, scales))
 
@@ -236,9 +253,13 @@ def test_quantize_rejects_partial_block():
 
 
 def test_quantize_output_dtype():
-    assert quantize(jnp.ones((2, 32), jnp.bfloat16)).dtype == jnp.bfloat16
-    assert quantize(jnp.ones((2, 32), jnp.float32)).dequantize().dtype == jnp.float32
-    assert quantize(jnp.ones((2, 32)), jnp.bfloat16).dequantize().dtype == jnp.bfloat16
+    def dtype_of(f):
+        return jax.eval_shape(f).dtype  # traces only, nothing to compile
+
+    assert dtype_of(lambda: quantize(jnp.ones((2, 32), jnp.bfloat16)).dequantize()) == jnp.bfloat16
+    assert dtype_of(lambda: quantize(jnp.ones((2, 32), jnp.float32)).dequantize()) == jnp.float32
+    assert dtype_of(lambda: quantize(jnp.ones((2, 32)), jnp.bfloat16).dequantize()) == jnp.bfloat16
+    assert dtype_of(lambda: quantize(jnp.ones((2, 32), jnp.bfloat16)).dequantize(jnp.float32)) == jnp.float32
 
 
 # ---------------------------------------------------------------------------------------------- MXFP4Array
@@ -253,10 +274,11 @@ def test_array_shape_dtype_nbytes():
     blocks, scales = packed(np.random.default_rng(5), (5, 7, 64))
     a = MXFP4Array(jnp.asarray(blocks), jnp.asarray(scales), jnp.bfloat16)
     assert a.shape == (5, 7, 64) and a.ndim == 3
-    assert a.dtype == jnp.bfloat16 and a.dequantize().dtype == jnp.bfloat16
+    assert a.dtype == jnp.bfloat16 and jax.eval_shape(a.dequantize).dtype == jnp.bfloat16
     assert a.nbytes == 5 * 7 * 2 * 16 + 5 * 7 * 2
     assert a.nbytes * 8 / (5 * 7 * 64) == 4.25  # 4.25 bits per weight
-    assert a.astype(jnp.float32).dequantize().dtype == jnp.float32
+    assert jax.eval_shape(a.astype(jnp.float32).dequantize).dtype == jnp.float32
+    assert jax.eval_shape(a.dequantize).shape == (5, 7, 64)
     assert "packed" in repr(a)
 
 
@@ -270,11 +292,13 @@ def test_array_indexing_and_take_equal_dequantize_then_index():
         got = a[idx]
         assert isinstance(got, MXFP4Array), idx
         assert got.shape == want.shape, idx
-        assert_bits_equal(got.dequantize(), want)
+        assert got.dtype == jnp.float32
+        assert_bits_equal(unpacked(got), want)
     idx = jnp.array([[4, 1], [0, 0]])
-    assert_bits_equal(a.take(idx).dequantize(), full[np.asarray(idx)])
-    assert_bits_equal(a.take(jnp.array([6, 2]), axis=1).dequantize(), full[:, [6, 2]])
-    assert_bits_equal(a.take(jnp.array([6, 2]), axis=-2).dequantize(), full[:, [6, 2]])
+    assert_bits_equal(unpacked(a.take(idx)), full[np.asarray(idx)])
+    assert_bits_equal(unpacked(a.take(jnp.array([6, 2]), axis=1)), full[:, [6, 2]])
+    assert_bits_equal(unpacked(a.take(jnp.array([6, 2]), axis=-2)), full[:, [6, 2]])
+    assert a.take(idx).shape == (2, 2, 7, 64)
 
 
 def test_array_cannot_index_packed_axis():
@@ -313,7 +337,7 @@ def test_array_is_a_pytree():
     assert len(leaves) == 2 and all(leaf.dtype == jnp.uint8 for leaf in leaves)
     b = jax.tree.map(lambda t: t[::-1], a)
     assert isinstance(b, MXFP4Array) and b.dtype == jnp.bfloat16
-    assert_bits_equal(b.dequantize(jnp.float32), unpack_ref(blocks, scales)[::-1])
+    assert_bits_equal(unpacked(b), unpack_ref(blocks, scales)[::-1])
 
     @jax.jit
     def f(w, e):
@@ -377,7 +401,8 @@ def test_mx_einsum_stacked_experts_and_packed_first_operand():
     w_ref = unpack_ref(blocks, scales).astype(np.float64)
     w = MXFP4Array(jnp.asarray(blocks), jnp.asarray(scales))
     x = rng.normal(size=(4, 64)).astype(np.float32)
-    got = mx_einsum("td,efd->etf", x, w, precision="highest")
-    np.testing.assert_allclose(np.asarray(got), np.einsum("td,efd->etf", x, w_ref), rtol=1e-5, atol=1e-4)
-    got = mx_einsum("efd,td->etf", w, x, precision="highest")
-    np.testing.assert_allclose(np.asarray(got), np.einsum("td,efd->etf", x, w_ref), rtol=1e-5, atol=1e-4)
+    both = jax.jit(lambda x, w: (mx_einsum("td,efd->etf", x, w, precision="highest"),
+                                 mx_einsum("efd,td->etf", w, x, precision="highest")))
+    for got in both(x, w):
+        assert got.dtype == jnp.float32
+        np.testing.assert_allclose(np.asarray(got), np.einsum("td,efd->etf", x, w_ref), rtol=1e-5, atol=1e-4)
