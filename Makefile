@@ -32,7 +32,7 @@ test: $(TEST_STAMP) lint
 	$(PY) -m pytest -q
 
 demo: $(STAMP)
-	$(PY) -m gptoss.demo
+	$(VENV)/bin/gptoss run configs/inference/tiny.yaml
 
 clean:
 	rm -rf $(VENV) .pytest_cache build *.egg-info

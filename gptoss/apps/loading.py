@@ -1,0 +1,61 @@
+"""Model + tokenizer from a config: a checkpoint folder / hub id, or a random preset built on the fly."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import tempfile
+
+import jax.numpy as jnp
+from flax import nnx
+
+from gptoss.config import ModelConfig
+from gptoss.io import from_pretrained, save_pretrained
+from gptoss.model import GptOss
+from gptoss.tokenizer import load_tokenizer, save_tokenizer_info
+
+# Random presets use the byte-level harmony tokenizer, so their vocabulary is small.
+BYTES_VOCAB = 272
+
+
+@dataclasses.dataclass
+class ModelSpec:
+    path: str | None = None  # checkpoint folder or hub id
+    preset: str | None = None  # "tiny": a random model written to a temporary checkpoint and loaded back
+    dtype: str = "bfloat16"
+    experts: str = "mxfp4"
+    moe_impl: str = "auto"
+    seed: int = 0
+
+    def __post_init__(self):
+        if (self.path is None) == (self.preset is None):
+            raise ValueError("model: set exactly one of 'path' (a checkpoint) or 'preset' (a random model)")
+        if self.preset is not None and self.preset != "tiny":
+            raise ValueError(f"model.preset: only 'tiny' can be built at random, got {self.preset!r}")
+
+
+def random_tiny_checkpoint(folder: str, seed: int = 0) -> str:
+    """Writes a random tiny gpt-oss (byte-level harmony vocabulary) in HF layout and records its tokenizer."""
+    cfg = ModelConfig.tiny(vocab_size=BYTES_VOCAB, hidden_size=128, intermediate_size=96, num_hidden_layers=4,
+                           sliding_window=16, max_position_embeddings=1024, eos_token_id=None, pad_token_id=None)
+    model = GptOss(cfg, dtype=jnp.float32, experts="mxfp4", rngs=nnx.Rngs(seed))
+    save_pretrained(model, folder)
+    save_tokenizer_info("harmony_bytes", folder)
+    return folder
+
+
+def load_model_and_tokenizer(spec: ModelSpec, progress: bool = True):
+    if spec.preset is not None:
+        with tempfile.TemporaryDirectory(prefix="gptoss-tiny-") as folder:
+            random_tiny_checkpoint(folder, spec.seed)
+            return _load(folder, spec, progress=False)
+    return _load(spec.path, spec, progress)
+
+
+def _load(path: str, spec: ModelSpec, progress: bool):
+    model = from_pretrained(path, dtype=spec.dtype, experts=spec.experts, moe_impl=spec.moe_impl, progress=progress)
+    tokenizer = load_tokenizer(path if os.path.isdir(path) else None)
+    if tokenizer.vocab_size > model.config.vocab_size:
+        raise ValueError(f"{path}: tokenizer {tokenizer.name} has {tokenizer.vocab_size} ids but the model only "
+                         f"{model.config.vocab_size}")
+    return model, tokenizer

@@ -1,0 +1,55 @@
+"""The CLI and the config-driven runner, end to end on the random tiny preset."""
+
+import glob
+import io
+import json
+import os
+import types
+
+import pytest
+import yaml
+
+from gptoss import cli, runconfig
+from gptoss.apps.inference import InferenceConfig
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+@pytest.mark.parametrize("path", sorted(glob.glob(os.path.join(ROOT, "configs", "inference", "*.yaml"))))
+def test_shipped_configs_parse(path):
+    cfg = runconfig.load(path, InferenceConfig)
+    assert cfg.task == "generate" and cfg.prompts
+
+
+def test_run_writes_resolved_config_and_results(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert cli.main(["run", os.path.join(ROOT, "configs/inference/tiny.yaml"), f"output_dir={out}",
+                     "sampling.max_new_tokens=6", "prompts=[hi]"]) == 0
+    resolved = yaml.safe_load((out / "config.yaml").read_text())
+    assert resolved["sampling"]["max_new_tokens"] == 6 and resolved["prompts"] == ["hi"]
+    results = json.loads((out / "results.json").read_text())
+    (item,) = results["results"]
+    assert item["prompt"] == "hi" and 1 <= item["new_tokens"] <= 6
+    assert results["tokenizer"] == "harmony_bytes" and "messages" in item
+    assert "written to" in capsys.readouterr().out
+
+
+def test_run_rejects_a_mistyped_key(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("task: generate\nmodel:\n  preset: tiny\nsampling:\n  max_new_tokn: 3\n")
+    with pytest.raises(runconfig.RunConfigError, match=r"bad\.yaml.*sampling\.max_new_tokn"):
+        cli.main(["run", str(bad)])
+
+
+def test_generate_raw(capsys):
+    assert cli.main(["generate", "--model", "tiny", "--dtype", "float32", "--prompt", "abc", "--raw",
+                     "--max-new-tokens", "4"]) == 0
+    assert capsys.readouterr().out.strip() != ""
+
+
+def test_chat_streams_and_quits():
+    args = types.SimpleNamespace(model="tiny", dtype="float32", experts="mxfp4", reasoning="low", max_new_tokens=5,
+                                 temperature=0.0, top_p=1.0, top_k=0, seed=0)
+    out = io.StringIO()
+    assert cli.cmd_chat(args, stdin=io.StringIO("hello\nagain\n\n"), stdout=out) == 0
+    assert out.getvalue().count("> ") >= 3
