@@ -4,8 +4,9 @@ from gptoss.config import ConfigError, ModelConfig
 from gptoss.io import CheckpointError, from_pretrained, save_pretrained
 from gptoss.model import GptOss
 from gptoss.quant import MXFP4Array, QuantWeight, dequantize, quantize
+from gptoss.tokenizer import load_tokenizer
 
 __version__ = "0.1.0"
 
 __all__ = ["CheckpointError", "ConfigError", "GptOss", "MXFP4Array", "ModelConfig", "QuantWeight", "__version__",
-           "dequantize", "from_pretrained", "quantize", "save_pretrained"]
+           "dequantize", "from_pretrained", "load_tokenizer", "quantize", "save_pretrained"]
