@@ -21,6 +21,7 @@ from gptoss.io.safetensors_io import CheckpointError, TensorIndex, find_nonfinit
 from gptoss.model import GptOss
 from gptoss.quant import MXFP4Array, dequantize, quantize
 
+FLOAT_CODES = frozenset({"BF16", "F16", "F32", "F64"})
 HUB_PATTERNS = ["config.json", "generation_config.json", "model*.safetensors", "model.safetensors.index.json",
                 "tokenizer*", "special_tokens_map.json", "chat_template*"]
 
@@ -165,9 +166,10 @@ def _convert(entry: Entry, arrays: list[np.ndarray], target: Any, index: TensorI
             return MXFP4Array(blocks, scales, target.dtype)
         return np.asarray(jax.jit(dequantize, static_argnums=2)(blocks, scales, target.dtype))
     (arr,) = arrays
-    if not np.issubdtype(arr.dtype, np.floating) and arr.dtype.kind != "V" and "bfloat16" not in str(arr.dtype):
-        info = index.info(entry.names[0])
-        raise CheckpointError(f"{info.file}: tensor {info.name!r} has dtype {info.dtype}, expected a float tensor")
+    info = index.info(entry.names[0])
+    if info.dtype not in FLOAT_CODES:
+        raise CheckpointError(f"{info.file}: tensor {info.name!r} has dtype {info.dtype}, expected a float tensor ("
+                              f"{', '.join(sorted(FLOAT_CODES))})")
     value = entry.to_model(arr)
     if isinstance(target, MXFP4Array):
         try:
