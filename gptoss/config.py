@@ -17,6 +17,10 @@ FULL = "full_attention"
 MXFP4_BLOCK = 32
 
 
+HF_DEFAULT_ROPE = {"rope_type": "yarn", "factor": 32.0, "beta_fast": 32.0, "beta_slow": 1.0, "truncate": False,
+                   "original_max_position_embeddings": 4096}
+
+
 class ConfigError(ValueError):
     """A model config that is incomplete or contradicts itself."""
 
@@ -142,11 +146,10 @@ class ModelConfig:
         top_k = d.get("num_experts_per_tok", d.get("experts_per_token"))
         if top_k is None:
             raise ConfigError(f"{where}: required field 'num_experts_per_tok' is missing")
-        rope = d.get("rope_parameters") or d.get("rope_scaling") or {}
+        # Without a RoPE dict transformers' GptOssConfig falls back to gpt-oss's YaRN; so do we.
+        rope = d.get("rope_parameters") or d.get("rope_scaling") or dict(HF_DEFAULT_ROPE)
         rope_type = rope.get("rope_type", rope.get("type", "default"))
-        theta = rope.get("rope_theta", d.get("rope_theta"))
-        if theta is None:
-            raise ConfigError(f"{where}: rope_theta is missing (top level or in rope_parameters)")
+        theta = rope.get("rope_theta", d.get("rope_theta", 150000.0))
         kwargs: dict[str, Any] = dict(
             vocab_size=d["vocab_size"], hidden_size=d["hidden_size"],
             intermediate_size=d["intermediate_size"], num_hidden_layers=d["num_hidden_layers"],

@@ -63,10 +63,15 @@ def test_from_hf_reads_a_file_and_a_directory(tmp_path):
         ModelConfig.from_hf(tmp_path / "nope.json")
 
 
-def test_from_hf_without_rope_dict_is_plain_rope():
-    d = {k: v for k, v in HF_20B.items() if k != "rope_scaling"}
-    cfg = ModelConfig.from_hf(d)
-    assert cfg.rope_type == "default" and cfg.rope_scaling_factor == 1.0
+def test_from_hf_without_rope_dict_follows_transformers():
+    """transformers' GptOssConfig falls back to gpt-oss's YaRN when config.json has no RoPE dict; so must we."""
+    from transformers import GptOssConfig
+
+    d = {k: v for k, v in HF_20B.items() if k not in ("rope_scaling", "rope_theta")}
+    theirs = GptOssConfig(**d).rope_parameters
+    ours = ModelConfig.from_hf(d)
+    assert ours == ModelConfig.from_hf({**d, "rope_parameters": dict(theirs)})
+    assert ours.rope_type == "yarn" and ours.rope_scaling_factor == 32.0 and ours.rope_theta == 150000.0
 
 
 def test_layer_types_default_even_sliding():
