@@ -26,7 +26,7 @@ install: $(STAMP)
 install-test: $(TEST_STAMP)
 
 lint: $(TEST_STAMP)
-	$(PY) -m ruff check gptoss tests benchmarks experiments
+	$(PY) -m ruff check .
 
 test: $(TEST_STAMP) lint
 	$(PY) -m pytest -q
