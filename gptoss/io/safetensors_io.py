@@ -92,7 +92,7 @@ def read_tensor(info: TensorInfo) -> np.ndarray:
     count = int(np.prod(info.shape, dtype=np.int64))
     with open(info.file, "rb") as f:
         f.seek(info.start)
-        out = np.empty(count, dtype=dtype)
+        out = aligned_empty(count, dtype)
         got = f.readinto(memoryview(out.view(np.uint8)))
     if got != info.end - info.start:
         raise CheckpointError(f"{info.file}: truncated while reading tensor {info.name!r}")
@@ -122,6 +122,24 @@ class TensorIndex:
 
     def read(self, name: str) -> np.ndarray:
         return read_tensor(self.infos[name])
+
+
+def aligned_empty(count: int, dtype, align: int = 64) -> np.ndarray:
+    """A 1-D buffer whose data starts on an `align`-byte boundary. jax.device_put on CPU adopts such a buffer
+    without copying it, while an unaligned one is copied: at load that copy is a transient second model."""
+    dtype = np.dtype(dtype)
+    raw = np.empty(count * dtype.itemsize + align, np.uint8)
+    start = (-raw.ctypes.data) % align
+    return raw[start : start + count * dtype.itemsize].view(dtype)
+
+
+def aligned(arr: np.ndarray) -> np.ndarray:
+    """`arr` as a C-contiguous, 64-byte-aligned array (copied only when it is not one already)."""
+    if arr.flags.c_contiguous and arr.ctypes.data % 64 == 0:
+        return arr
+    out = aligned_empty(arr.size, arr.dtype).reshape(arr.shape)
+    np.copyto(out, arr)
+    return out
 
 
 def find_nonfinite(x: np.ndarray) -> int | None:
