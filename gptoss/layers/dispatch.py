@@ -5,6 +5,11 @@
              (decode); memory grows with tokens * k * expert size.
 * `grouped`: sort the token-expert pairs by expert; for each expert that got tokens, dequantize it once and
              run its tokens in fixed-size tiles. The prefill path; no token is ever dropped.
+
+With packed (MXFP4Array) experts on the CPU, `gather` and `grouped` run both expert matmuls in the fused
+MXFP4 kernel (gptoss.kernels.mxfp4_cpu: an XLA FFI call that reads the packed bytes in place; decode GEMVs
+for `gather`, per-expert GEMMs for `grouped`); bias, SwiGLU and the combine stay in XLA. The pure-XLA code
+below is the reference twin, used on other backends, without the library, or with GPTOSS_MXFP4_KERNEL=0.
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from gptoss.kernels import mxfp4_cpu
 from gptoss.quant import MXFP4Array, as_dense
 
 IMPLS = ("auto", "dense", "gather", "grouped")
@@ -60,7 +66,26 @@ def moe_dense(x_TD, idx_TK, w_TK, ew: ExpertWeights):
     return jnp.einsum("te,etd->td", combine_TE, y)
 
 
+def use_kernel(ew: ExpertWeights) -> bool:
+    """Whether this layer's expert matmuls go to the MXFP4 CPU kernel (decided at trace time)."""
+    return (isinstance(ew.gate_up_EFD, MXFP4Array) and isinstance(ew.down_EDI, MXFP4Array)
+            and mxfp4_cpu.kernel_enabled())
+
+
+def moe_kernel(x_TD, idx_TK, w_TK, ew: ExpertWeights, grouped: bool):
+    """gather/grouped through the MXFP4 kernel: gate_up on each token's k experts, SwiGLU, down per pair."""
+    T, K = idx_TK.shape
+    h = mxfp4_cpu.mx_gather_matmul(x_TD, ew.gate_up_EFD, idx_TK, grouped=grouped)  # [T, K, F] fp32
+    h = h + ew.gate_up_bias_EF[idx_TK].astype(jnp.float32)
+    a = swiglu(h, ew.limit, ew.alpha).astype(x_TD.dtype)
+    y = mxfp4_cpu.mx_gather_matmul(a.reshape(T * K, -1), ew.down_EDI, idx_TK.reshape(T * K, 1), grouped=grouped)
+    y = y.reshape(T, K, -1) + ew.down_bias_ED[idx_TK].astype(jnp.float32)
+    return jnp.einsum("tk,tkd->td", w_TK, y)
+
+
 def moe_gather(x_TD, idx_TK, w_TK, ew: ExpertWeights):
+    if use_kernel(ew):
+        return moe_kernel(x_TD, idx_TK, w_TK, ew, grouped=False)
     T, K = idx_TK.shape
     flat = idx_TK.reshape(-1)
     w1 = _take(ew.gate_up_EFD, flat, x_TD.dtype)  # [T*K, F, D]
@@ -75,6 +100,8 @@ def moe_gather(x_TD, idx_TK, w_TK, ew: ExpertWeights):
 
 
 def moe_grouped(x_TD, idx_TK, w_TK, ew: ExpertWeights, tile: int | None = None):
+    if use_kernel(ew):  # (the kernel tiles by itself; `tile` applies to the XLA path)
+        return moe_kernel(x_TD, idx_TK, w_TK, ew, grouped=True)
     T, K = idx_TK.shape
     D = x_TD.shape[-1]
     E = ew.gate_up_bias_EF.shape[0]

@@ -380,3 +380,21 @@ def test_tolerance_catches(parity_hf, parity_tokens, ours_dense_out, bug):
         perturb(wrong)
     err = rel_err(ours_dense_out[0], hf_forward(wrong, parity_tokens))
     assert err > 100 * TOL, f"{bug}: only {err:.1e} from our logits; the parity tolerance could not catch it"
+
+
+# -------------------------------------------------------------------------------- 7. the XLA twin of the kernel
+# With packed experts on an x86-64 CPU, the gather/grouped tests above run the MXFP4 CPU kernel
+# (gptoss.kernels.mxfp4_cpu) when it is built. These re-run them on the pure-XLA path. (Last in the file:
+# switching the path clears JAX's caches, so every later forward would compile again.)
+# GPTOSS_MXFP4_KERNEL=0 runs the whole suite on the XLA path.
+@pytest.mark.parametrize("impl", ["gather", "grouped"])
+def test_mxfp4_hf_checkpoint_xla_path(hf_mxfp4_ckpt, parity_tokens, oracle_out, impl):
+    from gptoss.kernels import kernel_enabled, use_kernel
+
+    model = _load(hf_mxfp4_ckpt[0], dtype="float32", experts="mxfp4")
+    on = kernel_enabled()
+    with use_kernel(False):
+        ours_logits, ours_router = _logits(model, parity_tokens, return_router_logits=True, moe_impl=impl)
+    what = f"MXFP4 HF checkpoint, moe_impl={impl}, pure-XLA path (the kernel was {'on' if on else 'off'} above)"
+    _assert_router_close(ours_router, oracle_out[1], what)
+    _assert_close(ours_logits, oracle_out[0], what)

@@ -1,0 +1,74 @@
+// AVX2 + FMA MXFP4 tile (compiled with -mavx2 -mfma; used when AVX-512 is missing). Eight lanes per
+// register: vpermps reads only the low 3 index bits, so the table holds the 8 magnitudes (times the block
+// scale) and the sign bit of each nibble is moved to bit 31 and xor-ed in.
+#include <immintrin.h>
+
+#include "mxfp4_kernel.h"
+
+namespace {
+
+#ifndef GPTOSS_PREFETCH
+#define GPTOSS_PREFETCH 8192
+#endif
+constexpr int kPrefetch = GPTOSS_PREFETCH;  // bytes ahead of the decode GEMV's read position (0: off)
+
+template <int R, int TB>
+struct MK {
+  static void run(const gptoss::Tile& t, int64_t r0, int64_t t0, int64_t g0, int64_t g1, float* part) {
+    const int64_t G = t.G;
+    const uint8_t* w = t.w + r0 * G * 16;
+    const uint8_t* s = t.s + r0 * G;
+    const float* x[TB];
+    for (int i = 0; i < TB; ++i) x[i] = t.x[t0 + i];
+    const __m256 mag = _mm256_load_ps(gptoss::kE2M1);  // codes 0..7
+    const __m256i sign = _mm256_set1_epi32(static_cast<int>(0x80000000u));
+    const bool resume = part != nullptr && g0 > 0, suspend = part != nullptr && g1 < G;
+    __m256 acc[R][TB];
+    for (int r = 0; r < R; ++r)
+      for (int i = 0; i < TB; ++i) acc[r][i] = resume ? _mm256_load_ps(part + (r * TB + i) * 16) : _mm256_setzero_ps();
+    for (int64_t g = g0; g < g1; ++g) {
+      if (TB == 1 && kPrefetch > 0 && (g & 3) == 0)  // one line per row every 64 bytes, kPrefetch ahead
+        for (int r = 0; r < R; ++r) _mm_prefetch((const char*)(w + r * G * 16 + 16 * g + kPrefetch), _MM_HINT_T0);
+      for (int h = 0; h < 2; ++h) {  // bytes 8h..8h+7 of the block: even/odd elements 8h..8h+7
+        __m256 wl[R], wh[R];
+#pragma GCC unroll 4
+        for (int r = 0; r < R; ++r) {
+          const __m256i v = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i*)(w + r * G * 16 + 16 * g + 8 * h)));
+          const __m256 ms = _mm256_mul_ps(mag, _mm256_set1_ps(t.scale_lut[s[r * G + g]]));
+          const __m256i sl = _mm256_and_si256(_mm256_slli_epi32(v, 28), sign);
+          const __m256i sh = _mm256_and_si256(_mm256_slli_epi32(v, 24), sign);
+          wl[r] = _mm256_xor_ps(_mm256_permutevar8x32_ps(ms, v), _mm256_castsi256_ps(sl));
+          wh[r] = _mm256_xor_ps(_mm256_permutevar8x32_ps(ms, _mm256_srli_epi32(v, 4)), _mm256_castsi256_ps(sh));
+        }
+#pragma GCC unroll 8
+        for (int i = 0; i < TB; ++i) {
+          const __m256 xe = _mm256_loadu_ps(x[i] + 32 * g + 8 * h);
+          const __m256 xo = _mm256_loadu_ps(x[i] + 32 * g + 16 + 8 * h);
+#pragma GCC unroll 4
+          for (int r = 0; r < R; ++r) {
+            acc[r][i] = _mm256_fmadd_ps(wl[r], xe, acc[r][i]);
+            acc[r][i] = _mm256_fmadd_ps(wh[r], xo, acc[r][i]);
+          }
+        }
+      }
+    }
+    for (int i = 0; i < TB; ++i)
+      for (int r = 0; r < R; ++r) {
+        const __m256 a = acc[r][i];
+        if (suspend) {
+          _mm256_store_ps(part + (r * TB + i) * 16, a);
+          continue;
+        }
+        __m128 q = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
+        q = _mm_add_ps(q, _mm_movehl_ps(q, q));
+        q = _mm_add_ss(q, _mm_movehdup_ps(q));
+        t.y[t0 + i][t.col0 + r0 + r] = _mm_cvtss_f32(q);
+      }
+  }
+};
+
+#include "mxfp4_tile_loop.h"
+
+}  // namespace
+
+void gptoss::tile_avx2(const gptoss::Tile& t) { run_tile<MK, 4, 2, 4, 16>(t); }

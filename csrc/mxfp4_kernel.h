@@ -1,0 +1,44 @@
+// MXFP4 x fp32 matmul micro-kernels: the interface shared by the per-ISA translation units and the driver.
+//
+// Weights stay in the checkpoint layout: for expert e and output row n, the packed row is
+// blocks[e, n, :, :] (G blocks of 16 bytes, low nibble = even element, high nibble = odd element) and
+// scales[e, n, :] (G E8M0 bytes, value 2**(s - 127)). Inputs are pre-permuted once per call ("xp" layout):
+// within each 32-element block, the 16 even elements come first, then the 16 odd ones, so a vector of low
+// nibbles multiplies a contiguous vector of x. Accumulation is fp32.
+//
+// Each ISA translation unit (scalar / AVX2 / AVX-512) is compiled with its own -m flags and exposes one
+// extern function; nothing else in it has external linkage, so no AVX-512 code can leak into a shared
+// inline symbol used by another path.
+#ifndef GPTOSS_MXFP4_KERNEL_H_
+#define GPTOSS_MXFP4_KERNEL_H_
+
+#include <stdint.h>
+
+namespace gptoss {
+
+// One unit of work: `rows` consecutive output rows of one expert, times `ntok` input rows.
+struct Tile {
+  const uint8_t* w;       // packed bytes of the first row; row r starts at w + r * G * 16
+  const uint8_t* s;       // scale bytes of the first row; row r starts at s + r * G
+  int64_t G;              // blocks per row (K / 32)
+  int64_t rows;           // output rows in this tile
+  const float* const* x;  // ntok pointers to xp-permuted input rows of K floats
+  int64_t ntok;
+  float* const* y;        // ntok pointers to output rows; writes y[t][col0 + r]
+  int64_t col0;
+  const float* scale_lut;  // 256 floats: E8M0 byte -> 2**(s-127) (255 -> NaN)
+};
+
+using TileFn = void (*)(const Tile&);
+
+// E2M1 code -> value; bit 3 is the sign.
+alignas(64) static const float kE2M1[16] = {0.0f,  0.5f,  1.0f,  1.5f,  2.0f,  3.0f,  4.0f,  6.0f,
+                                            -0.0f, -0.5f, -1.0f, -1.5f, -2.0f, -3.0f, -4.0f, -6.0f};
+
+void tile_scalar(const Tile& t);
+void tile_avx2(const Tile& t);    // linked in when GPTOSS_HAVE_AVX2 is defined
+void tile_avx512(const Tile& t);  // linked in when GPTOSS_HAVE_AVX512 is defined
+
+}  // namespace gptoss
+
+#endif  // GPTOSS_MXFP4_KERNEL_H_

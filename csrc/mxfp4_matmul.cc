@@ -1,0 +1,361 @@
+// MXFP4 expert matmul for XLA:CPU, exposed as an XLA FFI handler (and a plain C entry point for ctypes).
+//
+//   x [M, K] (f32 or bf16), blocks [E, N, K/32, 16] u8, scales [E, N, K/32] u8, idx [M, S] i32
+//   -> y [M, S, N] f32,  y[m, s, :] = W[idx[m, s]] . x[m]   (W[e] is [N, K], the checkpoint's [out, in])
+//
+// The packed weights are read in place: nibbles are decoded in registers (mxfp4_{avx512,avx2,scalar}.cc,
+// chosen at run time from the CPU's features) and the dequantized matrix never exists in memory.
+//   grouped = 0 (decode): each (m, s) pair is a GEMV over the rows of its expert.
+//   grouped = 1 (prefill): pairs are bucketed by expert; each task streams a chunk of one expert's rows once
+//                          and multiplies it with a block of that expert's inputs (register-tiled GEMM).
+// Work is split over output rows and run on a small persistent thread pool (the calling thread included),
+// sized by GPTOSS_MXFP4_THREADS or the CPUs this process may run on.
+#include <pthread.h>
+#include <sched.h>
+
+#include <algorithm>
+#include <atomic>
+#include <condition_variable>
+#include <cstdlib>
+#include <cstring>
+#include <mutex>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "mxfp4_kernel.h"
+#include "xla/ffi/api/ffi.h"
+
+namespace ffi = xla::ffi;
+
+namespace gptoss {
+namespace {
+
+// ------------------------------------------------------------------------------------------ ISA choice
+enum Isa { kScalar = 0, kAvx2 = 1, kAvx512 = 2 };
+
+// The best path both compiled in and supported by this CPU.
+int best_isa() {
+#if defined(__x86_64__) || defined(__i386__)
+  __builtin_cpu_init();
+#if defined(GPTOSS_HAVE_AVX512)
+  if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+      __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512vl"))
+    return kAvx512;
+#endif
+#if defined(GPTOSS_HAVE_AVX2)
+  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return kAvx2;
+#endif
+#endif
+  return kScalar;
+}
+
+TileFn tile_fn(int isa) {
+#if defined(GPTOSS_HAVE_AVX512)
+  if (isa == kAvx512) return tile_avx512;
+#endif
+#if defined(GPTOSS_HAVE_AVX2)
+  if (isa == kAvx2) return tile_avx2;
+#endif
+  return tile_scalar;
+}
+
+int initial_isa() {
+  int isa = best_isa();
+  if (const char* env = std::getenv("GPTOSS_MXFP4_ISA")) {  // caps the choice (for tests)
+    const std::string v(env);
+    if (v == "scalar") isa = kScalar;
+    else if (v == "avx2") isa = std::min(isa, static_cast<int>(kAvx2));
+  }
+  return isa;
+}
+
+std::atomic<int> g_isa{initial_isa()};
+
+// E8M0 byte -> 2**(s-127): s = 0 is the subnormal 2**-127, s = 255 is NaN (OCP MX v1.0).
+struct ScaleLut {
+  float v[256];
+  ScaleLut() {
+    for (int s = 0; s < 256; ++s) {
+      uint32_t bits = s == 0 ? 0x00400000u : s == 255 ? 0x7FC00000u : static_cast<uint32_t>(s) << 23;
+      std::memcpy(&v[s], &bits, 4);
+    }
+  }
+};
+const ScaleLut g_scales;
+
+// ----------------------------------------------------------------------------------------- thread pool
+using TaskFn = void (*)(void*, int64_t);
+
+// The caller works too. A worker joins a job only while it is open; the caller closes it once every task
+// is claimed and then waits only for the workers that joined, so a worker that the OS has not yet woken
+// (the cores are shared with other processes) never delays a call.
+class Pool {
+ public:
+  explicit Pool(int n) : n_(std::max(1, n)) {
+    for (int i = 1; i < n_; ++i) std::thread([this] { Loop(); }).detach();
+  }
+  int size() const { return n_; }
+  void Stop() {  // workers exit once idle; the object itself is leaked, so they never see freed memory
+    std::lock_guard<std::mutex> l(mu_);
+    stop_ = true;
+    cv_.notify_all();
+  }
+
+  void Run(int64_t ntasks, TaskFn fn, void* ctx) {
+    std::unique_lock<std::mutex> busy(run_mu_, std::try_to_lock);
+    if (n_ == 1 || ntasks <= 1 || !busy.owns_lock()) {  // (another call in flight: run inline)
+      for (int64_t i = 0; i < ntasks; ++i) fn(ctx, i);
+      return;
+    }
+    {
+      std::lock_guard<std::mutex> l(mu_);
+      fn_ = fn, ctx_ = ctx, ntasks_ = ntasks, open_ = true;
+      next_.store(0);
+      ++gen_;
+    }
+    cv_.notify_all();
+    Work();
+    std::unique_lock<std::mutex> l(mu_);
+    open_ = false;
+    done_.wait(l, [this] { return joined_ == 0; });  // no worker may still hold ctx when we return
+  }
+
+ private:
+  void Work() {
+    for (int64_t i; (i = next_.fetch_add(1, std::memory_order_relaxed)) < ntasks_;) fn_(ctx_, i);
+  }
+  void Loop() {
+    uint64_t seen = 0;
+    for (;;) {
+      {
+        std::unique_lock<std::mutex> l(mu_);
+        cv_.wait(l, [&] { return stop_ || gen_ != seen; });
+        if (stop_) return;
+        seen = gen_;
+        if (!open_) continue;  // woke after the job was done
+        ++joined_;
+      }
+      Work();
+      std::lock_guard<std::mutex> l(mu_);
+      if (--joined_ == 0) done_.notify_one();
+    }
+  }
+
+  const int n_;
+  std::mutex run_mu_, mu_;
+  std::condition_variable cv_, done_;
+  uint64_t gen_ = 0;
+  bool stop_ = false, open_ = false;
+  int joined_ = 0;
+  TaskFn fn_ = nullptr;
+  void* ctx_ = nullptr;
+  int64_t ntasks_ = 0;
+  std::atomic<int64_t> next_{0};
+};
+
+int default_threads() {
+  if (const char* env = std::getenv("GPTOSS_MXFP4_THREADS")) {
+    const int n = std::atoi(env);
+    if (n > 0) return n;
+  }
+  cpu_set_t set;
+  if (sched_getaffinity(0, sizeof(set), &set) == 0) return std::max(1, CPU_COUNT(&set));
+  return std::max(1u, std::thread::hardware_concurrency());
+}
+
+std::mutex g_pool_mu;
+Pool* g_pool = nullptr;  // leaked on purpose: detached workers may outlive static destructors
+int g_threads = 0;       // requested size; 0 = default_threads()
+
+void AfterFork() { g_pool = nullptr; }  // the child has none of the parent's workers; make new ones
+struct ForkHook {
+  ForkHook() { pthread_atfork(nullptr, nullptr, AfterFork); }
+};
+const ForkHook g_fork_hook;
+
+Pool& pool() {
+  std::lock_guard<std::mutex> l(g_pool_mu);
+  const int want = g_threads > 0 ? g_threads : default_threads();
+  if (g_pool == nullptr || g_pool->size() != want) {
+    if (g_pool != nullptr) g_pool->Stop();
+    g_pool = new Pool(want);
+  }
+  return *g_pool;
+}
+
+// ---------------------------------------------------------------------------------------------- driver
+struct Problem {
+  const void* x;
+  bool x_bf16;
+  const uint8_t* blocks;
+  const uint8_t* scales;
+  const int32_t* idx;
+  float* y;
+  int64_t M, K, E, N, S;
+};
+
+struct Job {
+  TileFn fn;
+  int64_t G, N, rows_per_task, chunks;
+  const uint8_t* blocks;
+  const uint8_t* scales;
+  // gather: one task per (pair, row chunk)
+  const int32_t* idx;
+  std::vector<const float*> xs;  // input rows, per pair (gather) or per sorted pair (grouped)
+  std::vector<float*> ys;
+  // grouped: one task per (expert, token block, row chunk)
+  struct Group { int64_t e, first, count; };
+  std::vector<Group> groups;
+};
+
+void GatherTask(void* ctx, int64_t task) {
+  const Job& j = *static_cast<const Job*>(ctx);
+  const int64_t p = task / j.chunks, n0 = (task % j.chunks) * j.rows_per_task;
+  const int64_t e = j.idx[p];
+  Tile t{j.blocks + (e * j.N + n0) * j.G * 16, j.scales + (e * j.N + n0) * j.G, j.G,
+         std::min(j.rows_per_task, j.N - n0), &j.xs[p], 1, &j.ys[p], n0, g_scales.v};
+  j.fn(t);
+}
+
+void GroupedTask(void* ctx, int64_t task) {
+  const Job& j = *static_cast<const Job*>(ctx);
+  const Job::Group& grp = j.groups[task / j.chunks];
+  const int64_t n0 = (task % j.chunks) * j.rows_per_task;
+  Tile t{j.blocks + (grp.e * j.N + n0) * j.G * 16, j.scales + (grp.e * j.N + n0) * j.G, j.G,
+         std::min(j.rows_per_task, j.N - n0), &j.xs[grp.first], grp.count, &j.ys[grp.first], n0, g_scales.v};
+  j.fn(t);
+}
+
+float InputAt(const Problem& pr, int64_t i) {
+  if (!pr.x_bf16) return static_cast<const float*>(pr.x)[i];
+  const uint32_t bits = static_cast<uint32_t>(static_cast<const uint16_t*>(pr.x)[i]) << 16;
+  float v;
+  std::memcpy(&v, &bits, 4);
+  return v;
+}
+
+// x rows -> "xp" (fp32; per 32-block: the 16 even elements, then the 16 odd).
+void PermuteInputs(const Problem& pr, std::vector<float>& xp) {
+  const int64_t G = pr.K / 32;
+  xp.resize(static_cast<size_t>(pr.M * pr.K));
+  for (int64_t m = 0; m < pr.M; ++m)
+    for (int64_t g = 0; g < G; ++g)
+      for (int j = 0; j < 32; ++j) xp[m * pr.K + 32 * g + (j >> 1) + 16 * (j & 1)] = InputAt(pr, m * pr.K + 32 * g + j);
+}
+
+// Returns "" on success, else an error message.
+std::string Compute(const Problem& pr, bool grouped) {
+  if (pr.K % 32 != 0) return "K must be a multiple of 32";
+  const int64_t P = pr.M * pr.S;
+  for (int64_t p = 0; p < P; ++p)
+    if (pr.idx[p] < 0 || pr.idx[p] >= pr.E)
+      return "expert index " + std::to_string(pr.idx[p]) + " out of range [0, " + std::to_string(pr.E) + ")";
+  if (P == 0 || pr.N == 0) return "";
+  if (pr.K == 0) {
+    std::fill(pr.y, pr.y + P * pr.N, 0.0f);
+    return "";
+  }
+  thread_local std::vector<float> xp;
+  PermuteInputs(pr, xp);
+  Pool& workers = pool();
+  Job j;
+  j.fn = tile_fn(g_isa.load());
+  j.G = pr.K / 32, j.N = pr.N, j.blocks = pr.blocks, j.scales = pr.scales, j.idx = pr.idx;
+  j.xs.resize(P), j.ys.resize(P);
+  if (!grouped) {
+    // rows per task: large enough to amortize a task, small enough for ~8 tasks per thread
+    const int64_t per = std::max<int64_t>(1, P * pr.N / (8 * workers.size()));
+    j.rows_per_task = std::min<int64_t>(std::max<int64_t>(std::min<int64_t>(per, 64), 4), pr.N);
+    j.chunks = (pr.N + j.rows_per_task - 1) / j.rows_per_task;
+    for (int64_t p = 0; p < P; ++p) j.xs[p] = xp.data() + (p / pr.S) * pr.K, j.ys[p] = pr.y + p * pr.N;
+    workers.Run(P * j.chunks, GatherTask, &j);
+    return "";
+  }
+  std::vector<int64_t> start(pr.E + 1, 0);
+  for (int64_t p = 0; p < P; ++p) ++start[pr.idx[p] + 1];
+  for (int64_t e = 0; e < pr.E; ++e) start[e + 1] += start[e];
+  std::vector<int64_t> fill(start.begin(), start.end() - 1);
+  for (int64_t p = 0; p < P; ++p) {
+    const int64_t at = fill[pr.idx[p]]++;
+    j.xs[at] = xp.data() + (p / pr.S) * pr.K, j.ys[at] = pr.y + p * pr.N;
+  }
+  constexpr int64_t kTokenBlock = 64;  // inputs per task: 64 x K fp32 stays in L2 while a row chunk streams
+  for (int64_t e = 0; e < pr.E; ++e)
+    for (int64_t f = start[e]; f < start[e + 1]; f += kTokenBlock)
+      j.groups.push_back({e, f, std::min(kTokenBlock, start[e + 1] - f)});
+  j.rows_per_task = std::min<int64_t>(16, pr.N);
+  j.chunks = (pr.N + j.rows_per_task - 1) / j.rows_per_task;
+  workers.Run(static_cast<int64_t>(j.groups.size()) * j.chunks, GroupedTask, &j);
+  return "";
+}
+
+// ---------------------------------------------------------------------------------------------- FFI
+ffi::Error Mxfp4Matmul(ffi::AnyBuffer x, ffi::Buffer<ffi::U8> blocks, ffi::Buffer<ffi::U8> scales,
+                       ffi::Buffer<ffi::S32> idx, ffi::ResultBuffer<ffi::F32> y, int64_t grouped) {
+  const auto xd = x.dimensions(), bd = blocks.dimensions(), sd = scales.dimensions(), id = idx.dimensions();
+  const auto yd = y->dimensions();
+  if (x.element_type() != ffi::F32 && x.element_type() != ffi::BF16)
+    return ffi::Error::InvalidArgument("mxfp4 matmul: x must be float32 or bfloat16");
+  if (xd.size() != 2 || bd.size() != 4 || sd.size() != 3 || id.size() != 2 || yd.size() != 3)
+    return ffi::Error::InvalidArgument("mxfp4 matmul: expected x [M,K], blocks [E,N,G,16], scales [E,N,G], "
+                                       "idx [M,S], y [M,S,N]");
+  const int64_t M = xd[0], K = xd[1], E = bd[0], N = bd[1], G = bd[2], S = id[1];
+  if (bd[3] != 16 || K != 32 * G || sd[0] != E || sd[1] != N || sd[2] != G || id[0] != M || yd[0] != M ||
+      yd[1] != S || yd[2] != N)
+    return ffi::Error::InvalidArgument("mxfp4 matmul: inconsistent operand shapes");
+  const Problem pr{x.untyped_data(), x.element_type() == ffi::BF16, blocks.typed_data(), scales.typed_data(),
+                   idx.typed_data(), y->typed_data(), M, K, E, N, S};
+  const std::string err = Compute(pr, grouped != 0);
+  if (!err.empty()) return ffi::Error::InvalidArgument("mxfp4 matmul: " + err);
+  return ffi::Error::Success();
+}
+
+}  // namespace
+}  // namespace gptoss
+
+#define GPTOSS_EXPORT __attribute__((visibility("default")))
+
+extern "C" GPTOSS_EXPORT XLA_FFI_Error* GptossMxfp4Matmul(XLA_FFI_CallFrame* call_frame);
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(GptossMxfp4Matmul, gptoss::Mxfp4Matmul,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::Buffer<ffi::U8>>()
+                                  .Arg<ffi::Buffer<ffi::U8>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<int64_t>("grouped"));
+
+// ------------------------------------------------------------------------------------- plain C entry
+extern "C" {
+
+// Same computation without XLA (for ctypes benchmarks and tests). Returns 0, or -1 on bad arguments.
+GPTOSS_EXPORT int gptoss_mxfp4_matmul(const void* x, int x_bf16, const uint8_t* blocks, const uint8_t* scales,
+                        const int32_t* idx, float* y, int64_t M, int64_t K, int64_t E, int64_t N, int64_t S,
+                        int grouped) {
+  const gptoss::Problem pr{x, x_bf16 != 0, blocks, scales, idx, y, M, K, E, N, S};
+  return gptoss::Compute(pr, grouped != 0).empty() ? 0 : -1;
+}
+
+GPTOSS_EXPORT int gptoss_mxfp4_best_isa() { return gptoss::best_isa(); }
+GPTOSS_EXPORT int gptoss_mxfp4_isa() { return gptoss::g_isa.load(); }
+
+// 0 scalar, 1 AVX2, 2 AVX-512, capped at what the CPU supports; returns the ISA now in use.
+GPTOSS_EXPORT int gptoss_mxfp4_set_isa(int isa) {
+  gptoss::g_isa.store(std::max(0, std::min(isa, gptoss::best_isa())));
+  return gptoss::g_isa.load();
+}
+
+GPTOSS_EXPORT int gptoss_mxfp4_num_threads() { return gptoss::pool().size(); }
+
+// n <= 0 restores the default (GPTOSS_MXFP4_THREADS or the CPU count); returns the pool size.
+GPTOSS_EXPORT int gptoss_mxfp4_set_num_threads(int n) {
+  {
+    std::lock_guard<std::mutex> l(gptoss::g_pool_mu);
+    gptoss::g_threads = std::max(0, n);
+  }
+  return gptoss::pool().size();
+}
+
+}  // extern "C"
