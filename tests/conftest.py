@@ -67,3 +67,11 @@ def bf16_mxfp4_ckpt(parity_dir):
     path = parity_dir / "hf_mxfp4_confident"
     oracle = save_hf_mxfp4(make_hf_model(PARITY_SEED, **CONFIDENT), path)
     return path, oracle
+
+
+# ---------------------------------------------------------------------------------------------- hypothesis
+# Fixed example sequences in the suite (a red CI must be reproducible); GPTOSS_HYPOTHESIS_RANDOM=1 explores anew.
+from hypothesis import settings  # noqa: E402
+
+settings.register_profile("gptoss", derandomize=os.environ.get("GPTOSS_HYPOTHESIS_RANDOM") != "1", database=None)
+settings.load_profile("gptoss")

@@ -106,10 +106,12 @@ def _is_enum(schema: Mapping[str, Any]) -> bool:
     return isinstance(values, list) and len(values) > 0
 
 
-def _default_text(schema: Mapping[str, Any]) -> str:
+def _default_text(schema: Mapping[str, Any], *, bare_enum: bool = True) -> str:
+    """Harmony quotes string defaults, except an enum property's (`x?: "a" | "b", // default: a`); inside `oneOf`
+    variants it always quotes."""
     value = schema["default"]
     if isinstance(value, str):
-        return value if _is_enum(schema) else f'"{value}"'
+        return value if bare_enum and _is_enum(schema) else f'"{value}"'
     return json_display(value)
 
 
@@ -133,7 +135,7 @@ def _variants(variants: list[Any], indent: str, property_description: str | None
             if isinstance(desc, str) and not hidden:
                 comments.append(desc)
             if "default" in variant:
-                comments.append("default: " + _default_text(variant))
+                comments.append("default: " + _default_text(variant, bare_enum=False))
             if comments:
                 out.append(" // " + " ".join(comments))
     return "".join(out)
