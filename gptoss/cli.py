@@ -80,6 +80,12 @@ def cmd_info(args) -> int:
     return 0
 
 
+def cmd_plan(args) -> int:
+    from gptoss.sharding.planner import main as plan_main
+
+    return plan_main(args)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="gptoss", description="gpt-oss models in JAX")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -103,8 +109,20 @@ def main(argv: list[str] | None = None) -> int:
     info = sub.add_parser("info", help="describe a checkpoint folder without loading its weights")
     info.add_argument("path")
 
+    plan = sub.add_parser("plan", help="per-device memory of a model on a mesh; exit 1 if a --device is too small")
+    plan.add_argument("--model", required=True, help="gpt-oss-20b, gpt-oss-120b, tiny, or a checkpoint folder")
+    plan.add_argument("--mesh", default="", help="axis sizes, e.g. expert=8 or data=2,expert=4,tensor=1")
+    plan.add_argument("--context", type=int, default=131072, help="KV cache slots per row")
+    plan.add_argument("--batch", type=int, default=1)
+    plan.add_argument("--prefill", type=int, default=None, help="tokens per row in one forward (default 2048)")
+    plan.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
+    plan.add_argument("--experts", default="mxfp4", choices=["mxfp4", "dense"])
+    plan.add_argument("--device", action="append", help="e.g. h100-80gb, h200, v5e (repeatable; default: all)")
+    plan.add_argument("--json", action="store_true")
+
     args = parser.parse_args(argv)
-    return {"generate": cmd_generate, "chat": cmd_chat, "run": cmd_run, "info": cmd_info}[args.command](args)
+    return {"generate": cmd_generate, "chat": cmd_chat, "run": cmd_run, "info": cmd_info,
+            "plan": cmd_plan}[args.command](args)
 
 
 if __name__ == "__main__":

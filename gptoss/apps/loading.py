@@ -26,6 +26,7 @@ class ModelSpec:
     experts: str = "mxfp4"
     moe_impl: str = "auto"
     seed: int = 0
+    mesh: dict | None = None  # e.g. {data: 1, expert: 8, tensor: 1}: sharded over devices (gptoss.sharding)
 
     def __post_init__(self):
         if (self.path is None) == (self.preset is None):
@@ -45,6 +46,10 @@ def random_tiny_checkpoint(folder: str, seed: int = 0) -> str:
 
 
 def load_model_and_tokenizer(spec: ModelSpec, progress: bool = True):
+    if spec.mesh is not None:  # multi-host runs start from the JAX_*/GPTOSS_* environment (else a no-op)
+        from gptoss.sharding import init_distributed
+
+        init_distributed()
     if spec.preset is not None:
         with tempfile.TemporaryDirectory(prefix="gptoss-tiny-") as folder:
             random_tiny_checkpoint(folder, spec.seed)
@@ -53,7 +58,8 @@ def load_model_and_tokenizer(spec: ModelSpec, progress: bool = True):
 
 
 def _load(path: str, spec: ModelSpec, progress: bool):
-    model = from_pretrained(path, dtype=spec.dtype, experts=spec.experts, moe_impl=spec.moe_impl, progress=progress)
+    model = from_pretrained(path, dtype=spec.dtype, experts=spec.experts, moe_impl=spec.moe_impl, progress=progress,
+                            mesh=spec.mesh)
     tokenizer = load_tokenizer(path if os.path.isdir(path) else None)
     if tokenizer.vocab_size > model.config.vocab_size:
         raise ValueError(f"{path}: tokenizer {tokenizer.name} has {tokenizer.vocab_size} ids but the model only "

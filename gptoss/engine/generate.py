@@ -34,9 +34,11 @@ def bucket(n: int) -> int:
     return max(MIN_BUCKET, 1 << (n - 1).bit_length())
 
 
-def init_cache(cfg, batch: int, length: int, dtype) -> list[LayerCache]:
-    return [LayerCache.empty(batch, cfg.sliding_window if cfg.is_sliding(i) else length, cfg.num_key_value_heads,
-                             cfg.head_dim, dtype, ring=cfg.is_sliding(i)) for i in range(cfg.num_hidden_layers)]
+def init_cache(cfg, batch: int, length: int, dtype, layout=None) -> list[LayerCache]:
+    """Empty per-layer caches; with a `gptoss.sharding.Layout`, laid out on its mesh (batch/data, kv heads/tensor)."""
+    cache = [LayerCache.empty(batch, cfg.sliding_window if cfg.is_sliding(i) else length, cfg.num_key_value_heads,
+                              cfg.head_dim, dtype, ring=cfg.is_sliding(i)) for i in range(cfg.num_hidden_layers)]
+    return cache if layout is None else layout.constrain_cache(cache)
 
 
 def prepare(model, prompts: Sequence[Sequence[int]], max_new_tokens: int):
@@ -73,7 +75,7 @@ def prepare(model, prompts: Sequence[Sequence[int]], max_new_tokens: int):
 
 
 def _prefill(model, tokens, positions, lens, cache_len):
-    cache = init_cache(model.config, tokens.shape[0], cache_len, model.dtype)
+    cache = init_cache(model.config, tokens.shape[0], cache_len, model.dtype, getattr(model, "shard_layout", None))
     x, _, cache = model.hidden_states(tokens, positions, cache)
     last = jnp.take_along_axis(x, (lens - 1)[:, None, None], axis=1)  # [B, 1, D]
     return model.logits(last)[:, 0], cache
@@ -121,7 +123,8 @@ def _generate_jit(graphdef, state, tokens, positions, lens, cache_len, buffer, m
 
     state0 = (jnp.int32(0), tok, lp, cache, done, n_out, out, out_lp)
     _, _, _, _, done, n_out, out, out_lp = jax.lax.while_loop(cond, body, state0)
-    return out, out_lp, n_out, done
+    layout = getattr(model, "shard_layout", None)  # sharded model: replicate the (small) outputs for every host
+    return (out, out_lp, n_out, done) if layout is None else layout.replicate((out, out_lp, n_out, done))
 
 
 def generate(model, prompts: Sequence[Sequence[int]], *, max_new_tokens: int, temperature: float = 0.0,

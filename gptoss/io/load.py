@@ -17,7 +17,7 @@ from tqdm.auto import tqdm
 
 from gptoss.config import ConfigError, ModelConfig
 from gptoss.io.keymap import HF_DENSE_MARKER, HF_PACKED_MARKER, Entry, hf_entries, original_entries
-from gptoss.io.safetensors_io import CheckpointError, TensorIndex, find_nonfinite
+from gptoss.io.safetensors_io import CheckpointError, TensorIndex, aligned, find_nonfinite
 from gptoss.model import GptOss
 from gptoss.quant import MXFP4Array, dequantize, quantize
 
@@ -29,11 +29,14 @@ HUB_PATTERNS = ["config.json", "generation_config.json", "model*.safetensors", "
 def from_pretrained(path: str | os.PathLike, *, dtype: Any = "bfloat16", experts: str = "mxfp4",
                     moe_impl: str = "auto", layout: str = "auto", check_finite: bool = True,
                     progress: bool = True, revision: str | None = None,
-                    place: Callable[[Any, tuple], Any] | None = None) -> GptOss:
+                    place: Callable[[Any, tuple], Any] | None = None, mesh: Any = None) -> GptOss:
     """Loads a gpt-oss checkpoint folder (HF layout, or `original/`) or a hub id into a `GptOss`.
 
     experts="mxfp4" keeps expert weights packed (never dequantized at load); "dense" stores them in `dtype`.
     `place(array, path)` puts each parameter on its device(s); the default is `jax.device_put`.
+    `mesh` (a jax Mesh with axes data/expert/tensor, or a dict like {"expert": 8}) shards the model
+    (gptoss.sharding): checked against the config before any weight is read, packed experts read from the
+    mmapped file slice by slice, each device given only its slice.
     """
     if experts not in ("mxfp4", "dense"):
         raise ValueError(f"experts must be 'mxfp4' or 'dense', got {experts!r}")
@@ -48,6 +51,12 @@ def from_pretrained(path: str | os.PathLike, *, dtype: Any = "bfloat16", experts
     else:
         packed, entries = True, original_entries(cfg)
     _check_names(entries, index, cfg, where)
+    sharding = None
+    if mesh is not None:
+        from gptoss.sharding import Layout
+
+        sharding = Layout.create(mesh, cfg, packed=experts == "mxfp4")  # validates before any weight is read
+        place = place or sharding.place
     if experts == "mxfp4" and not packed:
         warnings.warn(f"{where} has dense experts; quantizing them to MXFP4 at load (lossy). "
                       "Pass experts='dense' to keep them exact.", stacklevel=2)
@@ -60,15 +69,16 @@ def from_pretrained(path: str | os.PathLike, *, dtype: Any = "bfloat16", experts
     with tqdm(total=total, unit="B", unit_scale=True, desc="loading", disable=not progress) as bar:
         for entry in entries:
             var = targets[entry.path]
-            value = _convert(entry, [_read(index, n, s, check_finite) for n, s in zip(entry.names, entry.shapes)],
-                             var.get_value(), index)
+            value = _convert(entry, [_read(index, n, s, check_finite, mmap=sharding is not None)
+                                     for n, s in zip(entry.names, entry.shapes)], var.get_value(), index)
             if isinstance(value, MXFP4Array):
                 value = MXFP4Array(place(value.blocks, entry.path), place(value.scales, entry.path), value.dtype)
             else:
                 value = place(value, entry.path)
             var.set_value(value)
             bar.update(sum(index.info(n).end - index.info(n).start for n in set(entry.names)))
-    return nnx.merge(graphdef, state)
+    model = nnx.merge(graphdef, state)
+    return model if sharding is None else sharding.attach(model)
 
 
 def open_checkpoint(root: str, layout: str = "auto") -> tuple[str, ModelConfig, TensorIndex, str]:
@@ -137,11 +147,14 @@ def _check_names(entries: list[Entry], index: TensorIndex, cfg: ModelConfig, whe
         raise CheckpointError(f"{where}: {len(unexpected)} unexpected tensor(s), e.g. {unexpected[:5]}{hint}")
 
 
-def _read(index: TensorIndex, name: str, shape: tuple[int, ...], check_finite: bool) -> np.ndarray:
+def _read(index: TensorIndex, name: str, shape: tuple[int, ...], check_finite: bool,
+          mmap: bool = False) -> np.ndarray:
     info = index.info(name)
     if info.shape != shape:
         raise CheckpointError(f"{info.file}: tensor {name!r} has shape {list(info.shape)} but the config implies "
                               f"{list(shape)} (config.json contradicts the tensors?)")
+    if mmap and info.dtype == "U8":  # packed experts on a mesh: devices copy only their slices out of the map
+        return np.memmap(info.file, np.uint8, "r", offset=info.start, shape=info.shape)
     arr = index.read(name)
     if check_finite:
         bad = find_nonfinite(arr)
@@ -176,7 +189,7 @@ def _convert(entry: Entry, arrays: list[np.ndarray], target: Any, index: TensorI
             return jax.jit(quantize, static_argnums=1)(value.astype(np.float32), target.dtype)
         except ValueError as e:
             raise ConfigError(f"{entry.names[0]}: {e}") from None
-    return np.ascontiguousarray(value.astype(target.dtype, copy=False))
+    return aligned(value.astype(target.dtype, copy=False))
 
 
 def _resolve(path: str, revision: str | None) -> str:

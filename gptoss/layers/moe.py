@@ -49,6 +49,10 @@ class MoE(nnx.Module):
         B, T, D = x_BTD.shape
         x_TD = x_BTD.reshape(B * T, D)
         logits_TE, idx_TK, w_TK = route(x_TD, self.router_ED[...], self.router_bias_E[...], self.top_k)
-        impl = choose_impl(impl, B * T, self.top_k, logits_TE.shape[-1])
-        y_TD = run_moe(impl, x_TD, idx_TK, w_TK, self.expert_weights())
+        layout = getattr(self, "shard_layout", None)  # set by gptoss.sharding on a model placed on a mesh
+        if layout is not None:  # experts sharded: shard_map with psum/all_gather (gptoss/sharding/moe.py)
+            y_TD = layout.run_moe(impl, x_TD, idx_TK, w_TK, self.expert_weights())
+        else:
+            y_TD = run_moe(choose_impl(impl, B * T, self.top_k, logits_TE.shape[-1]), x_TD, idx_TK, w_TK,
+                           self.expert_weights())
         return y_TD.astype(x_BTD.dtype).reshape(B, T, D), logits_TE.reshape(B, T, -1)
