@@ -147,6 +147,7 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="2 layers, prompt 32, 8 steps, batch 1")
     ap.add_argument("--shape-20b", action="store_true", help="also decode a gpt-oss-20b-shaped checkpoint (ours)")
     ap.add_argument("--skip-hf", action="store_true")
+    ap.add_argument("--only", help="comma list of runs to do (ours_bf16, ours_fp32, hf_bf16)")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
@@ -169,6 +170,8 @@ def main() -> None:
         plan = [("ours_bf16", "ours", "bfloat16"), ("ours_fp32", "ours", "float32")]
         if not args.skip_hf:
             plan.append(("hf_bf16", "hf", "bfloat16"))
+        if args.only:
+            plan = [p for p in plan if p[0] in args.only.split(",")]
         for name, side, dtype in plan:
             spec = {**common, "name": name, "side": side, "dtype": dtype, "out": os.path.join(work, name + ".json")}
             out["runs"][name] = run_child(script, spec, timeout=3600) | {"dtype": dtype}

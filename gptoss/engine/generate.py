@@ -117,7 +117,10 @@ def _generate_jit(graphdef, state, tokens, positions, lens, cache_len, buffer, m
         out_lp = out_lp.at[:, step].set(jnp.where(live, lp, 0.0))
         n_out = n_out + live
         done = done | jnp.isin(tok, stop_arr)
-        logits, cache = _decode_step(model, tok, lens + step, cache)
+        # The barrier ties the weights to the loop step: otherwise XLA:CPU hoists the bf16->f32 converts of
+        # every weight out of the loop (loop-invariant code motion) and holds an f32 copy of the whole model.
+        step_state, _ = jax.lax.optimization_barrier((state, step))
+        logits, cache = _decode_step(nnx.merge(graphdef, step_state), tok, lens + step, cache)
         tok, lp = pick(logits, step + 1)
         return step + 1, tok, lp, cache, done, n_out, out, out_lp
 
