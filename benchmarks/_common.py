@@ -156,7 +156,10 @@ def code_state() -> dict[str, Any]:
 
     spec = importlib.util.find_spec("gptoss")
     repo = Path(__file__).resolve().parent.parent
-    out: dict[str, Any] = {"gptoss_path": str(Path(spec.origin).parent) if spec and spec.origin else None}
+    path = Path(spec.origin).parent if spec and spec.origin else None
+    # when gptoss is imported from elsewhere (a frozen copy on PYTHONPATH), the repo state below is not its state
+    out: dict[str, Any] = {"gptoss_path": str(path) if path else None,
+                           "gptoss_from_this_repo": bool(path and path.is_relative_to(repo))}
     try:
         git = ["git", "-C", str(repo)]
         out["repo_head"] = subprocess.run(git + ["rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()

@@ -142,17 +142,28 @@ def aligned(arr: np.ndarray) -> np.ndarray:
     return out
 
 
-def find_nonfinite(x: np.ndarray) -> int | None:
-    """Flat index of the first NaN/Inf in a float array (bit test, cheap for bf16), else None."""
+def find_nonfinite(x: np.ndarray, chunk: int = 1 << 22) -> int | None:
+    """Flat index of the first NaN/Inf in a float array (bit test, cheap for bf16), else None.
+
+    Checked in chunks so the temporaries stay a few MiB instead of two more copies of a 1 GiB embedding."""
     if x.dtype == np.dtype(ml_dtypes.bfloat16) or x.dtype == np.float16:
-        bits = x.view(np.uint16)
-        mask = np.uint16(0x7F80) if x.dtype != np.float16 else np.uint16(0x7C00)
-        bad = np.flatnonzero((bits & mask) == mask)
+        flat = x.reshape(-1).view(np.uint16)
+        mask = np.uint16(0x7C00) if x.dtype == np.float16 else np.uint16(0x7F80)
+
+        def bad(part):
+            return np.flatnonzero((part & mask) == mask)
     elif x.dtype in (np.float32, np.float64):
-        bad = np.flatnonzero(~np.isfinite(x))
+        flat = x.reshape(-1)
+
+        def bad(part):
+            return np.flatnonzero(~np.isfinite(part))
     else:
         return None
-    return int(bad[0]) if bad.size else None
+    for start in range(0, flat.size, chunk):
+        hits = bad(flat[start : start + chunk])
+        if hits.size:
+            return start + int(hits[0])
+    return None
 
 
 def write_file(path: str, tensors: list[tuple[str, str, tuple[int, ...], Callable[[], np.ndarray]]],
