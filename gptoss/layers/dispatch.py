@@ -66,7 +66,7 @@ def moe_dense(x_TD, idx_TK, w_TK, ew: ExpertWeights):
     return jnp.einsum("te,etd->td", combine_TE, y)
 
 
-def use_kernel(ew: ExpertWeights) -> bool:
+def kernel_serves(ew: ExpertWeights) -> bool:
     """Whether this layer's expert matmuls go to the MXFP4 CPU kernel (decided at trace time)."""
     return (isinstance(ew.gate_up_EFD, MXFP4Array) and isinstance(ew.down_EDI, MXFP4Array)
             and mxfp4_cpu.kernel_enabled())
@@ -84,7 +84,7 @@ def moe_kernel(x_TD, idx_TK, w_TK, ew: ExpertWeights, grouped: bool):
 
 
 def moe_gather(x_TD, idx_TK, w_TK, ew: ExpertWeights):
-    if use_kernel(ew):
+    if kernel_serves(ew):
         return moe_kernel(x_TD, idx_TK, w_TK, ew, grouped=False)
     T, K = idx_TK.shape
     flat = idx_TK.reshape(-1)
@@ -100,7 +100,7 @@ def moe_gather(x_TD, idx_TK, w_TK, ew: ExpertWeights):
 
 
 def moe_grouped(x_TD, idx_TK, w_TK, ew: ExpertWeights, tile: int | None = None):
-    if use_kernel(ew):  # (the kernel tiles by itself; `tile` applies to the XLA path)
+    if kernel_serves(ew):  # (the kernel tiles by itself; `tile` applies to the XLA path)
         return moe_kernel(x_TD, idx_TK, w_TK, ew, grouped=True)
     T, K = idx_TK.shape
     D = x_TD.shape[-1]

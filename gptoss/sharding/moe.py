@@ -22,7 +22,7 @@ import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
 from gptoss.kernels import mxfp4_cpu
-from gptoss.layers.dispatch import ExpertWeights, choose_impl, run_moe, swiglu, use_kernel
+from gptoss.layers.dispatch import ExpertWeights, choose_impl, kernel_serves, run_moe, swiglu
 from gptoss.quant import MXFP4Array, as_dense
 
 GATE_UP = ("experts", "expert_ffn", "expert_embed_in")
@@ -85,8 +85,8 @@ def _tp_ffn(mode: str, x_TD, idx_TK, w_TK, ew: ExpertWeights, f_axes, fi_axes):
     def mid(a, axis):
         return jax.lax.all_gather(a, f_axes, axis=axis, tiled=True) if gather_mid else a
 
-    if use_kernel(ew) or mode == "gather":
-        kernel = use_kernel(ew)
+    if kernel_serves(ew) or mode == "gather":
+        kernel = kernel_serves(ew)
         if kernel:
             h = mxfp4_cpu.mx_gather_matmul(x_TD, ew.gate_up_EFD, idx_TK, grouped=mode != "gather")  # [T, K, F]
         else:
