@@ -29,7 +29,8 @@ UNITS = {
     "mxfp4_avx512.cc": (["-mavx512f", "-mavx512bw", "-mavx512dq", "-mavx512vl", "-mfma"], "GPTOSS_HAVE_AVX512"),
 }
 DRIVER = "mxfp4_matmul.cc"
-HEADERS = ["mxfp4_kernel.h", "mxfp4_tile_loop.h"]
+COMMON = ["pool.cc"]  # compiled without ISA flags, like the driver
+HEADERS = ["mxfp4_kernel.h", "mxfp4_tile_loop.h", "pool.h"]
 BASE_FLAGS = ["-O3", "-std=c++17", "-fPIC", "-fvisibility=hidden", "-pthread"]
 
 
@@ -87,6 +88,7 @@ def build_kernel(out: Path, tmp: Path) -> list[str]:
                 errors.append(str(e))
     defines = [f"-D{units[name][1]}" for name in built if units[name][1]]
     objs.append(compile_unit(DRIVER, [], defines))
+    objs.extend(compile_unit(name, []) for name in COMMON)
     out.parent.mkdir(parents=True, exist_ok=True)
     _run([*cxx.split(), "-shared", "-pthread", "-o", str(out), *map(str, objs)])
     for e in errors:
@@ -122,7 +124,7 @@ setup(
     ext_modules=[
         Extension(
             "gptoss.kernels.libgptoss_mxfp4",
-            sources=[str(CSRC / DRIVER), *(str(CSRC / u) for u in UNITS)],
+            sources=[str(CSRC / DRIVER), *(str(CSRC / u) for u in [*COMMON, *UNITS])],
             depends=[str(CSRC / h) for h in HEADERS],
             optional=True,
         )

@@ -10,20 +10,15 @@
 //                          and multiplies it with a block of that expert's inputs (register-tiled GEMM).
 // Work is split over output rows and run on a small persistent thread pool (the calling thread included),
 // sized by GPTOSS_MXFP4_THREADS or the CPUs this process may run on.
-#include <pthread.h>
-#include <sched.h>
-
 #include <algorithm>
 #include <atomic>
-#include <condition_variable>
 #include <cstdlib>
 #include <cstring>
-#include <mutex>
 #include <string>
-#include <thread>
 #include <vector>
 
 #include "mxfp4_kernel.h"
+#include "pool.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
@@ -83,106 +78,6 @@ struct ScaleLut {
   }
 };
 const ScaleLut g_scales;
-
-// ----------------------------------------------------------------------------------------- thread pool
-using TaskFn = void (*)(void*, int64_t);
-
-// The caller works too. A worker joins a job only while it is open; the caller closes it once every task
-// is claimed and then waits only for the workers that joined, so a worker that the OS has not yet woken
-// (the cores are shared with other processes) never delays a call.
-class Pool {
- public:
-  explicit Pool(int n) : n_(std::max(1, n)) {
-    for (int i = 1; i < n_; ++i) std::thread([this] { Loop(); }).detach();
-  }
-  int size() const { return n_; }
-  void Stop() {  // workers exit once idle; the object itself is leaked, so they never see freed memory
-    std::lock_guard<std::mutex> l(mu_);
-    stop_ = true;
-    cv_.notify_all();
-  }
-
-  void Run(int64_t ntasks, TaskFn fn, void* ctx) {
-    std::unique_lock<std::mutex> busy(run_mu_, std::try_to_lock);
-    if (n_ == 1 || ntasks <= 1 || !busy.owns_lock()) {  // (another call in flight: run inline)
-      for (int64_t i = 0; i < ntasks; ++i) fn(ctx, i);
-      return;
-    }
-    {
-      std::lock_guard<std::mutex> l(mu_);
-      fn_ = fn, ctx_ = ctx, ntasks_ = ntasks, open_ = true;
-      next_.store(0);
-      ++gen_;
-    }
-    cv_.notify_all();
-    Work();
-    std::unique_lock<std::mutex> l(mu_);
-    open_ = false;
-    done_.wait(l, [this] { return joined_ == 0; });  // no worker may still hold ctx when we return
-  }
-
- private:
-  void Work() {
-    for (int64_t i; (i = next_.fetch_add(1, std::memory_order_relaxed)) < ntasks_;) fn_(ctx_, i);
-  }
-  void Loop() {
-    uint64_t seen = 0;
-    for (;;) {
-      {
-        std::unique_lock<std::mutex> l(mu_);
-        cv_.wait(l, [&] { return stop_ || gen_ != seen; });
-        if (stop_) return;
-        seen = gen_;
-        if (!open_) continue;  // woke after the job was done
-        ++joined_;
-      }
-      Work();
-      std::lock_guard<std::mutex> l(mu_);
-      if (--joined_ == 0) done_.notify_one();
-    }
-  }
-
-  const int n_;
-  std::mutex run_mu_, mu_;
-  std::condition_variable cv_, done_;
-  uint64_t gen_ = 0;
-  bool stop_ = false, open_ = false;
-  int joined_ = 0;
-  TaskFn fn_ = nullptr;
-  void* ctx_ = nullptr;
-  int64_t ntasks_ = 0;
-  std::atomic<int64_t> next_{0};
-};
-
-int default_threads() {
-  if (const char* env = std::getenv("GPTOSS_MXFP4_THREADS")) {
-    const int n = std::atoi(env);
-    if (n > 0) return n;
-  }
-  cpu_set_t set;
-  if (sched_getaffinity(0, sizeof(set), &set) == 0) return std::max(1, CPU_COUNT(&set));
-  return std::max(1u, std::thread::hardware_concurrency());
-}
-
-std::mutex g_pool_mu;
-Pool* g_pool = nullptr;  // leaked on purpose: detached workers may outlive static destructors
-int g_threads = 0;       // requested size; 0 = default_threads()
-
-void AfterFork() { g_pool = nullptr; }  // the child has none of the parent's workers; make new ones
-struct ForkHook {
-  ForkHook() { pthread_atfork(nullptr, nullptr, AfterFork); }
-};
-const ForkHook g_fork_hook;
-
-Pool& pool() {
-  std::lock_guard<std::mutex> l(g_pool_mu);
-  const int want = g_threads > 0 ? g_threads : default_threads();
-  if (g_pool == nullptr || g_pool->size() != want) {
-    if (g_pool != nullptr) g_pool->Stop();
-    g_pool = new Pool(want);
-  }
-  return *g_pool;
-}
 
 // ---------------------------------------------------------------------------------------------- driver
 struct Problem {
@@ -351,11 +246,7 @@ GPTOSS_EXPORT int gptoss_mxfp4_num_threads() { return gptoss::pool().size(); }
 
 // n <= 0 restores the default (GPTOSS_MXFP4_THREADS or the CPU count); returns the pool size.
 GPTOSS_EXPORT int gptoss_mxfp4_set_num_threads(int n) {
-  {
-    std::lock_guard<std::mutex> l(gptoss::g_pool_mu);
-    gptoss::g_threads = std::max(0, n);
-  }
-  return gptoss::pool().size();
+  return gptoss::set_pool_threads(n);
 }
 
 }  // extern "C"

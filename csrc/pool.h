@@ -1,0 +1,50 @@
+// The persistent thread pool shared by every gptoss CPU kernel in the library (the calling thread works too).
+#ifndef GPTOSS_POOL_H_
+#define GPTOSS_POOL_H_
+
+#include <stdint.h>
+
+#include <atomic>
+#include <condition_variable>
+#include <mutex>
+
+namespace gptoss {
+
+using TaskFn = void (*)(void*, int64_t);
+
+// A worker joins a job only while it is open; the caller closes it once every task is claimed and then waits
+// only for the workers that joined, so a worker that the OS has not yet woken (the cores are shared with other
+// processes) never delays a call. A second concurrent Run (another XLA thread) runs its tasks inline.
+class Pool {
+ public:
+  explicit Pool(int n);
+  int size() const { return n_; }
+  void Stop();  // workers exit once idle; the object itself is leaked, so they never see freed memory
+  void Run(int64_t ntasks, TaskFn fn, void* ctx);
+
+ private:
+  void Work();
+  void Loop();
+
+  const int n_;
+  std::mutex run_mu_, mu_;
+  std::condition_variable cv_, done_;
+  uint64_t gen_ = 0;
+  bool stop_ = false, open_ = false;
+  int joined_ = 0;
+  TaskFn fn_ = nullptr;
+  void* ctx_ = nullptr;
+  int64_t ntasks_ = 0;
+  std::atomic<int64_t> next_{0};
+};
+
+// The process-wide pool, sized by set_pool_threads, else GPTOSS_MXFP4_THREADS, else the CPUs this process may
+// run on. Recreated after fork (the child has none of the parent's workers).
+Pool& pool();
+
+// n <= 0 restores the default; returns the pool size.
+int set_pool_threads(int n);
+
+}  // namespace gptoss
+
+#endif  // GPTOSS_POOL_H_
