@@ -27,6 +27,8 @@ UNITS = {
     "mxfp4_scalar.cc": ([], None),
     "mxfp4_avx2.cc": (["-mavx2", "-mfma"], "GPTOSS_HAVE_AVX2"),
     "mxfp4_avx512.cc": (["-mavx512f", "-mavx512bw", "-mavx512dq", "-mavx512vl", "-mfma"], "GPTOSS_HAVE_AVX512"),
+    "mxfp4_amx.cc": (["-mavx512f", "-mavx512bw", "-mavx512dq", "-mavx512vl", "-mavx512bf16", "-mfma", "-mamx-tile",
+                      "-mamx-bf16"], "GPTOSS_HAVE_AMX"),
 }
 DRIVER = "mxfp4_matmul.cc"
 COMMON = ["pool.cc"]  # compiled without ISA flags, like the driver

@@ -35,9 +35,25 @@ using TileFn = void (*)(const Tile&);
 alignas(64) static const float kE2M1[16] = {0.0f,  0.5f,  1.0f,  1.5f,  2.0f,  3.0f,  4.0f,  6.0f,
                                             -0.0f, -0.5f, -1.0f, -1.5f, -2.0f, -3.0f, -4.0f, -6.0f};
 
+// The AMX path (bf16 inputs, grouped): up to 32 output rows of one expert times `ntok` inputs packed in token
+// tiles of 16, [G * 16 pair-rows][16 tokens] uint32 (two bf16 consecutive along k), zero-padded.
+struct AmxTile {
+  const uint8_t* w;        // as in Tile
+  const uint8_t* s;
+  int64_t G;
+  int64_t rows;            // <= 32
+  const uint32_t* xb;      // ceil(ntok / 16) token tiles of G * 256 uint32
+  int64_t ntok;
+  float* const* y;         // ntok output rows; writes y[t][col0 + r]
+  int64_t col0;
+  const float* scale_lut;
+  uint16_t* wbuf;          // 64-byte aligned scratch of 2 * G * 512 bf16 (the dequantized rows)
+};
+
 void tile_scalar(const Tile& t);
 void tile_avx2(const Tile& t);    // linked in when GPTOSS_HAVE_AVX2 is defined
 void tile_avx512(const Tile& t);  // linked in when GPTOSS_HAVE_AVX512 is defined
+void tile_amx(const AmxTile& t);  // linked in when GPTOSS_HAVE_AMX is defined
 
 }  // namespace gptoss
 

@@ -8,6 +8,8 @@
 //   grouped = 0 (decode): each (m, s) pair is a GEMV over the rows of its expert.
 //   grouped = 1 (prefill): pairs are bucketed by expert; each task streams a chunk of one expert's rows once
 //                          and multiplies it with a block of that expert's inputs (register-tiled GEMM).
+//                          With bf16 inputs on a CPU with AMX (mxfp4_amx.cc), the chunk is dequantized to bf16
+//                          in L2 and multiplied on the tile unit instead: ~4x the FMA path's throughput.
 // Work is split over output rows and run on a small persistent thread pool (the calling thread included),
 // sized by GPTOSS_MXFP4_THREADS or the CPUs this process may run on.
 #include <algorithm>
@@ -16,6 +18,12 @@
 #include <cstring>
 #include <string>
 #include <vector>
+
+#if defined(GPTOSS_HAVE_AMX)
+#include <cpuid.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+#endif
 
 #include "mxfp4_kernel.h"
 #include "pool.h"
@@ -27,7 +35,22 @@ namespace gptoss {
 namespace {
 
 // ------------------------------------------------------------------------------------------ ISA choice
-enum Isa { kScalar = 0, kAvx2 = 1, kAvx512 = 2 };
+enum Isa { kScalar = 0, kAvx2 = 1, kAvx512 = 2, kAmx = 3 };
+
+#if defined(GPTOSS_HAVE_AMX)
+// AMX-BF16, AMX-TILE and AVX512-BF16 (CPUID leaf 7), and Linux's permission to use the tile state, which a
+// process must request once (arch_prctl ARCH_REQ_XCOMP_PERM for XFEATURE_XTILEDATA) before any tile instruction.
+bool amx_usable() {
+  static const bool ok = [] {
+    unsigned a, b, c, d;
+    if (!__get_cpuid_count(7, 0, &a, &b, &c, &d) || !(d & (1u << 22)) || !(d & (1u << 24))) return false;
+    if (!__get_cpuid_count(7, 1, &a, &b, &c, &d) || !(a & (1u << 5))) return false;
+    constexpr long kReqXcompPerm = 0x1023, kXtiledata = 18;
+    return syscall(SYS_arch_prctl, kReqXcompPerm, kXtiledata) == 0;
+  }();
+  return ok;
+}
+#endif
 
 // The best path both compiled in and supported by this CPU.
 int best_isa() {
@@ -35,8 +58,12 @@ int best_isa() {
   __builtin_cpu_init();
 #if defined(GPTOSS_HAVE_AVX512)
   if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-      __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512vl"))
+      __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512vl")) {
+#if defined(GPTOSS_HAVE_AMX)
+    if (amx_usable()) return kAmx;
+#endif
     return kAvx512;
+  }
 #endif
 #if defined(GPTOSS_HAVE_AVX2)
   if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return kAvx2;
@@ -47,7 +74,7 @@ int best_isa() {
 
 TileFn tile_fn(int isa) {
 #if defined(GPTOSS_HAVE_AVX512)
-  if (isa == kAvx512) return tile_avx512;
+  if (isa >= kAvx512) return tile_avx512;
 #endif
 #if defined(GPTOSS_HAVE_AVX2)
   if (isa == kAvx2) return tile_avx2;
@@ -61,6 +88,7 @@ int initial_isa() {
     const std::string v(env);
     if (v == "scalar") isa = kScalar;
     else if (v == "avx2") isa = std::min(isa, static_cast<int>(kAvx2));
+    else if (v == "avx512") isa = std::min(isa, static_cast<int>(kAvx512));
   }
   return isa;
 }
@@ -139,6 +167,71 @@ void PermuteInputs(const Problem& pr, std::vector<float>& xp) {
       for (int j = 0; j < 32; ++j) xp[m * pr.K + 32 * g + (j >> 1) + 16 * (j & 1)] = InputAt(pr, m * pr.K + 32 * g + j);
 }
 
+// Pairs (m, s) bucketed by expert, stable: order[start[e] .. start[e+1]) are expert e's pairs (p = m * S + s).
+void SortPairs(const Problem& pr, std::vector<int64_t>& start, std::vector<int64_t>& order) {
+  const int64_t P = pr.M * pr.S;
+  start.assign(pr.E + 1, 0);
+  for (int64_t p = 0; p < P; ++p) ++start[pr.idx[p] + 1];
+  for (int64_t e = 0; e < pr.E; ++e) start[e + 1] += start[e];
+  std::vector<int64_t> fill(start.begin(), start.end() - 1);
+  order.resize(P);
+  for (int64_t p = 0; p < P; ++p) order[fill[pr.idx[p]]++] = p;
+}
+
+#if defined(GPTOSS_HAVE_AMX)
+// AMX grouped path: each expert's inputs are packed once into token tiles, then one task per (expert, 32 rows)
+// dequantizes those rows to bf16 and multiplies them with all of the expert's tokens.
+struct AmxJob {
+  const Problem* pr;
+  int64_t G, chunks;
+  struct Group { int64_t e, first, count, xb; };  // xb: offset of the group's token tiles in `xb`
+  std::vector<Group> groups;
+  std::vector<uint32_t> xb;
+  std::vector<float*> ys;  // per sorted pair
+};
+
+constexpr int64_t kAmxRows = 32;
+
+void AmxTask(void* ctx, int64_t task) {
+  const AmxJob& j = *static_cast<const AmxJob*>(ctx);
+  const AmxJob::Group& grp = j.groups[task / j.chunks];
+  const int64_t n0 = (task % j.chunks) * kAmxRows, N = j.pr->N;
+  thread_local std::vector<uint16_t> scratch;
+  scratch.resize(2 * j.G * 512 + 32);
+  uint16_t* wbuf = scratch.data() + ((64 - reinterpret_cast<uintptr_t>(scratch.data()) % 64) % 64) / 2;
+  AmxTile t{j.pr->blocks + (grp.e * N + n0) * j.G * 16, j.pr->scales + (grp.e * N + n0) * j.G, j.G,
+            std::min(kAmxRows, N - n0), j.xb.data() + grp.xb, grp.count, &j.ys[grp.first], n0, g_scales.v, wbuf};
+  tile_amx(t);
+}
+
+void ComputeAmx(const Problem& pr, Pool& workers) {
+  std::vector<int64_t> start, order;
+  SortPairs(pr, start, order);
+  AmxJob j;
+  j.pr = &pr, j.G = pr.K / 32, j.chunks = (pr.N + kAmxRows - 1) / kAmxRows;
+  const int64_t P = pr.M * pr.S, tile_words = j.G * 256;
+  int64_t words = 0;
+  for (int64_t e = 0; e < pr.E; ++e) {
+    const int64_t count = start[e + 1] - start[e];
+    if (count == 0) continue;
+    j.groups.push_back({e, start[e], count, words});
+    words += (count + 15) / 16 * tile_words;
+  }
+  j.xb.assign(words, 0u);
+  j.ys.resize(P);
+  const uint32_t* x = static_cast<const uint32_t*>(pr.x);  // bf16 pairs along k
+  for (const AmxJob::Group& grp : j.groups)
+    for (int64_t i = 0; i < grp.count; ++i) {
+      const int64_t p = order[grp.first + i];
+      j.ys[grp.first + i] = pr.y + p * pr.N;
+      const uint32_t* row = x + (p / pr.S) * (pr.K / 2);
+      uint32_t* dst = j.xb.data() + grp.xb + (i / 16) * tile_words + (i % 16);
+      for (int64_t k2 = 0; k2 < pr.K / 2; ++k2) dst[k2 * 16] = row[k2];
+    }
+  workers.Run(static_cast<int64_t>(j.groups.size()) * j.chunks, AmxTask, &j);
+}
+#endif
+
 // Returns "" on success, else an error message.
 std::string Compute(const Problem& pr, bool grouped) {
   if (pr.K % 32 != 0) return "K must be a multiple of 32";
@@ -151,11 +244,18 @@ std::string Compute(const Problem& pr, bool grouped) {
     std::fill(pr.y, pr.y + P * pr.N, 0.0f);
     return "";
   }
+  Pool& workers = pool();
+  const int isa = g_isa.load();
+#if defined(GPTOSS_HAVE_AMX)
+  if (grouped && pr.x_bf16 && isa >= kAmx) {
+    ComputeAmx(pr, workers);
+    return "";
+  }
+#endif
   thread_local std::vector<float> xp;
   PermuteInputs(pr, xp);
-  Pool& workers = pool();
   Job j;
-  j.fn = tile_fn(g_isa.load());
+  j.fn = tile_fn(isa);
   j.G = pr.K / 32, j.N = pr.N, j.blocks = pr.blocks, j.scales = pr.scales, j.idx = pr.idx;
   j.xs.resize(P), j.ys.resize(P);
   if (!grouped) {
@@ -167,14 +267,9 @@ std::string Compute(const Problem& pr, bool grouped) {
     workers.Run(P * j.chunks, GatherTask, &j);
     return "";
   }
-  std::vector<int64_t> start(pr.E + 1, 0);
-  for (int64_t p = 0; p < P; ++p) ++start[pr.idx[p] + 1];
-  for (int64_t e = 0; e < pr.E; ++e) start[e + 1] += start[e];
-  std::vector<int64_t> fill(start.begin(), start.end() - 1);
-  for (int64_t p = 0; p < P; ++p) {
-    const int64_t at = fill[pr.idx[p]]++;
-    j.xs[at] = xp.data() + (p / pr.S) * pr.K, j.ys[at] = pr.y + p * pr.N;
-  }
+  std::vector<int64_t> start, order;
+  SortPairs(pr, start, order);
+  for (int64_t at = 0; at < P; ++at) j.xs[at] = xp.data() + (order[at] / pr.S) * pr.K, j.ys[at] = pr.y + order[at] * pr.N;
   constexpr int64_t kTokenBlock = 64;  // inputs per task: 64 x K fp32 stays in L2 while a row chunk streams
   for (int64_t e = 0; e < pr.E; ++e)
     for (int64_t f = start[e]; f < start[e + 1]; f += kTokenBlock)

@@ -4,6 +4,8 @@
 y[m, s] = W[idx[m, s]] . x[m], computed by an XLA FFI custom call that reads the packed MXFP4 bytes in place
 (no dequantized copy). `grouped=True` buckets the (m, s) pairs by expert and streams each expert's weights
 once for all of its rows (prefill); `grouped=False` is one GEMV per pair (decode). Same result either way.
+Grouped calls with bf16 inputs use AMX tiles where the CPU has them (Sapphire Rapids and later): the weights are
+dequantized exactly to bf16 (subnormal weights, |w| < 2**-126, flush to zero) and accumulated in fp32.
 
 Selection (decided when a function is traced):
 * `GPTOSS_MXFP4_KERNEL` = `auto` (default: on for x86-64 CPUs when the library loads), `1` (on; an error if the
@@ -38,7 +40,7 @@ from gptoss.quant.mxfp4 import MXFP4Array, dequantize
 TARGET = "gptoss_mxfp4_matmul"
 LIB_NAME = "libgptoss_mxfp4.so"
 MODES = ("auto", "0", "1")
-ISAS = ("scalar", "avx2", "avx512")
+ISAS = ("scalar", "avx2", "avx512", "amx")
 
 
 class KernelUnavailableWarning(RuntimeWarning):
@@ -194,7 +196,8 @@ _matmul.defvjp(_matmul_fwd, _matmul_bwd)
 
 # ------------------------------------------------------------------------------------------------- tuning
 def set_isa(isa: str) -> str:
-    """Caps the vector path ('scalar', 'avx2', 'avx512') at what the CPU supports; returns the one in use."""
+    """Caps the vector path ('scalar', 'avx2', 'avx512', 'amx': AVX-512 plus AMX tiles for grouped bf16 inputs) at what
+    the CPU supports; returns the one in use."""
     lib = load_library()
     if lib is None:
         raise RuntimeError(f"the MXFP4 CPU kernel is unavailable: {_state['error']}")

@@ -102,9 +102,45 @@ def test_every_code_and_scale_byte(isa):
     scales = np.broadcast_to(np.arange(n_rows, dtype=np.uint8).reshape(1, n_rows, 1), (1, n_rows, 16)).copy()
     w = MXFP4Array(jnp.asarray(blocks), jnp.asarray(scales), jnp.float32)
     x = np.random.default_rng(6).normal(size=(3, 512)).astype(np.float32)
+    xb = np.asarray(jnp.asarray(x, jnp.bfloat16), np.float32)  # bf16 inputs take the AMX path when grouped
     idx = np.zeros((3, 1), np.int32)
     for grouped in (False, True):
         check(mxfp4_cpu.mx_gather_matmul(x, w, idx, grouped=grouped), x, blocks, scales, idx)
+        check(mxfp4_cpu.mx_gather_matmul(jnp.asarray(xb, jnp.bfloat16), w, idx, grouped=grouped), xb, blocks,
+              scales, idx)
+
+
+def test_nan_scale_byte_poisons_its_row_only(isa):
+    """E8M0 255 is NaN: an output row with such a block is NaN, every other row stays finite."""
+    rng = np.random.default_rng(8)
+    blocks, scales = random_packed(rng, 2, 40, 3)
+    scales[1, 5, 2] = 255
+    w = MXFP4Array(jnp.asarray(blocks), jnp.asarray(scales), jnp.float32)
+    idx = np.array([[1], [0], [1]] * 7, np.int32)
+    for dtype in (jnp.float32, jnp.bfloat16):
+        x = jnp.asarray(rng.normal(size=(21, 96)), dtype)
+        for grouped in (False, True):
+            y = np.asarray(mxfp4_cpu.mx_gather_matmul(x, w, idx, grouped=grouped))
+            nan = np.isnan(y)
+            assert nan[idx[:, 0] == 1, 0, 5].all() and nan.sum() == (idx == 1).sum(), (dtype, grouped)
+
+
+def test_bf16_grouped_many_tokens_per_expert():
+    """Prefill-sized groups (several 16-token tiles, odd tile counts, row tails): every path against the oracle,
+    at gpt-oss's real K."""
+    rng = np.random.default_rng(9)
+    E, N, G, M, S = 3, 72, 90, 45, 2
+    blocks, scales = random_packed(rng, E, N, G)
+    w = MXFP4Array(jnp.asarray(blocks), jnp.asarray(scales), jnp.float32)
+    x = jnp.asarray(rng.normal(size=(M, 32 * G)), jnp.bfloat16)
+    idx = np.stack([np.zeros(M, np.int64), rng.integers(1, E, M)], axis=1).astype(np.int32)  # expert 0: 45 tokens
+    before = mxfp4_cpu.isa()
+    try:
+        for name in _supported_isas():
+            mxfp4_cpu.set_isa(name)
+            check(mxfp4_cpu.mx_gather_matmul(x, w, idx, grouped=True), np.asarray(x, np.float32), blocks, scales, idx)
+    finally:
+        mxfp4_cpu.set_isa(before)
 
 
 def test_real_width_gemv_all_paths_agree():
