@@ -1,4 +1,5 @@
-"""Native kernels. `mxfp4_cpu`: the fused MXFP4 dequantize-matmul for x86-64 CPUs, an XLA FFI custom call."""
+"""Native kernels (XLA FFI custom calls, one shared library). `mxfp4_cpu`: the fused MXFP4 dequantize-matmul for
+x86-64 CPUs; `dense_cpu`: the bf16-weight matmul for decode-sized projections."""
 
 from gptoss.kernels.mxfp4_cpu import (
     KernelUnavailableWarning,

@@ -11,6 +11,8 @@ Selection (decided when a function is traced):
 * `GPTOSS_MXFP4_KERNEL` = `auto` (default: on for x86-64 CPUs when the library loads), `1` (on; an error if the
   library is missing), `0` (off: the pure-XLA dequantize-then-einsum path). `set_kernel_mode` / `use_kernel`
   change it in-process; they clear JAX's caches so that already-jitted functions are traced again.
+  The switch covers both kernels of the library: this one and the dense bf16-weight matmul of decode-sized
+  projections (gptoss.kernels.dense_cpu, which adds its own conditions: bf16 weight, few tokens, one device).
 * Only when JAX's default backend is the CPU; on GPU/TPU the XLA path is used.
 * If the library was not built (no C++ compiler at install time), one warning, then the XLA path.
 * `GPTOSS_MXFP4_LIB` points at another build of the library; `GPTOSS_MXFP4_THREADS` sizes its thread pool.
@@ -131,7 +133,7 @@ def _x86() -> bool:
 
 
 def kernel_enabled() -> bool:
-    """Whether MXFP4 expert matmuls traced now use the kernel (see the module docstring)."""
+    """Whether matmuls traced now use the library's kernels (MXFP4 experts; dense bf16 ones see dense_cpu.serves)."""
     mode = kernel_mode()
     if mode == "0" or jax.default_backend() != "cpu" or (mode == "auto" and not _x86()):
         return False

@@ -7,6 +7,7 @@ from flax import nnx
 
 from gptoss.config import ModelConfig
 from gptoss.layers.kv_cache import LayerCache
+from gptoss.layers.linear import project
 from gptoss.layers.rope import apply_rope
 
 
@@ -52,13 +53,13 @@ class Attention(nnx.Module):
         self.scale = H**-0.5
 
     def qkv(self, x_BTD, cos, sin):
-        q = jnp.einsum("btd,dnh->btnh", x_BTD, self.wq_DNH[...]) + self.bq_NH[...]
-        k = jnp.einsum("btd,dkh->btkh", x_BTD, self.wk_DKH[...]) + self.bk_KH[...]
-        v = jnp.einsum("btd,dkh->btkh", x_BTD, self.wv_DKH[...]) + self.bv_KH[...]
+        q = project("btd,dnh->btnh", x_BTD, self.wq_DNH[...]) + self.bq_NH[...]
+        k = project("btd,dkh->btkh", x_BTD, self.wk_DKH[...]) + self.bk_KH[...]
+        v = project("btd,dkh->btkh", x_BTD, self.wv_DKH[...]) + self.bv_KH[...]
         return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
 
     def output(self, o_BTNH):
-        return jnp.einsum("btnh,nhd->btd", o_BTNH.astype(self.wo_NHD.dtype), self.wo_NHD[...]) + self.bo_D[...]
+        return project("btnh,nhd->btd", o_BTNH.astype(self.wo_NHD.dtype), self.wo_NHD[...]) + self.bo_D[...]
 
     def __call__(self, x_BTD, positions_BT, cos, sin, cache: LayerCache | None = None):
         """Returns (output, updated cache). With a cache, new tokens attend to it and are written into it."""

@@ -13,6 +13,7 @@ from flax import nnx
 from gptoss.config import ModelConfig
 from gptoss.layers import Attention, MoE, RMSNorm, rope_tables
 from gptoss.layers.dispatch import IMPLS
+from gptoss.layers.linear import project
 
 
 class Block(nnx.Module):
@@ -80,7 +81,7 @@ class GptOss(nnx.Module):
         return self.norm(x), jnp.stack(router_logits), (None if cache is None else new_cache)
 
     def logits(self, x_BTD):
-        return jnp.einsum("btd,vd->btv", x_BTD, self.unembed_VD[...], preferred_element_type=jnp.float32)
+        return project("btd,vd->btv", x_BTD, self.unembed_VD[...], preferred_element_type=jnp.float32)
 
     def __call__(self, tokens_BT, positions_BT=None, *, return_router_logits: bool = False,
                  moe_impl: str | None = None):

@@ -1,0 +1,222 @@
+// Dense matmul with bf16 (or fp32) weights for XLA:CPU decode, as an XLA FFI handler and a plain C entry.
+//
+//   x [M, K] (f32 or bf16), W bf16 or f32: [N, K] when w_nk = 1, [K, N] when w_nk = 0  ->  y [M, N] f32
+//
+// Why: for a few tokens XLA:CPU converts the whole bf16 weight to an fp32 scratch copy on every call (about
+// 2 GB/s, and 2.16 GiB of scratch for gpt-oss's unembedding); this reads the bf16 weight in place, once per
+// call, at close to memory speed. The work is split over output rows (w_nk = 1) or column strips (w_nk = 0)
+// on the library's shared thread pool; the micro-kernels are in dense_{avx512,scalar}.cc, chosen at run time.
+#include <algorithm>
+#include <atomic>
+#include <cstdlib>
+#include <cstring>
+#include <string>
+#include <vector>
+
+#include "dense_kernel.h"
+#include "pool.h"
+#include "xla/ffi/api/ffi.h"
+
+namespace ffi = xla::ffi;
+
+namespace gptoss {
+// Weak: null when dense_avx512.cc was not built (no x86-64, or a compiler without AVX-512 support).
+void dense_rows_avx512(const DenseTask& t) __attribute__((weak));
+void dense_cols_avx512(const DenseTask& t) __attribute__((weak));
+
+namespace {
+
+enum DenseIsa { kScalar = 0, kAvx512 = 1 };
+
+int BestIsa() {
+#if defined(__x86_64__) || defined(__i386__)
+  __builtin_cpu_init();
+  if (&dense_rows_avx512 != nullptr && &dense_cols_avx512 != nullptr && __builtin_cpu_supports("avx512f") &&
+      __builtin_cpu_supports("avx512bw"))
+    return kAvx512;
+#endif
+  return kScalar;
+}
+
+int InitialIsa() {
+  const char* env = std::getenv("GPTOSS_MXFP4_ISA");  // the library-wide cap (for tests): scalar / avx2 / avx512
+  if (env != nullptr && (std::string(env) == "scalar" || std::string(env) == "avx2")) return kScalar;
+  return BestIsa();
+}
+
+std::atomic<int> g_isa{InitialIsa()};
+
+struct Problem {
+  const void* x;
+  bool x_bf16;
+  const void* w;
+  bool w_f32, w_nk;
+  float* y;
+  int64_t M, K, N;
+};
+
+// Tasks: output chunks of `per` (rows of W, or columns) times `slabs` ranges of K (cols layout only; slab q > 0
+// writes its partial sums to partial[q - 1], added to y after the run).
+struct Job {
+  DenseFn fn;
+  DenseTask base;
+  int64_t per, chunks, slab_rows, esize;
+  float* partial;
+};
+
+void RunTask(void* ctx, int64_t i) {
+  const Job& j = *static_cast<const Job*>(ctx);
+  DenseTask t = j.base;
+  const int64_t q = i / j.chunks, k0 = q * j.slab_rows;
+  t.lo = (i % j.chunks) * j.per;
+  t.hi = std::min(t.N, t.lo + j.per);
+  if (q > 0) {
+    t.w = static_cast<const char*>(t.w) + k0 * t.N * j.esize;
+    t.x += k0;
+    t.K = std::min(t.K - k0, j.slab_rows);
+    t.y = j.partial + (q - 1) * t.M * t.N;
+  } else {
+    t.K = std::min(t.K, j.slab_rows);
+  }
+  j.fn(t);
+}
+
+float InputAt(const Problem& pr, int64_t i) {
+  if (!pr.x_bf16) return static_cast<const float*>(pr.x)[i];
+  const uint32_t bits = static_cast<uint32_t>(static_cast<const uint16_t*>(pr.x)[i]) << 16;
+  float v;
+  std::memcpy(&v, &bits, 4);
+  return v;
+}
+
+// x -> fp32 rows of ldx floats, zero padded; `permute`: each 32-block as its even then its odd elements.
+void PrepareInputs(const Problem& pr, int64_t ldx, bool permute, std::vector<float>& xp) {
+  xp.assign(static_cast<size_t>(pr.M * ldx), 0.0f);
+  for (int64_t m = 0; m < pr.M; ++m)
+    for (int64_t k = 0; k < pr.K; ++k) {
+      const int64_t at = permute ? (k & ~int64_t{31}) + ((k & 31) >> 1) + 16 * (k & 1) : k;
+      xp[m * ldx + at] = InputAt(pr, m * pr.K + k);
+    }
+}
+
+int64_t CeilDiv(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+void Compute(const Problem& pr) {
+  if (pr.M == 0 || pr.N == 0) return;
+  if (pr.K == 0) {
+    std::fill(pr.y, pr.y + pr.M * pr.N, 0.0f);
+    return;
+  }
+  const bool vec = g_isa.load() == kAvx512;
+  Job j;
+  j.fn = vec ? (pr.w_nk ? dense_rows_avx512 : dense_cols_avx512) : (pr.w_nk ? dense_rows_scalar : dense_cols_scalar);
+  const bool pad = vec && pr.w_nk;  // the vector rows path reads x 32 elements at a time
+  const int64_t ldx = pad ? CeilDiv(pr.K, 32) * 32 : pr.K;
+  thread_local std::vector<float> xp;
+  const float* x = static_cast<const float*>(pr.x);
+  if (pr.x_bf16 || pad) {
+    PrepareInputs(pr, ldx, pad && !pr.w_f32, xp);
+    x = xp.data();
+  }
+  j.base = DenseTask{pr.w, pr.w_f32, x, ldx, pr.y, pr.M, pr.K, pr.N, 0, pr.N};
+  j.esize = pr.w_f32 ? 4 : 2;
+  const int64_t line_bytes = pr.K * j.esize, threads = pool().size(), want = 2 * threads;
+  int64_t slabs = 1;
+  if (pr.N * line_bytes < (int64_t{128} << 10)) {  // small: one task, run by the caller
+    j.per = pr.N;
+  } else if (pr.w_nk) {  // rows: 64 KiB .. 512 KiB of W per task, multiples of the micro-kernel's 4 rows
+    const int64_t lo = CeilDiv(int64_t{64} << 10, line_bytes), hi = std::max(lo, (int64_t{512} << 10) / line_bytes);
+    j.per = CeilDiv(std::clamp(CeilDiv(pr.N, 4 * threads), lo, hi), 4) * 4;
+  } else {
+    // Column strips, 32-column multiples: at most what keeps the strip's accumulators (8 tokens) within 32 KiB
+    // of L1, at least 512 columns (1 KiB runs of each bf16 row stream well) unless N is smaller; then, if that
+    // leaves fewer than two tasks per thread, K is split into slabs of at least 256 rows.
+    const int64_t cap = (int64_t{8} << 10) / std::min<int64_t>(pr.M, 8);
+    j.per = std::min(cap, std::max<int64_t>(512, CeilDiv(pr.N, want)));
+    j.per = std::min(CeilDiv(j.per, 32) * 32, CeilDiv(pr.N, 32) * 32);
+    const int64_t strips = CeilDiv(pr.N, j.per);
+    if (strips < want) slabs = std::max<int64_t>(1, std::min(CeilDiv(want, strips), pr.K / 256));
+  }
+  j.chunks = CeilDiv(pr.N, j.per);
+  j.slab_rows = CeilDiv(pr.K, slabs);
+  slabs = CeilDiv(pr.K, j.slab_rows);
+  thread_local std::vector<float> partial;
+  if (slabs > 1) partial.resize(static_cast<size_t>((slabs - 1) * pr.M * pr.N));
+  j.partial = partial.data();
+  pool().Run(j.chunks * slabs, RunTask, &j);
+  for (int64_t q = 1; q < slabs; ++q) {
+    const float* p = j.partial + (q - 1) * pr.M * pr.N;
+    for (int64_t i = 0; i < pr.M * pr.N; ++i) pr.y[i] += p[i];
+  }
+}
+
+std::string CheckShapes(int64_t xr, int64_t wr, int64_t yr, const int64_t* xd, const int64_t* wd, const int64_t* yd,
+                        int64_t w_nk) {
+  if (w_nk != 0 && w_nk != 1) return "w_nk must be 0 (W is [K, N]) or 1 (W is [N, K]), got " + std::to_string(w_nk);
+  if (xr != 2 || wr != 2 || yr != 2)
+    return "x, W and y must be rank 2, got ranks " + std::to_string(xr) + ", " + std::to_string(wr) + ", " +
+           std::to_string(yr);
+  const int64_t K = xd[1], wk = w_nk ? wd[1] : wd[0], N = w_nk ? wd[0] : wd[1];
+  const auto dims = [](const int64_t* d) { return "[" + std::to_string(d[0]) + ", " + std::to_string(d[1]) + "]"; };
+  if (wk != K)
+    return "x " + dims(xd) + " and W " + dims(wd) + (w_nk ? " ([N, K])" : " ([K, N])") +
+           " disagree on K";
+  if (yd[0] != xd[0] || yd[1] != N)
+    return "y " + dims(yd) + " must be [M, N] = [" + std::to_string(xd[0]) + ", " + std::to_string(N) + "]";
+  return "";
+}
+
+// ---------------------------------------------------------------------------------------------- FFI
+ffi::Error DenseMatmul(ffi::AnyBuffer x, ffi::AnyBuffer w, ffi::ResultBuffer<ffi::F32> y, int64_t w_nk) {
+  if (x.element_type() != ffi::F32 && x.element_type() != ffi::BF16)
+    return ffi::Error::InvalidArgument("dense matmul: x must be float32 or bfloat16");
+  if (w.element_type() != ffi::F32 && w.element_type() != ffi::BF16)
+    return ffi::Error::InvalidArgument("dense matmul: W must be bfloat16 or float32");
+  const auto xd = x.dimensions(), wd = w.dimensions(), yd = y->dimensions();
+  const int64_t zero[2] = {0, 0};
+  const std::string err = CheckShapes(static_cast<int64_t>(xd.size()), static_cast<int64_t>(wd.size()),
+                                      static_cast<int64_t>(yd.size()), xd.size() == 2 ? xd.begin() : zero,
+                                      wd.size() == 2 ? wd.begin() : zero, yd.size() == 2 ? yd.begin() : zero, w_nk);
+  if (!err.empty()) return ffi::Error::InvalidArgument("dense matmul: " + err);
+  const Problem pr{x.untyped_data(), x.element_type() == ffi::BF16, w.untyped_data(), w.element_type() == ffi::F32,
+                   w_nk != 0, y->typed_data(), xd[0], xd[1], yd[1]};
+  Compute(pr);
+  return ffi::Error::Success();
+}
+
+}  // namespace
+}  // namespace gptoss
+
+#define GPTOSS_EXPORT __attribute__((visibility("default")))
+
+extern "C" GPTOSS_EXPORT XLA_FFI_Error* GptossDenseMatmul(XLA_FFI_CallFrame* call_frame);
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(GptossDenseMatmul, gptoss::DenseMatmul,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<int64_t>("w_nk"));
+
+// ------------------------------------------------------------------------------------- plain C entry
+extern "C" {
+
+// Same computation without XLA (ctypes benchmarks and tests). Returns 0, or -1 on bad arguments.
+GPTOSS_EXPORT int gptoss_dense_matmul(const void* x, int x_bf16, const void* w, int w_f32, int w_nk, float* y,
+                                      int64_t M, int64_t K, int64_t N) {
+  const int64_t xd[2] = {M, K}, wd[2] = {w_nk ? N : K, w_nk ? K : N}, yd[2] = {M, N};
+  if (M < 0 || K < 0 || N < 0 || !gptoss::CheckShapes(2, 2, 2, xd, wd, yd, w_nk).empty()) return -1;
+  gptoss::Compute(gptoss::Problem{x, x_bf16 != 0, w, w_f32 != 0, w_nk != 0, y, M, K, N});
+  return 0;
+}
+
+GPTOSS_EXPORT int gptoss_dense_best_isa() { return gptoss::BestIsa(); }
+GPTOSS_EXPORT int gptoss_dense_isa() { return gptoss::g_isa.load(); }
+
+// 0 scalar, 1 AVX-512, capped at what the CPU and the build support; returns the ISA now in use.
+GPTOSS_EXPORT int gptoss_dense_set_isa(int isa) {
+  gptoss::g_isa.store(std::max(0, std::min(isa, gptoss::BestIsa())));
+  return gptoss::g_isa.load();
+}
+
+}  // extern "C"

@@ -1,0 +1,127 @@
+"""The dense bf16-weight CPU matmul (csrc/dense_matmul.cc) as a jit-able JAX op, for decode on XLA:CPU.
+
+`dense_matmul(x [M, K], w, *, w_nk) -> fp32 [M, N]`: w is [N, K] (`w_nk=True`, e.g. the unembedding) or
+[K, N] (`w_nk=False`, input-major, e.g. attention's wq reshaped to [D, N*H]), bf16 or fp32, read in place by an
+XLA FFI custom call. Why: for a few tokens XLA:CPU converts the whole bf16 weight to an fp32 scratch copy on
+every call (~2 GB/s, and 2.16 GiB of scratch for gpt-oss's unembedding); the kernel streams the bf16 bytes once
+at close to memory speed. Products and sums are fp32 (bf16 -> fp32 is exact).
+
+Selection (`serves`, decided at trace time): the switch is mxfp4_cpu's (`GPTOSS_MXFP4_KERNEL`, `use_kernel`),
+which covers both kernels of the shared library; in addition the weight must be bf16, the tokens few
+(M <= MAX_TOKENS; above that XLA's GEMM is faster) and there must be one JAX device (on several, a custom call
+would make XLA's SPMD partitioner replicate the weight).
+
+Differentiation: reverse mode, both inputs: dx = dy W^T and dW = x^T dy (in W's layout and dtype) in XLA.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import threading
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from gptoss.kernels import mxfp4_cpu
+
+TARGET = "gptoss_dense_matmul"
+ISAS = ("scalar", "avx512")
+MAX_TOKENS = 32  # kernel for M <= this many tokens; measured crossover vs XLA's bf16 GEMM (benchmarks/dense_kernel.py)
+
+_lock = threading.Lock()
+_state: dict = {"tried": False, "lib": None, "error": None}
+
+
+def load_library():
+    """The shared library (loaded by mxfp4_cpu) with this op's FFI target registered, once; None if unavailable."""
+    with _lock:
+        if not _state["tried"]:
+            _state["tried"] = True
+            lib = mxfp4_cpu.load_library()
+            try:
+                if lib is None:
+                    raise OSError(mxfp4_cpu.load_error())
+                i64, ptr, c_int = ctypes.c_int64, ctypes.c_void_p, ctypes.c_int
+                lib.gptoss_dense_matmul.argtypes = [ptr, c_int, ptr, c_int, c_int, ptr, i64, i64, i64]
+                lib.gptoss_dense_matmul.restype = c_int
+                lib.gptoss_dense_set_isa.argtypes = [c_int]
+                jax.ffi.register_ffi_target(TARGET, jax.ffi.pycapsule(lib.GptossDenseMatmul), platform="cpu")
+                _state["lib"] = lib
+            except (OSError, AttributeError) as e:  # AttributeError: a library built before this kernel existed
+                _state["error"] = f"{type(e).__name__}: {e}"
+    return _state["lib"]
+
+
+def kernel_available() -> bool:
+    return load_library() is not None
+
+
+def load_error() -> str | None:
+    load_library()
+    return _state["error"]
+
+
+def serves(tokens: int, w) -> bool:
+    """Whether a matmul of `tokens` rows with weight `w`, traced now, goes to the dense kernel."""
+    return (jnp.dtype(w.dtype) == jnp.bfloat16 and 1 <= tokens <= MAX_TOKENS and mxfp4_cpu.kernel_enabled()
+            and jax.device_count() == 1 and kernel_available())
+
+
+# ------------------------------------------------------------------------------------------------- the op
+def dense_matmul(x_MK, w, *, w_nk: bool) -> jax.Array:
+    """x [M, K] (bf16 and fp32 pass as they are; other floats become fp32) times w ([N, K] if w_nk else
+    [K, N], bf16 or fp32) -> fp32 [M, N]. Uses the kernel; call it only if kernel_available()."""
+    x_MK, w = jnp.asarray(x_MK), jnp.asarray(w)
+    if x_MK.ndim != 2 or w.ndim != 2 or x_MK.shape[1] != w.shape[1 if w_nk else 0]:
+        layout = "[N, K]" if w_nk else "[K, N]"
+        raise ValueError(f"dense_matmul: x {x_MK.shape} and w {w.shape} do not fit x [M, K], w {layout}")
+    if w.dtype not in (jnp.bfloat16, jnp.float32):
+        raise TypeError(f"dense_matmul: w must be bfloat16 or float32, got {w.dtype}")
+    if x_MK.dtype not in (jnp.float32, jnp.bfloat16):
+        x_MK = x_MK.astype(jnp.float32)
+    if load_library() is None:
+        raise RuntimeError(f"the dense CPU kernel is unavailable: {_state['error']}")
+    return _matmul(x_MK, w, bool(w_nk))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _matmul(x, w, w_nk):
+    N = w.shape[0] if w_nk else w.shape[1]
+    call = jax.ffi.ffi_call(TARGET, jax.ShapeDtypeStruct((x.shape[0], N), jnp.float32), vmap_method="sequential")
+    return call(x, w, w_nk=np.int64(w_nk))
+
+
+def _matmul_fwd(x, w, w_nk):
+    return _matmul(x, w, w_nk), (x, w)
+
+
+def _matmul_bwd(w_nk, res, dy_MN):
+    x, w = res
+    f32 = jnp.float32
+    dx = jnp.einsum("mn,nk->mk" if w_nk else "mn,kn->mk", dy_MN, w, preferred_element_type=f32)
+    dw = jnp.einsum("mn,mk->nk" if w_nk else "mn,mk->kn", dy_MN, x, preferred_element_type=f32)
+    return dx.astype(x.dtype), dw.astype(w.dtype)
+
+
+_matmul.defvjp(_matmul_fwd, _matmul_bwd)
+
+
+# ------------------------------------------------------------------------------------------------- tuning
+def set_isa(isa: str) -> str:
+    """Caps the vector path ('scalar', 'avx512') at what the CPU and build support; returns the one in use."""
+    lib = load_library()
+    if lib is None:
+        raise RuntimeError(f"the dense CPU kernel is unavailable: {_state['error']}")
+    return ISAS[lib.gptoss_dense_set_isa(ISAS.index(isa))]
+
+
+def isa() -> str:
+    lib = load_library()
+    return ISAS[lib.gptoss_dense_isa()] if lib is not None else "unavailable"
+
+
+def best_isa() -> str:
+    lib = load_library()
+    return ISAS[lib.gptoss_dense_best_isa()] if lib is not None else "unavailable"

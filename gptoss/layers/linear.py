@@ -1,0 +1,63 @@
+"""`project(spec, x, w)`: a weight projection written as an einsum, sent to the dense bf16 CPU kernel for decode.
+
+XLA:CPU converts a whole bf16 weight to fp32 on every call when only a few tokens multiply it, so decode-sized
+projections with bf16 weights go to gptoss.kernels.dense_cpu (when `dense_cpu.serves`); everything else, and the
+reference twin, is the plain `jnp.einsum`. Both give the einsum's result dtype.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from typing import NamedTuple
+
+import jax.numpy as jnp
+
+from gptoss.kernels import dense_cpu
+
+
+class Plan(NamedTuple):
+    """How an einsum maps onto x [M, K] . W: x's leading `batch` dims are tokens, its other dims contract."""
+
+    batch: int
+    w_nk: bool  # W's contracted dims come last ([out..., in...]); else first ([in..., out...])
+
+
+@functools.lru_cache(maxsize=256)
+def plan(spec: str) -> Plan | None:
+    """The Plan for `spec` ("btd,dnh->btnh"), or None if it is not a plain projection of x's trailing dims."""
+    try:
+        inputs, out = spec.replace(" ", "").split("->")
+        a, b = inputs.split(",")
+    except ValueError:
+        return None
+    if "." in spec or any(len(set(s)) != len(s) for s in (a, b, out)):
+        return None
+    contracted = "".join(c for c in a if c in b and c not in out)
+    batch = a[: len(a) - len(contracted)]
+    if not contracted or a != batch + contracted or any(c in b for c in batch):
+        return None
+    for w_nk, w_out in ((False, b[len(contracted):]), (True, b[: len(b) - len(contracted)])):
+        if (b == contracted + w_out if not w_nk else b == w_out + contracted) and out == batch + w_out:
+            return Plan(len(batch), w_nk)
+    return None
+
+
+def project(spec: str, x, w, *, preferred_element_type=None):
+    """`jnp.einsum(spec, x, w, preferred_element_type=...)`, computed by the dense CPU kernel when it serves."""
+    p = plan(spec)
+    if p is not None:
+        tokens = math.prod(x.shape[: p.batch])
+        if dense_cpu.serves(tokens, w):
+            return _kernel(p, x, w, jnp.dtype(preferred_element_type or jnp.result_type(x, w)))
+    return jnp.einsum(spec, x, w, preferred_element_type=preferred_element_type)
+
+
+def _kernel(p: Plan, x, w, out_dtype):
+    batch_shape, k_shape = x.shape[: p.batch], x.shape[p.batch:]
+    K = math.prod(k_shape)
+    out_shape = w.shape[: w.ndim - len(k_shape)] if p.w_nk else w.shape[len(k_shape):]
+    N = math.prod(out_shape)
+    w2 = w.reshape((N, K) if p.w_nk else (K, N))
+    y_MN = dense_cpu.dense_matmul(x.reshape(math.prod(batch_shape), K), w2, w_nk=p.w_nk)
+    return y_MN.reshape(*batch_shape, *out_shape).astype(out_dtype)

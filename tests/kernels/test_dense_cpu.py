@@ -1,0 +1,191 @@
+"""The dense bf16-weight CPU kernel against a float64 numpy oracle of the same (bf16-rounded) inputs, through jit,
+for both weight layouts, every vector path and several pool sizes; NaN/Inf; shape errors; gradients; selection."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+import pytest
+
+from gptoss.kernels import dense_cpu, mxfp4_cpu
+
+pytestmark = pytest.mark.skipif(not dense_cpu.kernel_available() or jax.default_backend() != "cpu",
+                                reason=f"dense CPU kernel unavailable: {dense_cpu.load_error()}")
+
+
+@pytest.fixture(params=dense_cpu.ISAS)
+def isa(request):
+    supported = dense_cpu.ISAS[: dense_cpu.ISAS.index(dense_cpu.best_isa()) + 1] if dense_cpu.kernel_available() else ()
+    if request.param not in supported:
+        pytest.skip(f"{request.param} is not supported by this CPU or build")
+    before = dense_cpu.isa()
+    assert dense_cpu.set_isa(request.param) == request.param
+    yield request.param
+    dense_cpu.set_isa(before)
+
+
+def operands(rng, M, K, N, w_nk, x_dtype=np.float32, w_dtype=ml_dtypes.bfloat16):
+    x = rng.normal(size=(M, K)).astype(x_dtype)
+    w = (rng.normal(size=(N, K) if w_nk else (K, N)) * K**-0.5).astype(w_dtype)
+    return x, w
+
+
+def oracle(x, w, w_nk):
+    """float64 x @ W (W as [K, N]) and sum |x| |W| (the scale of fp32 rounding) from the exact input values."""
+    x64, w64 = np.asarray(x, np.float64), np.asarray(w, np.float64)
+    w_KN = w64.T if w_nk else w64
+    with np.errstate(invalid="ignore", over="ignore"):
+        return x64 @ w_KN, np.abs(x64) @ np.abs(w_KN)
+
+
+def check(got, x, w, w_nk):
+    want, scale = oracle(x, w, w_nk)
+    got = np.asarray(got)
+    assert got.shape == want.shape and got.dtype == np.float32
+    bad = ~(np.abs(got - want) <= 1e-5 * scale + 1e-30)
+    assert not bad.any(), f"{bad.sum()} of {bad.size} outputs off, first at {np.argwhere(bad)[0]}"
+
+
+jit_matmul = jax.jit(dense_cpu.dense_matmul, static_argnames="w_nk")
+
+# (K, N): K and N not multiples of 16 or 32, K below one vector, a K tail after whole 32-blocks and after whole
+# 16-row sweeps, and sizes above the one-task threshold (128 KiB of weights: strips, K slabs, row chunks)
+SHAPES = [(5, 3), (37, 19), (100, 70), (33, 290), (700, 301), (1000, 97), (300, 1031)]
+TOKENS = [1, 2, 3, 7, 8, 9, 33]
+
+
+@pytest.mark.parametrize("w_nk", [True, False], ids=["w_nk", "w_kn"])
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "K{}N{}".format(*s))
+def test_matches_float64_oracle(isa, shape, w_nk):
+    K, N = shape
+    rng = np.random.default_rng([K, N, w_nk])
+    for M in TOKENS:
+        x, w = operands(rng, M, K, N, w_nk)
+        check(jit_matmul(x, w, w_nk=w_nk), x, w, w_nk)
+        xb = jnp.asarray(x, jnp.bfloat16)  # passed as bf16; the oracle sees the same values
+        check(jit_matmul(xb, w, w_nk=w_nk), np.asarray(xb, np.float32), w, w_nk)
+
+
+@pytest.mark.parametrize("w_nk", [True, False], ids=["w_nk", "w_kn"])
+def test_fp32_weights(isa, w_nk):
+    rng = np.random.default_rng(11)
+    for M, K, N in [(1, 37, 19), (8, 700, 301), (33, 300, 1031)]:
+        x, w = operands(rng, M, K, N, w_nk, w_dtype=np.float32)
+        check(jit_matmul(x, w, w_nk=w_nk), x, w, w_nk)
+
+
+@pytest.mark.parametrize("threads", [1, 3, 5])
+@pytest.mark.parametrize("w_nk", [True, False], ids=["w_nk", "w_kn"])
+def test_pool_sizes_and_gpt_oss_width(threads, w_nk):
+    """The task split depends on the pool size (row chunks, column strips, K slabs); K = 2880 like gpt-oss."""
+    rng = np.random.default_rng(threads)
+    try:
+        mxfp4_cpu.set_num_threads(threads)
+        for M in (1, 8, 9):
+            x, w = operands(rng, M, 2880, 1000 + threads, w_nk)
+            check(jit_matmul(x, w, w_nk=w_nk), x, w, w_nk)
+    finally:
+        mxfp4_cpu.set_num_threads(0)
+
+
+@pytest.mark.parametrize("w_nk", [True, False], ids=["w_nk", "w_kn"])
+def test_nan_and_inf_propagate(isa, w_nk):
+    rng = np.random.default_rng(5)
+    M, K, N = 3, 300, 200
+    x, w = operands(rng, M, K, N, w_nk)
+    w_KN = w.T if w_nk else w  # a view: writes land in w
+    w_KN[7, 11] = np.nan  # column 11: NaN for every token
+    w_KN[:, 150] = 0.0
+    x[1, 7] = np.inf  # token 1: +-inf where W[7, n] != 0, NaN at n = 11 and n = 150 (inf * 0)
+    x[2, 299] = -np.inf
+    got = np.asarray(jit_matmul(x, w, w_nk=w_nk))
+    want, _ = oracle(x, w, w_nk)
+    assert np.isnan(got[:, 11]).all() and np.isnan(got[1:, 150]).all() and np.isfinite(got[0, :11]).all()
+    np.testing.assert_array_equal(np.isnan(got), np.isnan(want))
+    np.testing.assert_array_equal(np.isinf(got), np.isinf(want))
+    np.testing.assert_array_equal(np.sign(got[np.isinf(got)]), np.sign(want[np.isinf(want)]))
+    finite = np.isfinite(want)
+    np.testing.assert_allclose(got[finite], want[finite], rtol=1e-4, atol=1e-4)
+
+
+def test_empty_and_zero_k():
+    bf16 = ml_dtypes.bfloat16
+    y = np.full((1, 5), np.nan, np.float32)  # K = 0: zeros
+    assert jit_matmul(np.ones((1, 0), np.float32), np.ones((5, 0), bf16), w_nk=True).tolist() == [[0.0] * 5]
+    assert jit_matmul(np.ones((2, 0), np.float32), np.ones((0, 4), bf16), w_nk=False).tolist() == [[0.0] * 4] * 2
+    assert jit_matmul(np.ones((2, 3), np.float32), np.ones((0, 3), bf16), w_nk=True).shape == (2, 0)
+    lib = dense_cpu.load_library()  # the plain entry writes the zeros itself (XLA's output buffer is not zeroed)
+    assert lib.gptoss_dense_matmul(y.ctypes.data, 0, y.ctypes.data, 0, 1, y.ctypes.data, 1, 0, 5) == 0
+    assert (y == 0).all()
+
+
+def test_bad_shapes_are_errors():
+    x, w = np.ones((2, 8), np.float32), np.ones((5, 8), ml_dtypes.bfloat16)
+    with pytest.raises(ValueError, match=r"do not fit x \[M, K\], w \[K, N\]"):
+        dense_cpu.dense_matmul(x, w, w_nk=False)
+    with pytest.raises(TypeError, match="bfloat16 or float32"):
+        dense_cpu.dense_matmul(x, w.astype(np.float16), w_nk=True)
+    # the handler validates what reaches it (the Python wrapper is bypassed here)
+    raw = jax.ffi.ffi_call(dense_cpu.TARGET, jax.ShapeDtypeStruct((2, 4), jnp.float32))
+    with pytest.raises(Exception, match=r"dense matmul: y \[2, 4\] must be \[M, N\] = \[2, 5\]"):
+        jax.block_until_ready(raw(x, w, w_nk=np.int64(1)))
+    with pytest.raises(Exception, match=r"dense matmul: x \[2, 8\] and W \[5, 8\] \(\[K, N\]\) disagree on K"):
+        jax.block_until_ready(raw(x, w, w_nk=np.int64(0)))
+    with pytest.raises(Exception, match="w_nk must be 0"):
+        jax.block_until_ready(raw(x, w, w_nk=np.int64(2)))
+    with pytest.raises(Exception, match="must be rank 2"):
+        jax.block_until_ready(raw(x[None], w, w_nk=np.int64(1)))
+    with pytest.raises(Exception, match="W must be bfloat16 or float32"):
+        jax.block_until_ready(raw(x, w.astype(np.float16), w_nk=np.int64(1)))
+    lib = dense_cpu.load_library()
+    y = np.zeros((2, 5), np.float32)
+    args = (x.ctypes.data, 0, w.ctypes.data, 0)
+    assert lib.gptoss_dense_matmul(*args, 1, y.ctypes.data, 2, 8, 5) == 0
+    assert lib.gptoss_dense_matmul(*args, 2, y.ctypes.data, 2, 8, 5) == -1
+    assert lib.gptoss_dense_matmul(*args, 1, y.ctypes.data, -1, 8, 5) == -1
+    np.testing.assert_allclose(y, x @ w.astype(np.float32).T, rtol=1e-6)
+
+
+@pytest.mark.parametrize("w_nk", [True, False], ids=["w_nk", "w_kn"])
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["f32", "bf16"])
+def test_gradients_match_einsum(w_nk, dtype):
+    rng = np.random.default_rng(9)
+    x = jnp.asarray(rng.normal(size=(5, 40)), jnp.float32)
+    w = jnp.asarray(rng.normal(size=(30, 40) if w_nk else (40, 30)), dtype)
+    spec = "mk,nk->mn" if w_nk else "mk,kn->mn"
+
+    def loss(f):
+        return lambda x, w: jnp.sum(jnp.sin(f(x, w)) * jnp.arange(30.0))
+
+    got = jax.jit(jax.grad(loss(lambda x, w: dense_cpu.dense_matmul(x, w, w_nk=w_nk)), argnums=(0, 1)))(x, w)
+    want = jax.grad(loss(lambda x, w: jnp.einsum(spec, x, w, preferred_element_type=jnp.float32)),
+                    argnums=(0, 1))(x, w)
+    for g, r, name in zip(got, want, ("dx", "dW")):
+        assert g.dtype == r.dtype and g.shape == r.shape, name
+        tol = 1e-5 if r.dtype == jnp.float32 else 1e-2  # bf16 dW: both rounded to bf16 from fp32
+        np.testing.assert_allclose(np.asarray(g, np.float64), np.asarray(r, np.float64), rtol=tol,
+                                   atol=tol * float(jnp.abs(r.astype(jnp.float32)).max()), err_msg=name)
+
+
+def test_vmap():
+    rng = np.random.default_rng(2)
+    x = rng.normal(size=(3, 2, 50)).astype(np.float32)
+    w = rng.normal(size=(50, 20)).astype(ml_dtypes.bfloat16)
+    got = jax.vmap(lambda x: dense_cpu.dense_matmul(x, w, w_nk=False))(x)
+    for b in range(3):
+        check(got[b], x[b], w, False)
+
+
+def test_serves(monkeypatch):
+    w16, w32 = jnp.ones((8, 4), jnp.bfloat16), jnp.ones((8, 4), jnp.float32)
+    with mxfp4_cpu.use_kernel(True):
+        assert dense_cpu.serves(1, w16) and dense_cpu.serves(dense_cpu.MAX_TOKENS, w16)
+        assert not dense_cpu.serves(dense_cpu.MAX_TOKENS + 1, w16)
+        assert not dense_cpu.serves(0, w16)
+        assert not dense_cpu.serves(1, w32)  # XLA's fp32 GEMV needs no conversion
+        monkeypatch.setattr(jax, "device_count", lambda *a: 2)
+        assert not dense_cpu.serves(1, w16)  # several devices: the SPMD partitioner would replicate the weight
+    with mxfp4_cpu.use_kernel(False):
+        assert not dense_cpu.serves(1, w16)

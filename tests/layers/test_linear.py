@@ -1,0 +1,112 @@
+"""project(): which einsums map onto the dense kernel, that it equals jnp.einsum (values and dtype) with the
+kernel on and off, when the kernel is chosen, and the attention layer with the kernel on vs off."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from gptoss.config import ModelConfig
+from gptoss.kernels import dense_cpu, mxfp4_cpu
+from gptoss.layers.attention import Attention
+from gptoss.layers.linear import Plan, plan, project
+from gptoss.layers.rope import rope_tables
+
+needs_kernel = pytest.mark.skipif(not dense_cpu.kernel_available() or jax.default_backend() != "cpu",
+                                  reason=f"dense CPU kernel unavailable: {dense_cpu.load_error()}")
+
+
+@pytest.mark.parametrize("spec, want", [
+    ("btd,dnh->btnh", Plan(2, False)),
+    ("btnh,nhd->btd", Plan(2, False)),
+    ("btd,vd->btv", Plan(2, True)),
+    ("td,fd->tf", Plan(1, True)),
+    ("d,dn->n", Plan(0, False)),
+    ("bij,bjk->bik", None),   # batched matmul: b is on both sides
+    ("btd,dn->bn", None),     # t is summed out of x alone
+    ("btd,nd->btv", None),    # output letter from nowhere
+    ("bdt,dn->btn", None),    # contracted dim not trailing in x
+    ("btnh,hnd->btd", None),  # contracted dims in another order in w
+    ("btd,dn->btn,x", None),
+    ("...d,dn->...n", None),
+    ("btd,dn", None),
+])
+def test_plan(spec, want):
+    assert plan(spec) == want
+
+
+def _operands(spec, x_shape, w_shape, x_dtype, w_dtype, seed=0):
+    rng = np.random.default_rng(seed)
+    return (jnp.asarray(rng.normal(size=x_shape), x_dtype), jnp.asarray(rng.normal(size=w_shape) * 0.1, w_dtype))
+
+
+def _uses_kernel(fn, *args) -> bool:
+    return dense_cpu.TARGET in jax.jit(fn).lower(*args).as_text()
+
+
+CASES = [  # spec, x shape, w shape, preferred_element_type (the three projections of the model)
+    ("btd,dnh->btnh", (2, 3, 40), (40, 6, 20), None),
+    ("btnh,nhd->btd", (3, 1, 6, 20), (6, 20, 40), None),
+    ("btd,vd->btv", (4, 1, 40), (331, 40), jnp.float32),
+]
+
+
+@needs_kernel
+@pytest.mark.parametrize("case", CASES, ids=lambda c: c[0])
+@pytest.mark.parametrize("x_dtype", [jnp.bfloat16, jnp.float32], ids=["x_bf16", "x_f32"])
+def test_project_equals_einsum(case, x_dtype):
+    spec, xs, ws, pref = case
+    x, w = _operands(spec, xs, ws, x_dtype, jnp.bfloat16)
+    want = jnp.einsum(spec, x, w, preferred_element_type=pref)
+    with mxfp4_cpu.use_kernel(True):
+        assert _uses_kernel(lambda x, w: project(spec, x, w, preferred_element_type=pref), x, w)
+        got = jax.jit(lambda x, w: project(spec, x, w, preferred_element_type=pref))(x, w)
+    with mxfp4_cpu.use_kernel(False):
+        assert not _uses_kernel(lambda x, w: project(spec, x, w, preferred_element_type=pref), x, w)
+        twin = jax.jit(lambda x, w: project(spec, x, w, preferred_element_type=pref))(x, w)
+    assert got.dtype == want.dtype == twin.dtype and got.shape == want.shape == twin.shape
+    tol = 1e-5 if got.dtype == jnp.float32 else 1e-2  # bf16 results: one rounding of an fp32 sum, either path
+    scale = float(jnp.abs(want.astype(jnp.float32)).max())
+    for ref in (want, twin):
+        np.testing.assert_allclose(np.asarray(got, np.float64), np.asarray(ref, np.float64), rtol=tol,
+                                   atol=tol * scale)
+
+
+@needs_kernel
+def test_kernel_only_for_bf16_weights_and_few_tokens():
+    spec = "btd,vd->btv"
+    with mxfp4_cpu.use_kernel(True):
+        few = _operands(spec, (1, dense_cpu.MAX_TOKENS, 40), (50, 40), jnp.bfloat16, jnp.bfloat16)
+        many = _operands(spec, (1, dense_cpu.MAX_TOKENS + 1, 40), (50, 40), jnp.bfloat16, jnp.bfloat16)
+        f32_w = _operands(spec, (1, 1, 40), (50, 40), jnp.float32, jnp.float32)
+        fn = lambda x, w: project(spec, x, w)  # noqa: E731
+        assert _uses_kernel(fn, *few)
+        assert not _uses_kernel(fn, *many)
+        assert not _uses_kernel(fn, *f32_w)
+
+
+@needs_kernel
+def test_attention_with_kernel_on_and_off():
+    cfg = ModelConfig.tiny()
+    attn = Attention(cfg, 0, dtype=jnp.bfloat16, rngs=nnx.Rngs(3))
+    B, T = 2, 3
+    x = jnp.asarray(np.random.default_rng(4).normal(size=(B, T, cfg.hidden_size)), jnp.bfloat16)
+    pos = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
+    cos, sin = rope_tables(cfg, pos)
+
+    def run():
+        graphdef, state = nnx.split(attn)
+        fn = jax.jit(lambda state, x: nnx.merge(graphdef, state)(x, pos, cos, sin)[0])
+        return fn.lower(state, x).as_text(), fn(state, x)
+
+    with mxfp4_cpu.use_kernel(True):
+        hlo_on, on = run()
+    with mxfp4_cpu.use_kernel(False):
+        hlo_off, off = run()
+    assert hlo_on.count(dense_cpu.TARGET) == 4 and dense_cpu.TARGET not in hlo_off  # q, k, v, o
+    assert on.dtype == off.dtype == jnp.bfloat16
+    np.testing.assert_allclose(np.asarray(on, np.float32), np.asarray(off, np.float32), rtol=2e-2,
+                               atol=2e-2 * float(jnp.abs(off.astype(jnp.float32)).max()))
