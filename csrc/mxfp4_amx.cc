@@ -10,6 +10,8 @@
 //                    (VNNI) order TDPBF16PS wants along k;
 //   B (tmm2, tmm3) = 32 k x 16 tokens each, from inputs the driver packed as [k/2][token] pairs;
 //   C (tmm4..7)    = 16 rows x 16 tokens fp32, transposed into y at the end.
+// tile_amx_bf16 is the same product for dense bf16 weight rows (the unembedding [V, D] in a full-logits prefill):
+// the A tiles load straight from the weight, no dequantization.
 #include <immintrin.h>
 #include <string.h>
 
@@ -56,9 +58,11 @@ void dequantize(const gptoss::AmxTile& t, uint16_t* out) {
   }
 }
 
-// Accumulates NB token tiles (1 or 2) starting at token tile `tt` over all blocks, then writes y.
+// Accumulates NB token tiles (1 or 2) starting at token tile `tt` over all blocks, then writes y. The A tiles
+// of block g are at a0 + g * step and a1 + g * step (bf16 elements), rows `stride` bytes apart.
 template <int NB>
-void run_tokens(const gptoss::AmxTile& t, const uint16_t* wd, int64_t tt) {
+void run_tokens(const gptoss::AmxTile& t, const uint16_t* a0, const uint16_t* a1, int64_t step, int64_t stride,
+                int64_t tt) {
   const uint32_t* xb0 = t.xb + tt * t.G * 256;  // a token tile: G * 16 pair-rows of 16 tokens
   const uint32_t* xb1 = xb0 + t.G * 256;
   _tile_zero(4);
@@ -68,8 +72,8 @@ void run_tokens(const gptoss::AmxTile& t, const uint16_t* wd, int64_t tt) {
     _tile_zero(7);
   }
   for (int64_t g = 0; g < t.G; ++g) {
-    _tile_loadd(0, wd + g * 512, 64);
-    _tile_loadd(1, wd + (t.G + g) * 512, 64);
+    _tile_loadd(0, a0 + g * step, stride);
+    _tile_loadd(1, a1 + g * step, stride);
     _tile_loadd(2, xb0 + g * 256, 64);
     _tile_dpbf16ps(4, 0, 2);
     _tile_dpbf16ps(5, 1, 2);
@@ -95,14 +99,38 @@ void run_tokens(const gptoss::AmxTile& t, const uint16_t* wd, int64_t tt) {
     }
 }
 
+void run_all_tokens(const gptoss::AmxTile& t, const uint16_t* a0, const uint16_t* a1, int64_t step, int64_t stride) {
+  const int64_t tiles = (t.ntok + 15) / 16;
+  int64_t tt = 0;
+  for (; tt + 2 <= tiles; tt += 2) run_tokens<2>(t, a0, a1, step, stride, tt);
+  if (tt < tiles) run_tokens<1>(t, a0, a1, step, stride, tt);
+}
+
 }  // namespace
 
 void gptoss::tile_amx(const gptoss::AmxTile& t) {
   configure();
   dequantize(t, t.wbuf);
-  const int64_t tiles = (t.ntok + 15) / 16;
-  int64_t tt = 0;
-  for (; tt + 2 <= tiles; tt += 2) run_tokens<2>(t, t.wbuf, tt);
-  if (tt < tiles) run_tokens<1>(t, t.wbuf, tt);
+  run_all_tokens(t, t.wbuf, t.wbuf + t.G * 512, 512, 64);
+  _tile_release();
+}
+
+void gptoss::tile_amx_bf16(const gptoss::AmxTile& t) {
+  const uint16_t* w = reinterpret_cast<const uint16_t*>(t.w);
+  const int64_t K = t.G * 32;
+  configure();
+  if (t.rows == 32) {  // A tiles straight from the weight rows
+    run_all_tokens(t, w, w + 16 * K, 32, 2 * K);
+  } else {  // a tail: copy the rows into the zero-padded scratch layout first
+    for (int r = 0; r < 32; ++r)
+      for (int64_t g = 0; g < t.G; ++g) {
+        uint16_t* dst = t.wbuf + (r >> 4) * t.G * 512 + (r & 15) * 32 + g * 512;
+        if (r < t.rows)
+          memcpy(dst, w + r * K + g * 32, 64);
+        else
+          memset(dst, 0, 64);
+      }
+    run_all_tokens(t, t.wbuf, t.wbuf + t.G * 512, 512, 64);
+  }
   _tile_release();
 }

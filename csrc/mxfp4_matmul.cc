@@ -32,15 +32,11 @@
 namespace ffi = xla::ffi;
 
 namespace gptoss {
-namespace {
 
-// ------------------------------------------------------------------------------------------ ISA choice
-enum Isa { kScalar = 0, kAvx2 = 1, kAvx512 = 2, kAmx = 3 };
-
-#if defined(GPTOSS_HAVE_AMX)
 // AMX-BF16, AMX-TILE and AVX512-BF16 (CPUID leaf 7), and Linux's permission to use the tile state, which a
 // process must request once (arch_prctl ARCH_REQ_XCOMP_PERM for XFEATURE_XTILEDATA) before any tile instruction.
 bool amx_usable() {
+#if defined(GPTOSS_HAVE_AMX)
   static const bool ok = [] {
     unsigned a, b, c, d;
     if (!__get_cpuid_count(7, 0, &a, &b, &c, &d) || !(d & (1u << 22)) || !(d & (1u << 24))) return false;
@@ -49,8 +45,22 @@ bool amx_usable() {
     return syscall(SYS_arch_prctl, kReqXcompPerm, kXtiledata) == 0;
   }();
   return ok;
-}
+#else
+  return false;
 #endif
+}
+
+void pack_token(const uint16_t* x_row, int64_t K, int64_t i, uint32_t* tiles) {
+  const uint32_t* row = reinterpret_cast<const uint32_t*>(x_row);  // bf16 pairs along k
+  uint32_t* dst = tiles + (i / 16) * (K / 32) * 256 + (i % 16);
+  for (int64_t k2 = 0; k2 < K / 2; ++k2) dst[k2 * 16] = row[k2];
+}
+
+namespace {
+
+// ------------------------------------------------------------------------------------------ ISA choice
+enum Isa { kScalar = 0, kAvx2 = 1, kAvx512 = 2, kAmx = 3 };
+
 
 // The best path both compiled in and supported by this CPU.
 int best_isa() {
@@ -219,14 +229,12 @@ void ComputeAmx(const Problem& pr, Pool& workers) {
   }
   j.xb.assign(words, 0u);
   j.ys.resize(P);
-  const uint32_t* x = static_cast<const uint32_t*>(pr.x);  // bf16 pairs along k
+  const uint16_t* x = static_cast<const uint16_t*>(pr.x);
   for (const AmxJob::Group& grp : j.groups)
     for (int64_t i = 0; i < grp.count; ++i) {
       const int64_t p = order[grp.first + i];
       j.ys[grp.first + i] = pr.y + p * pr.N;
-      const uint32_t* row = x + (p / pr.S) * (pr.K / 2);
-      uint32_t* dst = j.xb.data() + grp.xb + (i / 16) * tile_words + (i % 16);
-      for (int64_t k2 = 0; k2 < pr.K / 2; ++k2) dst[k2 * 16] = row[k2];
+      pack_token(x + (p / pr.S) * pr.K, pr.K, i, j.xb.data() + grp.xb);
     }
   workers.Run(static_cast<int64_t>(j.groups.size()) * j.chunks, AmxTask, &j);
 }
