@@ -11,10 +11,10 @@ Measured, interleaved round by round so that all see the same machine load:
     (virtual) machine the first ~2 ms of memory traffic after a pause run at a fraction of the steady rate,
     for numpy's read as much as for the kernel, which would otherwise dominate a single 24 MB call;
   * XLA's einsum as the model writes it (q/k/v/o: bf16 out; logits: fp32 out), a few rounds (it is slow);
-  * the crossover: time per call of the kernel and of XLA's einsum for M = 1 .. 128 tokens on wq and wo.
+  * the crossover: time per call of the kernel and of XLA's einsum for M = 1 .. 192 tokens (logits: 1 .. 16).
 
     .venv/bin/python benchmarks/dense_kernel.py            # 7 rounds
-    .venv/bin/python benchmarks/dense_kernel.py --quick    # 3 rounds, crossover up to 64 tokens
+    .venv/bin/python benchmarks/dense_kernel.py --quick    # 3 rounds, crossover up to 96 tokens
 
 Writes benchmarks/results/dense_kernel.json. Not a test.
 """
@@ -149,32 +149,37 @@ def main():
     print_table(f"weight GB/s per call (kernel ISA {dense_cpu.isa()}, bf16 x)",
                 ["path", "weight", "M", "threads", "median GB/s", "best GB/s", "% read (paired)"], rows)
 
-    results["crossover"] = crossover(rng, weights, kernel, xla, [1, 2, 4, 8, 16, 24, 32, 48, 64]
-                                     + ([] if args.quick else [96, 128]))
+    results["crossover"] = crossover(rng, weights, kernel, xla, args.quick)
     path = write_json("dense_kernel", results)
     log(f"wrote {path}")
 
 
-def crossover(rng, weights, kernel, xla, tokens):
-    """ms per call (bursts of 8), kernel vs XLA's einsum, on wq and wo (rotated copies); the first M where XLA
-    wins."""
+def crossover(rng, weights, kernel, xla, quick):
+    """ms per call (median of 3 bursts), kernel vs XLA's einsum as the model writes it, over M tokens; the first M
+    where XLA wins. The logits einsum (bf16 x and W, fp32 result) is a native bf16 GEMM in XLA:CPU from 2 tokens
+    on; the q/k/v/o einsums (bf16 result) convert the weight to fp32 at any M."""
+    tokens = {"unembed": [1, 2, 3, 4, 6, 8, 12, 16],
+              "wq": [1, 4, 8, 16, 32, 48, 64, 96] + ([] if quick else [128, 192]),
+              "wo": [1, 4, 8, 16, 32, 48, 64, 96] + ([] if quick else [128, 192])}
     out, rows = {}, []
-    for name in ("wq", "wo"):
+    for name, ms_tokens in tokens.items():
         shape, w_nk = SHAPES[name][:2]
         ws = weights[name]
+        calls = 1 if name == "unembed" else 4
         per = {}
-        for M in tokens:
-            x = jnp.asarray(rng.normal(size=(M, shape[0])), jnp.bfloat16)
+        for M in ms_tokens:
+            x = jnp.asarray(rng.normal(size=(M, shape[1] if w_nk else shape[0])), jnp.bfloat16)
             ms = {}
             for label, fn in (("kernel", functools.partial(kernel, w_nk=w_nk)), ("XLA", xla[name])):
                 jax.block_until_ready(fn(x, ws[0]))  # compiles
-                ms[label] = 1e3 * burst(fn, x, itertools.cycle(ws).__next__, 8)
+                nxt = itertools.cycle(ws).__next__
+                ms[label] = 1e3 * statistics.median(burst(fn, x, nxt, calls) for _ in range(3))
             per[M] = ms
             flops = 2 * M * shape[0] * shape[1]
             rows.append([name, M, ms["kernel"], ms["XLA"], flops / ms["kernel"] / 1e6, flops / ms["XLA"] / 1e6])
-        xla_wins = [M for M in tokens if per[M]["XLA"] < per[M]["kernel"]]
+        xla_wins = [M for M in ms_tokens if per[M]["XLA"] < per[M]["kernel"]]
         out[name] = {"ms": per, "first_M_where_XLA_is_faster": xla_wins[0] if xla_wins else None}
-    print_table("crossover: ms per call (bf16 x; XLA as the model writes the einsum)",
+    print_table("crossover: ms per call (bf16 x; XLA's einsum as the model writes it)",
                 ["weight", "M", "kernel ms", "XLA ms", "kernel GFLOP/s", "XLA GFLOP/s"], rows)
     for name, r in out.items():
         log(f"{name}: XLA first faster at M = {r['first_M_where_XLA_is_faster']}")

@@ -7,9 +7,9 @@ every call (~2 GB/s, and 2.16 GiB of scratch for gpt-oss's unembedding); the ker
 at close to memory speed. Products and sums are fp32 (bf16 -> fp32 is exact).
 
 Selection (`serves`, decided at trace time): the switch is mxfp4_cpu's (`GPTOSS_MXFP4_KERNEL`, `use_kernel`),
-which covers both kernels of the shared library; in addition the weight must be bf16, the tokens few
-(M <= MAX_TOKENS; above that XLA's GEMM is faster) and there must be one JAX device (on several, a custom call
-would make XLA's SPMD partitioner replicate the weight).
+which covers both kernels of the shared library; in addition the weight must be bf16, the tokens few (M <=
+MAX_TOKENS, or MAX_TOKENS_VS_BF16_GEMM where XLA would run its native bf16 GEMM: bf16 x and W, fp32 result) and
+there must be one JAX device (on several, a custom call would make XLA's SPMD partitioner replicate the weight).
 
 Differentiation: reverse mode, both inputs: dx = dy W^T and dW = x^T dy (in W's layout and dtype) in XLA.
 """
@@ -28,7 +28,9 @@ from gptoss.kernels import mxfp4_cpu
 
 TARGET = "gptoss_dense_matmul"
 ISAS = ("scalar", "avx512")
-MAX_TOKENS = 32  # kernel for M <= this many tokens; measured crossover vs XLA's bf16 GEMM (benchmarks/dense_kernel.py)
+# Kernel for M <= these many tokens; measured crossovers against XLA:CPU (benchmarks/dense_kernel.py, 2 cores):
+MAX_TOKENS = 128  # vs einsums XLA runs by converting the weight to fp32 (bf16 result): XLA still 1.2x slower at 192
+MAX_TOKENS_VS_BF16_GEMM = 4  # vs bf16 x and W with an fp32 result: XLA's own bf16 GEMM, faster from 3-6 tokens
 
 _lock = threading.Lock()
 _state: dict = {"tried": False, "lib": None, "error": None}
@@ -63,9 +65,11 @@ def load_error() -> str | None:
     return _state["error"]
 
 
-def serves(tokens: int, w) -> bool:
-    """Whether a matmul of `tokens` rows with weight `w`, traced now, goes to the dense kernel."""
-    return (jnp.dtype(w.dtype) == jnp.bfloat16 and 1 <= tokens <= MAX_TOKENS and mxfp4_cpu.kernel_enabled()
+def serves(tokens: int, w, *, xla_bf16_gemm: bool = False) -> bool:
+    """Whether a matmul of `tokens` rows with weight `w`, traced now, goes to the dense kernel. `xla_bf16_gemm`:
+    XLA's alternative is its native bf16 GEMM (bf16 x and w, fp32 result), which wins from a few tokens on."""
+    limit = MAX_TOKENS_VS_BF16_GEMM if xla_bf16_gemm else MAX_TOKENS
+    return (jnp.dtype(w.dtype) == jnp.bfloat16 and 1 <= tokens <= limit and mxfp4_cpu.kernel_enabled()
             and jax.device_count() == 1 and kernel_available())
 
 

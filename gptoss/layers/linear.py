@@ -47,9 +47,10 @@ def project(spec: str, x, w, *, preferred_element_type=None):
     """`jnp.einsum(spec, x, w, preferred_element_type=...)`, computed by the dense CPU kernel when it serves."""
     p = plan(spec)
     if p is not None:
-        tokens = math.prod(x.shape[: p.batch])
-        if dense_cpu.serves(tokens, w):
-            return _kernel(p, x, w, jnp.dtype(preferred_element_type or jnp.result_type(x, w)))
+        out_dtype = jnp.dtype(preferred_element_type or jnp.result_type(x, w))
+        bf16_gemm = x.dtype == w.dtype == jnp.bfloat16 and out_dtype == jnp.float32  # XLA's fast case
+        if dense_cpu.serves(math.prod(x.shape[: p.batch]), w, xla_bf16_gemm=bf16_gemm):
+            return _kernel(p, x, w, out_dtype)
     return jnp.einsum(spec, x, w, preferred_element_type=preferred_element_type)
 
 

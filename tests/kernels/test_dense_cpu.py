@@ -90,11 +90,12 @@ def test_pool_sizes_and_gpt_oss_width(threads, w_nk):
         mxfp4_cpu.set_num_threads(0)
 
 
+@pytest.mark.parametrize("x_dtype", [np.float32, ml_dtypes.bfloat16], ids=["x_f32", "x_bf16"])
 @pytest.mark.parametrize("w_nk", [True, False], ids=["w_nk", "w_kn"])
-def test_nan_and_inf_propagate(isa, w_nk):
+def test_nan_and_inf_propagate(isa, w_nk, x_dtype):
     rng = np.random.default_rng(5)
-    M, K, N = 3, 300, 200
-    x, w = operands(rng, M, K, N, w_nk)
+    M, K, N = 3, 300, 200  # K = 300: K tails after 32-blocks and after 16-row sweeps (the last row alone)
+    x, w = operands(rng, M, K, N, w_nk, x_dtype=x_dtype)
     w_KN = w.T if w_nk else w  # a view: writes land in w
     w_KN[7, 11] = np.nan  # column 11: NaN for every token
     w_KN[:, 150] = 0.0
@@ -183,6 +184,8 @@ def test_serves(monkeypatch):
     with mxfp4_cpu.use_kernel(True):
         assert dense_cpu.serves(1, w16) and dense_cpu.serves(dense_cpu.MAX_TOKENS, w16)
         assert not dense_cpu.serves(dense_cpu.MAX_TOKENS + 1, w16)
+        assert dense_cpu.serves(dense_cpu.MAX_TOKENS_VS_BF16_GEMM, w16, xla_bf16_gemm=True)
+        assert not dense_cpu.serves(dense_cpu.MAX_TOKENS_VS_BF16_GEMM + 1, w16, xla_bf16_gemm=True)
         assert not dense_cpu.serves(0, w16)
         assert not dense_cpu.serves(1, w32)  # XLA's fp32 GEMV needs no conversion
         monkeypatch.setattr(jax, "device_count", lambda *a: 2)

@@ -78,14 +78,18 @@ def test_project_equals_einsum(case, x_dtype):
 @needs_kernel
 def test_kernel_only_for_bf16_weights_and_few_tokens():
     spec = "btd,vd->btv"
+
+    def uses(tokens, x_dtype=jnp.bfloat16, w_dtype=jnp.bfloat16, pref=None):
+        x, w = _operands(spec, (1, tokens, 40), (50, 40), x_dtype, w_dtype)
+        return _uses_kernel(lambda x, w: project(spec, x, w, preferred_element_type=pref), x, w)
+
     with mxfp4_cpu.use_kernel(True):
-        few = _operands(spec, (1, dense_cpu.MAX_TOKENS, 40), (50, 40), jnp.bfloat16, jnp.bfloat16)
-        many = _operands(spec, (1, dense_cpu.MAX_TOKENS + 1, 40), (50, 40), jnp.bfloat16, jnp.bfloat16)
-        f32_w = _operands(spec, (1, 1, 40), (50, 40), jnp.float32, jnp.float32)
-        fn = lambda x, w: project(spec, x, w)  # noqa: E731
-        assert _uses_kernel(fn, *few)
-        assert not _uses_kernel(fn, *many)
-        assert not _uses_kernel(fn, *f32_w)
+        assert uses(1) and uses(dense_cpu.MAX_TOKENS) and not uses(dense_cpu.MAX_TOKENS + 1)
+        assert not uses(1, jnp.float32, jnp.float32)
+        # bf16 x and W with an fp32 result: XLA's native bf16 GEMM takes over sooner
+        limit = dense_cpu.MAX_TOKENS_VS_BF16_GEMM
+        assert uses(limit, pref=jnp.float32) and not uses(limit + 1, pref=jnp.float32)
+        assert uses(limit + 1, jnp.float32, pref=jnp.float32)  # fp32 x: XLA would convert the weight
 
 
 @needs_kernel
