@@ -14,6 +14,7 @@
 #include <vector>
 
 #include "dense_kernel.h"
+#include "mxfp4_kernel.h"
 #include "pool.h"
 #include "xla/ffi/api/ffi.h"
 
@@ -23,24 +24,27 @@ namespace gptoss {
 // Weak: null when dense_avx512.cc was not built (no x86-64, or a compiler without AVX-512 support).
 void dense_rows_avx512(const DenseTask& t) __attribute__((weak));
 void dense_cols_avx512(const DenseTask& t) __attribute__((weak));
+void tile_amx_bf16(const AmxTile& t) __attribute__((weak));  // mxfp4_amx.cc, when built
 
 namespace {
 
-enum DenseIsa { kScalar = 0, kAvx512 = 1 };
+// kAmx: the AVX-512 paths, plus AMX tiles for bf16 x, bf16 [N, K] weights and prefill-sized M.
+enum DenseIsa { kScalar = 0, kAvx512 = 1, kAmx = 2 };
 
 int BestIsa() {
 #if defined(__x86_64__) || defined(__i386__)
   __builtin_cpu_init();
   if (&dense_rows_avx512 != nullptr && &dense_cols_avx512 != nullptr && __builtin_cpu_supports("avx512f") &&
       __builtin_cpu_supports("avx512bw"))
-    return kAvx512;
+    return &tile_amx_bf16 != nullptr && amx_usable() ? kAmx : kAvx512;
 #endif
   return kScalar;
 }
 
 int InitialIsa() {
-  const char* env = std::getenv("GPTOSS_MXFP4_ISA");  // the library-wide cap (for tests): scalar / avx2 / avx512
+  const char* env = std::getenv("GPTOSS_MXFP4_ISA");  // the library-wide cap (for tests): scalar/avx2/avx512
   if (env != nullptr && (std::string(env) == "scalar" || std::string(env) == "avx2")) return kScalar;
+  if (env != nullptr && std::string(env) == "avx512") return std::min(BestIsa(), static_cast<int>(kAvx512));
   return BestIsa();
 }
 
@@ -101,13 +105,58 @@ void PrepareInputs(const Problem& pr, int64_t ldx, bool permute, std::vector<flo
 
 int64_t CeilDiv(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
+// AMX: from this many tokens a 16-token tile is worth it (below, the GEMV paths are memory bound anyway).
+constexpr int64_t kAmxMinTokens = 16;
+constexpr int64_t kAmxRows = 32, kAmxTokenBlock = 256;  // a block's packed inputs (<= 1.5 MB at K = 2880) stay in L2
+
+bool AmxServes(const Problem& pr) {
+  return g_isa.load() == kAmx && pr.x_bf16 && !pr.w_f32 && pr.w_nk && pr.K % 32 == 0 && pr.M >= kAmxMinTokens;
+}
+
+// One task per (32 weight rows, token block); the weight rows are the A tiles, read in place.
+struct AmxJob {
+  const Problem* pr;
+  int64_t G, blocks;
+  std::vector<uint32_t> xb;  // token tiles of all M tokens, G * 256 words each
+  std::vector<float*> ys;
+};
+
+void AmxTask(void* ctx, int64_t i) {
+  const AmxJob& j = *static_cast<const AmxJob*>(ctx);
+  const Problem& pr = *j.pr;
+  const int64_t n0 = (i / j.blocks) * kAmxRows, t0 = (i % j.blocks) * kAmxTokenBlock;
+  thread_local std::vector<uint16_t> scratch;  // only for a tail of fewer than 32 rows
+  scratch.resize(2 * j.G * 512 + 32);
+  uint16_t* wbuf = scratch.data() + ((64 - reinterpret_cast<uintptr_t>(scratch.data()) % 64) % 64) / 2;
+  const AmxTile t{static_cast<const uint8_t*>(pr.w) + n0 * pr.K * 2, nullptr, j.G, std::min(kAmxRows, pr.N - n0),
+                  j.xb.data() + (t0 / 16) * j.G * 256, std::min(kAmxTokenBlock, pr.M - t0), j.ys.data() + t0, n0,
+                  nullptr, wbuf};
+  tile_amx_bf16(t);
+}
+
+void ComputeAmx(const Problem& pr) {
+  AmxJob j;
+  j.pr = &pr, j.G = pr.K / 32, j.blocks = CeilDiv(pr.M, kAmxTokenBlock);
+  j.xb.assign(static_cast<size_t>(CeilDiv(pr.M, 16) * j.G * 256), 0u);
+  j.ys.resize(pr.M);
+  for (int64_t m = 0; m < pr.M; ++m) {
+    pack_token(static_cast<const uint16_t*>(pr.x) + m * pr.K, pr.K, m, j.xb.data());
+    j.ys[m] = pr.y + m * pr.N;
+  }
+  pool().Run(CeilDiv(pr.N, kAmxRows) * j.blocks, AmxTask, &j);
+}
+
 void Compute(const Problem& pr) {
   if (pr.M == 0 || pr.N == 0) return;
   if (pr.K == 0) {
     std::fill(pr.y, pr.y + pr.M * pr.N, 0.0f);
     return;
   }
-  const bool vec = g_isa.load() == kAvx512;
+  if (AmxServes(pr)) {
+    ComputeAmx(pr);
+    return;
+  }
+  const bool vec = g_isa.load() >= kAvx512;
   Job j;
   j.fn = vec ? (pr.w_nk ? dense_rows_avx512 : dense_cols_avx512) : (pr.w_nk ? dense_rows_scalar : dense_cols_scalar);
   const bool pad = vec && pr.w_nk;  // the vector rows path reads x 32 elements at a time
@@ -213,7 +262,7 @@ GPTOSS_EXPORT int gptoss_dense_matmul(const void* x, int x_bf16, const void* w, 
 GPTOSS_EXPORT int gptoss_dense_best_isa() { return gptoss::BestIsa(); }
 GPTOSS_EXPORT int gptoss_dense_isa() { return gptoss::g_isa.load(); }
 
-// 0 scalar, 1 AVX-512, capped at what the CPU and the build support; returns the ISA now in use.
+// 0 scalar, 1 AVX-512, 2 AMX (AVX-512 plus tiles for prefill-sized bf16 [N, K] products), capped at what the CPU and the build support; returns the ISA now in use.
 GPTOSS_EXPORT int gptoss_dense_set_isa(int isa) {
   gptoss::g_isa.store(std::max(0, std::min(isa, gptoss::BestIsa())));
   return gptoss::g_isa.load();

@@ -3,8 +3,8 @@
 //
 // Prefill is compute bound, and the AVX-512 fp32 FMA path tops out near 150 GFLOP/s on two cores. Here a tile of
 // up to 32 output rows is dequantized once, exactly, to bf16 (an E2M1 value times 2**(s-127) has one mantissa
-// bit, so bf16 holds it; only subnormal results, |w| < 2**-126, flush to zero) into an L2-resident scratch
-// buffer, and TDPBF16PS multiplies it with the tokens' bf16 inputs, accumulating in fp32:
+// bit, so bf16 holds it; a 16-entry table per scale byte, looked up with vpermw; subnormal weights, |w| < 2**-126,
+// act as zero in TDPBF16PS) into an L2-resident scratch buffer, and TDPBF16PS multiplies it with the tokens' bf16 inputs, accumulating in fp32:
 //   A (tmm0, tmm1) = 16 weight rows x 32 k each, straight from the scratch in the checkpoint's k order: byte j
 //                    of a block holds elements 2j (low nibble) and 2j+1 (high), which is already the pairwise
 //                    (VNNI) order TDPBF16PS wants along k;
@@ -37,7 +37,6 @@ void configure() {
 // Rows [0, rows) of the tile -> bf16 scratch laid out [row tile (2)][block g][16 rows][32 values]; missing
 // rows (a tail tile) are zero.
 void dequantize(const gptoss::AmxTile& t, uint16_t* out) {
-  const __m512 lut = _mm512_load_ps(gptoss::kE2M1);
   const __m512i low = _mm512_set1_epi32(0xF);
   for (int r = 0; r < 32; ++r) {
     uint16_t* dst = out + (r >> 4) * t.G * 512 + (r & 15) * 32;
@@ -51,8 +50,8 @@ void dequantize(const gptoss::AmxTile& t, uint16_t* out) {
       const __m512i v = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i*)(w + 16 * g)));
       // dword j = (low nibble j) | (high nibble j) << 16: the word indices of elements 2j and 2j+1
       const __m512i idx = _mm512_or_si512(_mm512_and_si512(v, low), _mm512_slli_epi32(_mm512_srli_epi32(v, 4), 16));
-      const __m256bh table = _mm512_cvtneps_pbh(_mm512_mul_ps(lut, _mm512_set1_ps(t.scale_lut[s[g]])));
-      const __m512i vals = _mm512_permutexvar_epi16(idx, _mm512_castsi256_si512((__m256i)table));
+      const __m256i table = _mm256_load_si256((const __m256i*)(t.bf16_lut + 16 * s[g]));
+      const __m512i vals = _mm512_permutexvar_epi16(idx, _mm512_castsi256_si512(table));
       _mm512_store_si512(dst + g * 512, vals);
     }
   }

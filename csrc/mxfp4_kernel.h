@@ -46,7 +46,7 @@ struct AmxTile {
   int64_t ntok;
   float* const* y;         // ntok output rows; writes y[t][col0 + r]
   int64_t col0;
-  const float* scale_lut;
+  const uint16_t* bf16_lut;  // 32-byte aligned [256 scale bytes][16 codes]: the scaled E2M1 values as bf16
   uint16_t* wbuf;          // 64-byte aligned scratch of 2 * G * 512 bf16 (the dequantized rows)
 };
 

@@ -117,6 +117,21 @@ struct ScaleLut {
 };
 const ScaleLut g_scales;
 
+// E8M0 byte x E2M1 code -> bf16 bits of their product (exact: one mantissa bit; NaN stays NaN), for the AMX path.
+struct Bf16Lut {
+  alignas(64) uint16_t v[256 * 16];
+  Bf16Lut() {
+    for (int s = 0; s < 256; ++s)
+      for (int c = 0; c < 16; ++c) {
+        const float f = kE2M1[c] * g_scales.v[s];
+        uint32_t bits;
+        std::memcpy(&bits, &f, 4);
+        v[16 * s + c] = static_cast<uint16_t>(bits >> 16);
+      }
+  }
+};
+const Bf16Lut g_bf16_lut;
+
 // ---------------------------------------------------------------------------------------------- driver
 struct Problem {
   const void* x;
@@ -210,7 +225,7 @@ void AmxTask(void* ctx, int64_t task) {
   scratch.resize(2 * j.G * 512 + 32);
   uint16_t* wbuf = scratch.data() + ((64 - reinterpret_cast<uintptr_t>(scratch.data()) % 64) % 64) / 2;
   AmxTile t{j.pr->blocks + (grp.e * N + n0) * j.G * 16, j.pr->scales + (grp.e * N + n0) * j.G, j.G,
-            std::min(kAmxRows, N - n0), j.xb.data() + grp.xb, grp.count, &j.ys[grp.first], n0, g_scales.v, wbuf};
+            std::min(kAmxRows, N - n0), j.xb.data() + grp.xb, grp.count, &j.ys[grp.first], n0, g_bf16_lut.v, wbuf};
   tile_amx(t);
 }
 

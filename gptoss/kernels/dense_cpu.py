@@ -27,10 +27,11 @@ import numpy as np
 from gptoss.kernels import mxfp4_cpu
 
 TARGET = "gptoss_dense_matmul"
-ISAS = ("scalar", "avx512")
+ISAS = ("scalar", "avx512", "amx")
 # Kernel for M <= these many tokens; measured crossovers against XLA:CPU (benchmarks/dense_kernel.py, 2 cores):
 MAX_TOKENS = 128  # vs einsums XLA runs by converting the weight to fp32 (bf16 result): XLA still 1.2x slower at 192
 MAX_TOKENS_VS_BF16_GEMM = 4  # vs bf16 x and W with an fp32 result: XLA's own bf16 GEMM, faster from 3-6 tokens
+# ... except bf16 x times bf16 [N, K] on an AMX CPU (the tile path: ~2x XLA's GEMM at prefill sizes)
 
 _lock = threading.Lock()
 _state: dict = {"tried": False, "lib": None, "error": None}
@@ -65,12 +66,15 @@ def load_error() -> str | None:
     return _state["error"]
 
 
-def serves(tokens: int, w, *, xla_bf16_gemm: bool = False) -> bool:
+def serves(tokens: int, w, *, xla_bf16_gemm: bool = False, amx_rows: bool = False) -> bool:
     """Whether a matmul of `tokens` rows with weight `w`, traced now, goes to the dense kernel. `xla_bf16_gemm`:
-    XLA's alternative is its native bf16 GEMM (bf16 x and w, fp32 result), which wins from a few tokens on."""
+    XLA's alternative is its native bf16 GEMM (bf16 x and w, fp32 result), which wins from a few tokens on.
+    `amx_rows`: bf16 x, w [N, K] with K % 32 == 0, which on a CPU with AMX the kernel serves at any size."""
     limit = MAX_TOKENS_VS_BF16_GEMM if xla_bf16_gemm else MAX_TOKENS
-    return (jnp.dtype(w.dtype) == jnp.bfloat16 and 1 <= tokens <= limit and mxfp4_cpu.kernel_enabled()
-            and jax.device_count() == 1 and kernel_available())
+    if not (jnp.dtype(w.dtype) == jnp.bfloat16 and tokens >= 1 and mxfp4_cpu.kernel_enabled()
+            and jax.device_count() == 1 and kernel_available()):
+        return False
+    return tokens <= limit or (amx_rows and isa() == "amx")
 
 
 # ------------------------------------------------------------------------------------------------- the op
@@ -114,7 +118,8 @@ _matmul.defvjp(_matmul_fwd, _matmul_bwd)
 
 # ------------------------------------------------------------------------------------------------- tuning
 def set_isa(isa: str) -> str:
-    """Caps the vector path ('scalar', 'avx512') at what the CPU and build support; returns the one in use."""
+    """Caps the vector path ('scalar', 'avx512', 'amx': AVX-512 plus AMX tiles for prefill-sized bf16 x times
+    bf16 [N, K]) at what the CPU and build support; returns the one in use."""
     lib = load_library()
     if lib is None:
         raise RuntimeError(f"the dense CPU kernel is unavailable: {_state['error']}")

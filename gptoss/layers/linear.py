@@ -45,12 +45,18 @@ def plan(spec: str) -> Plan | None:
 
 def project(spec: str, x, w, *, preferred_element_type=None):
     """`jnp.einsum(spec, x, w, preferred_element_type=...)`, computed by the dense CPU kernel when it serves."""
+    out_dtype = jnp.dtype(preferred_element_type or jnp.result_type(x, w))
+    bf16 = x.dtype == w.dtype == jnp.bfloat16
     p = plan(spec)
     if p is not None:
-        out_dtype = jnp.dtype(preferred_element_type or jnp.result_type(x, w))
-        bf16_gemm = x.dtype == w.dtype == jnp.bfloat16 and out_dtype == jnp.float32  # XLA's fast case
-        if dense_cpu.serves(math.prod(x.shape[: p.batch]), w, xla_bf16_gemm=bf16_gemm):
+        K = math.prod(x.shape[p.batch:])
+        if dense_cpu.serves(math.prod(x.shape[: p.batch]), w, xla_bf16_gemm=bf16,
+                            amx_rows=bf16 and p.w_nk and K % 32 == 0):
             return _kernel(p, x, w, out_dtype)
+    if bf16 and out_dtype == jnp.bfloat16:
+        # the same fp32-accumulated product, but XLA:CPU runs bf16 x bf16 -> fp32 as a native bf16 GEMM, while a
+        # bf16 result makes it convert the whole weight to fp32 first (~4x slower at prefill sizes)
+        return jnp.einsum(spec, x, w, preferred_element_type=jnp.float32).astype(out_dtype)
     return jnp.einsum(spec, x, w, preferred_element_type=preferred_element_type)
 
 

@@ -90,6 +90,36 @@ def test_pool_sizes_and_gpt_oss_width(threads, w_nk):
         mxfp4_cpu.set_num_threads(0)
 
 
+# Prefill-sized bf16 x times bf16 [N, K] with K % 32 == 0: the AMX tile path where the CPU has it (M >= 16), the
+# AVX-512 / scalar paths otherwise. Row tails (N % 32), token tails (M % 16), several 256-token blocks.
+AMX_CASES = [(16, 32, 32), (17, 96, 45), (40, 2880, 70), (300, 64, 33), (530, 128, 64)]
+
+
+@pytest.mark.parametrize("case", AMX_CASES, ids=lambda c: "M{}K{}N{}".format(*c))
+def test_prefill_sized_bf16_rows(isa, case):
+    M, K, N = case
+    rng = np.random.default_rng(list(case))
+    x, w = operands(rng, M, K, N, True, x_dtype=ml_dtypes.bfloat16)
+    check(jit_matmul(jnp.asarray(x), w, w_nk=True), x, w, True)
+
+
+def test_prefill_sized_nan_and_inf_on_every_path():
+    rng = np.random.default_rng(12)
+    x, w = operands(rng, 40, 96, 50, True, x_dtype=ml_dtypes.bfloat16)
+    w[33, 70] = np.nan  # output column 33 (the row tail): NaN for every token
+    x[20, 5] = np.inf
+    want, _ = oracle(x, w, True)
+    before = dense_cpu.isa()
+    for name in dense_cpu.ISAS[: dense_cpu.ISAS.index(dense_cpu.best_isa()) + 1]:
+        assert dense_cpu.set_isa(name) == name
+        try:
+            got = np.asarray(jit_matmul(jnp.asarray(x), w, w_nk=True))
+        finally:
+            dense_cpu.set_isa(before)
+        np.testing.assert_array_equal(np.isnan(got), np.isnan(want), err_msg=name)
+        np.testing.assert_array_equal(np.isinf(got), np.isinf(want), err_msg=name)
+
+
 @pytest.mark.parametrize("x_dtype", [np.float32, ml_dtypes.bfloat16], ids=["x_f32", "x_bf16"])
 @pytest.mark.parametrize("w_nk", [True, False], ids=["w_nk", "w_kn"])
 def test_nan_and_inf_propagate(isa, w_nk, x_dtype):

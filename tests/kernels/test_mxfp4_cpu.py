@@ -129,7 +129,7 @@ def test_bf16_grouped_many_tokens_per_expert():
     """Prefill-sized groups (several 16-token tiles, odd tile counts, row tails): every path against the oracle,
     at gpt-oss's real K."""
     rng = np.random.default_rng(9)
-    E, N, G, M, S = 3, 72, 90, 45, 2
+    E, N, G, M = 3, 72, 90, 45
     blocks, scales = random_packed(rng, E, N, G)
     w = MXFP4Array(jnp.asarray(blocks), jnp.asarray(scales), jnp.float32)
     x = jnp.asarray(rng.normal(size=(M, 32 * G)), jnp.bfloat16)

@@ -48,7 +48,7 @@ def _uses_kernel(fn, *args) -> bool:
 
 
 CASES = [  # spec, x shape, w shape, preferred_element_type (the three projections of the model)
-    ("btd,dnh->btnh", (2, 3, 40), (40, 6, 20), None),
+    ("btd,dnh->btnh", (1, 3, 40), (40, 6, 20), None),
     ("btnh,nhd->btd", (3, 1, 6, 20), (6, 20, 40), None),
     ("btd,vd->btv", (4, 1, 40), (331, 40), jnp.float32),
 ]
@@ -84,19 +84,34 @@ def test_kernel_only_for_bf16_weights_and_few_tokens():
         return _uses_kernel(lambda x, w: project(spec, x, w, preferred_element_type=pref), x, w)
 
     with mxfp4_cpu.use_kernel(True):
-        assert uses(1) and uses(dense_cpu.MAX_TOKENS) and not uses(dense_cpu.MAX_TOKENS + 1)
-        assert not uses(1, jnp.float32, jnp.float32)
-        # bf16 x and W with an fp32 result: XLA's native bf16 GEMM takes over sooner
+        # bf16 x and W: XLA's native bf16 GEMM (fp32-accumulated, whatever the result dtype) takes over soon
         limit = dense_cpu.MAX_TOKENS_VS_BF16_GEMM
-        assert uses(limit, pref=jnp.float32) and not uses(limit + 1, pref=jnp.float32)
-        assert uses(limit + 1, jnp.float32, pref=jnp.float32)  # fp32 x: XLA would convert the weight
+        for pref in (None, jnp.float32):
+            assert uses(limit, pref=pref) and not uses(limit + 1, pref=pref)
+        assert not uses(1, jnp.float32, jnp.float32)
+        # fp32 x, bf16 W: XLA would convert the whole weight, so the kernel serves far longer
+        assert uses(dense_cpu.MAX_TOKENS, jnp.float32) and not uses(dense_cpu.MAX_TOKENS + 1, jnp.float32)
+
+
+@needs_kernel
+def test_amx_serves_prefill_sized_unembedding():
+    """bf16 x times bf16 [V, D] with D % 32 == 0 goes to the kernel at any size on an AMX CPU (else to XLA)."""
+    x, w = _operands("btd,vd->btv", (1, 300, 64), (50, 64), jnp.bfloat16, jnp.bfloat16)
+    fn = lambda x, w: project("btd,vd->btv", x, w, preferred_element_type=jnp.float32)  # noqa: E731
+    with mxfp4_cpu.use_kernel(True):
+        assert _uses_kernel(fn, x, w) == (dense_cpu.isa() == "amx")
+        got = jax.jit(fn)(x, w)
+        x2, w2 = _operands("btd,dn->btn", (1, 300, 64), (64, 50), jnp.bfloat16, jnp.bfloat16)
+        assert not _uses_kernel(lambda x, w: project("btd,dn->btn", x, w), x2, w2)  # [K, N]: XLA's GEMM
+    want = jnp.einsum("btd,vd->btv", x.astype(jnp.float32), w.astype(jnp.float32))
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-5)
 
 
 @needs_kernel
 def test_attention_with_kernel_on_and_off():
     cfg = ModelConfig.tiny()
     attn = Attention(cfg, 0, dtype=jnp.bfloat16, rngs=nnx.Rngs(3))
-    B, T = 2, 3
+    B, T = 2, 2  # 4 tokens: decode-sized (the kernel's range for bf16 activations)
     x = jnp.asarray(np.random.default_rng(4).normal(size=(B, T, cfg.hidden_size)), jnp.bfloat16)
     pos = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
     cos, sin = rope_tables(cfg, pos)
