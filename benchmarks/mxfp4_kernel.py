@@ -7,8 +7,8 @@ This measures, interleaved round by round so that all see the same machine load:
     directly through ctypes (no XLA dispatch), for the 4-expert GEMV (1 token, top-4) of gate_up [5760, 2880]
     and down [2880, 2880], with the experts drawn at random from --experts so that they are not cache-hot;
   * the pure-XLA dequantize + einsum path (what moe_gather does without the kernel), a few rounds;
-  * prefill: 128 tokens x top-4 on gate_up, kernel grouped vs gather (GFLOP/s), and XLA's fp32 GEMM of the
-    same FLOPs as a compute reference.
+  * prefill: 128 tokens x top-4 on gate_up (bf16 inputs), kernel grouped (AMX tiles where the CPU has them, and
+    the AVX-512 FMA path) vs gather (GFLOP/s), and XLA's fp32 GEMM of the same FLOPs as a compute reference.
 Bytes counted: packed blocks + scales of the 4 experts (4.25 bits per weight).
 
     .venv/bin/python benchmarks/mxfp4_kernel.py            # 32 experts, 15 rounds
@@ -172,11 +172,17 @@ def prefill(rng, w, T, E):
     idx = jnp.asarray(np.stack([rng.choice(E, TOPK, replace=False) for _ in range(T)]), jnp.int32)
     flops = 2 * T * TOPK * N * K
     out, rows = {}, []
-    for label, grouped in (("kernel grouped", True), ("kernel gather", False)):
+    best = mxfp4_cpu.isa()
+    runs = [(f"kernel grouped ({best})", True, best), ("kernel gather", False, best)]
+    if best == "amx":  # the same grouped call on the AVX-512 FMA path, for the AMX tile path's gain
+        runs.insert(1, ("kernel grouped (avx512)", True, "avx512"))
+    for label, grouped, isa in runs:
+        mxfp4_cpu.set_isa(isa)
         f = jax.jit(lambda x, w, i, g=grouped: mxfp4_cpu.mx_gather_matmul(x, w, i, grouped=g))
         jax.block_until_ready(f(x, w, idx))
         ts = [timed(f, x, w, idx) for _ in range(3)]
         out[label] = {"median_s": statistics.median(ts), "GFLOPs": flops / statistics.median(ts) / 1e9}
+    mxfp4_cpu.set_isa(best)
     a = jnp.asarray(rng.normal(size=(T * TOPK, K)), jnp.float32)
     b = jnp.asarray(rng.normal(size=(K, N)), jnp.float32)
     gemm = jax.jit(lambda a, b: a @ b)

@@ -76,7 +76,7 @@ def prepare(model, prompts: Sequence[Sequence[int]], max_new_tokens: int):
 
 def _prefill(model, tokens, positions, lens, cache_len):
     cache = init_cache(model.config, tokens.shape[0], cache_len, model.dtype, getattr(model, "shard_layout", None))
-    x, _, cache = model.hidden_states(tokens, positions, cache)
+    x, _, cache = model.hidden_states(tokens, positions, cache, in_order=True)  # prepare(): right-padded rows
     last = jnp.take_along_axis(x, (lens - 1)[:, None, None], axis=1)  # [B, 1, D]
     return model.logits(last)[:, 0], cache
 

@@ -25,8 +25,8 @@ class Block(nnx.Module):
         self.mlp_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = MoE(cfg, dtype=dtype, experts=experts, rngs=rngs)
 
-    def __call__(self, x_BTD, positions_BT, cos, sin, moe_impl: str, cache=None):
-        h_BTD, cache = self.attn(self.attn_norm(x_BTD), positions_BT, cos, sin, cache)
+    def __call__(self, x_BTD, positions_BT, cos, sin, moe_impl: str, cache=None, *, in_order: bool = False):
+        h_BTD, cache = self.attn(self.attn_norm(x_BTD), positions_BT, cos, sin, cache, in_order=in_order)
         x_BTD = x_BTD + h_BTD
         y_BTD, router_logits = self.mlp(self.mlp_norm(x_BTD), moe_impl)
         return x_BTD + y_BTD, router_logits, cache
@@ -59,23 +59,26 @@ class GptOss(nnx.Module):
                 moe_impl: str | None = None):
         """The computation itself (traceable); `__call__` wraps it in a cached jit."""
         B, T = tokens_BT.shape
-        if positions_BT is None:
+        in_order = positions_BT is None
+        if in_order:
             positions_BT = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
-        x, router_logits, _ = self.hidden_states(tokens_BT, positions_BT, None, moe_impl)
+        x, router_logits, _ = self.hidden_states(tokens_BT, positions_BT, None, moe_impl, in_order=in_order)
         logits_BTV = self.logits(x)
         if return_router_logits:
             return logits_BTV, router_logits
         return logits_BTV
 
-    def hidden_states(self, tokens_BT, positions_BT, cache, moe_impl: str | None = None):
+    def hidden_states(self, tokens_BT, positions_BT, cache, moe_impl: str | None = None, *, in_order: bool = False):
         """Final-normed hidden states [B, T, D], router logits [layers, B, T, E] and the updated cache
-        (a list of per-layer LayerCache, or None). Positions < 0 mark padding."""
+        (a list of per-layer LayerCache, or None). Positions < 0 mark padding. `in_order`: the caller promises that
+        each row's non-negative positions are its indices plus a constant (attention then goes block by block)."""
         moe_impl = _check_impl(moe_impl or self.moe_impl)
         cos, sin = rope_tables(self.config, positions_BT)
         x = jnp.take(self.embed_VD[...], tokens_BT, axis=0)
         router_logits, new_cache = [], []
         for i, block in enumerate(self.layers):
-            x, logits, layer_cache = block(x, positions_BT, cos, sin, moe_impl, None if cache is None else cache[i])
+            x, logits, layer_cache = block(x, positions_BT, cos, sin, moe_impl, None if cache is None else cache[i],
+                                           in_order=in_order)
             router_logits.append(logits)
             new_cache.append(layer_cache)
         return self.norm(x), jnp.stack(router_logits), (None if cache is None else new_cache)

@@ -206,3 +206,61 @@ def test_attention_module_matches_numpy(layer):
     want = np.einsum("btnh,nhd->btd", o, w["wo_NHD"]) + w["bo_D"]
     assert got.shape == x.shape and got.dtype == jnp.float32
     np.testing.assert_allclose(np.asarray(got), want, rtol=1e-4, atol=1e-4)
+
+
+# ------------------------------------------------------------------------------ attend_blocked (prefill by blocks)
+def _long_qkv(seed, T_, S_=None):
+    rng = np.random.default_rng(seed)
+    S_ = T_ if S_ is None else S_
+    q = jnp.asarray(rng.normal(size=(B, T_, N, H)), jnp.float32)
+    k = jnp.asarray(rng.normal(size=(B, S_, K, H)), jnp.float32)
+    v = jnp.asarray(rng.normal(size=(B, S_, K, H)), jnp.float32)
+    sinks = jnp.asarray(rng.normal(size=(N,)), jnp.float32)
+    return q, k, v, sinks
+
+
+@pytest.mark.parametrize("window", [None, 5, 200])
+def test_attend_blocked_equals_attend_in_order(window):
+    """Several query blocks (T = 300 > 2 blocks of 128), right padding on one row: same as the whole matrix."""
+    from gptoss.layers.attention import attend_blocked, query_block
+
+    T_ = 300
+    assert T_ > 2 * query_block(T_)
+    q, k, v, sinks = _long_qkv(7, T_)
+    pos = np.broadcast_to(np.arange(T_, dtype=np.int32), (B, T_)).copy()
+    pos[1, 250:] = -1  # row 1 is a 250-token prompt, right-padded
+    pos = jnp.asarray(pos)
+    want = attend(q, k, v, sinks, pos, pos, window=window, scale=H**-0.5)
+    got = attend_blocked(q, k, v, sinks, pos, pos, window=window, scale=H**-0.5)
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-6)
+    spot = naive_attend(q[:1, 280:282], k[:1], v[:1], sinks, pos[:1, 280:282], pos[:1], window, H**-0.5)
+    np.testing.assert_allclose(np.asarray(got[:1, 280:282]), spot, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("window", [None, 5])
+def test_attend_blocked_with_a_cache_prefix(window):
+    """Keys = 40 cache slots (shuffled earlier positions, some empty) + the chunk's own 300 keys."""
+    from gptoss.layers.attention import attend_blocked
+
+    T_, P = 300, 40
+    q, k, v, sinks = _long_qkv(8, T_, P + T_)
+    rng = np.random.default_rng(9)
+    cache_pos = np.stack([rng.permutation(np.r_[np.arange(P - 6), -np.ones(6, np.int64)]) for _ in range(B)])
+    chunk_pos = np.broadcast_to(np.arange(P, P + T_), (B, T_))  # the chunk continues after the cached tokens
+    k_pos = jnp.asarray(np.concatenate([cache_pos, chunk_pos], axis=1), jnp.int32)
+    q_pos = jnp.asarray(chunk_pos, jnp.int32)
+    want = attend(q, k, v, sinks, q_pos, k_pos, window=window, scale=H**-0.5)
+    got = attend_blocked(q, k, v, sinks, q_pos, k_pos, window=window, scale=H**-0.5, n_prefix=P)
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-6)
+
+
+def test_model_forward_blocked_equals_explicit_positions():
+    """forward() without positions attends block by block; with explicit positions it takes the whole matrix."""
+    from gptoss.model import GptOss
+
+    cfg = ModelConfig.tiny()
+    model = GptOss(cfg, dtype=jnp.float32, experts="dense", rngs=nnx.Rngs(1))
+    tokens = jnp.asarray(np.random.default_rng(2).integers(0, cfg.vocab_size, (1, 270)), jnp.int32)
+    blocked = model(tokens)
+    whole = model(tokens, jnp.arange(270, dtype=jnp.int32)[None])
+    np.testing.assert_allclose(np.asarray(blocked), np.asarray(whole), rtol=1e-5, atol=1e-5)
