@@ -105,8 +105,9 @@ void PrepareInputs(const Problem& pr, int64_t ldx, bool permute, std::vector<flo
 
 int64_t CeilDiv(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
-// AMX: from this many tokens a 16-token tile is worth it (below, the GEMV paths are memory bound anyway).
-constexpr int64_t kAmxMinTokens = 16;
+// AMX from this many tokens: both are memory bound, but the AVX-512 rows GEMV slows down past 4 tokens (measured
+// at [201088, 2880]: 8 tokens 108 ms vs ~60 ms on the tiles).
+constexpr int64_t kAmxMinTokens = 4;
 constexpr int64_t kAmxRows = 32, kAmxTokenBlock = 256;  // a block's packed inputs (<= 1.5 MB at K = 2880) stay in L2
 
 bool AmxServes(const Problem& pr) {

@@ -31,7 +31,8 @@ ISAS = ("scalar", "avx512", "amx")
 # Kernel for M <= these many tokens; measured crossovers against XLA:CPU (benchmarks/dense_kernel.py, 2 cores):
 MAX_TOKENS = 128  # vs einsums XLA runs by converting the weight to fp32 (bf16 result): XLA still 1.2x slower at 192
 MAX_TOKENS_VS_BF16_GEMM = 4  # vs bf16 x and W with an fp32 result: XLA's own bf16 GEMM, faster from 3-6 tokens
-# ... except bf16 x times bf16 [N, K] on an AMX CPU (the tile path: ~2x XLA's GEMM at prefill sizes)
+MAX_TOKENS_VS_BF16_GEMM_KN = 12  # the same for W [K, N] (attention): XLA's GEMM is slower there up to 8-16 tokens
+# ... and bf16 x times bf16 [N, K] on an AMX CPU: the kernel at any size (the tile path from 4 tokens)
 
 _lock = threading.Lock()
 _state: dict = {"tried": False, "lib": None, "error": None}
@@ -66,11 +67,12 @@ def load_error() -> str | None:
     return _state["error"]
 
 
-def serves(tokens: int, w, *, xla_bf16_gemm: bool = False, amx_rows: bool = False) -> bool:
+def serves(tokens: int, w, *, xla_bf16_gemm: bool = False, w_nk: bool = True, amx_rows: bool = False) -> bool:
     """Whether a matmul of `tokens` rows with weight `w`, traced now, goes to the dense kernel. `xla_bf16_gemm`:
-    XLA's alternative is its native bf16 GEMM (bf16 x and w, fp32 result), which wins from a few tokens on.
-    `amx_rows`: bf16 x, w [N, K] with K % 32 == 0, which on a CPU with AMX the kernel serves at any size."""
-    limit = MAX_TOKENS_VS_BF16_GEMM if xla_bf16_gemm else MAX_TOKENS
+    XLA's alternative is its native bf16 GEMM (bf16 x and w, fp32 result), which wins from a few tokens on
+    (`w_nk`: w is [N, K], else [K, N]). `amx_rows`: bf16 x, w [N, K] with K % 32 == 0, which on a CPU with AMX
+    the kernel serves at any size."""
+    limit = (MAX_TOKENS_VS_BF16_GEMM if w_nk else MAX_TOKENS_VS_BF16_GEMM_KN) if xla_bf16_gemm else MAX_TOKENS
     if not (jnp.dtype(w.dtype) == jnp.bfloat16 and tokens >= 1 and mxfp4_cpu.kernel_enabled()
             and jax.device_count() == 1 and kernel_available()):
         return False

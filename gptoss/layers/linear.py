@@ -50,7 +50,7 @@ def project(spec: str, x, w, *, preferred_element_type=None):
     p = plan(spec)
     if p is not None:
         K = math.prod(x.shape[p.batch:])
-        if dense_cpu.serves(math.prod(x.shape[: p.batch]), w, xla_bf16_gemm=bf16,
+        if dense_cpu.serves(math.prod(x.shape[: p.batch]), w, xla_bf16_gemm=bf16, w_nk=p.w_nk,
                             amx_rows=bf16 and p.w_nk and K % 32 == 0):
             return _kernel(p, x, w, out_dtype)
     if bf16 and out_dtype == jnp.bfloat16:

@@ -90,9 +90,10 @@ def test_pool_sizes_and_gpt_oss_width(threads, w_nk):
         mxfp4_cpu.set_num_threads(0)
 
 
-# Prefill-sized bf16 x times bf16 [N, K] with K % 32 == 0: the AMX tile path where the CPU has it (M >= 16), the
-# AVX-512 / scalar paths otherwise. Row tails (N % 32), token tails (M % 16), several 256-token blocks.
-AMX_CASES = [(16, 32, 32), (17, 96, 45), (40, 2880, 70), (300, 64, 33), (530, 128, 64)]
+# Prefill-sized bf16 x times bf16 [N, K] with K % 32 == 0: the AMX tile path where the CPU has it, the
+# AVX-512 / scalar paths otherwise (M >= 4 on the tiles). Row tails (N % 32), token tails (M % 16), several 256-token
+# blocks.
+AMX_CASES = [(4, 64, 40), (5, 32, 17), (16, 32, 32), (17, 96, 45), (40, 2880, 70), (300, 64, 33), (530, 128, 64)]
 
 
 @pytest.mark.parametrize("case", AMX_CASES, ids=lambda c: "M{}K{}N{}".format(*c))
@@ -216,6 +217,11 @@ def test_serves(monkeypatch):
         assert not dense_cpu.serves(dense_cpu.MAX_TOKENS + 1, w16)
         assert dense_cpu.serves(dense_cpu.MAX_TOKENS_VS_BF16_GEMM, w16, xla_bf16_gemm=True)
         assert not dense_cpu.serves(dense_cpu.MAX_TOKENS_VS_BF16_GEMM + 1, w16, xla_bf16_gemm=True)
+        limit_kn = dense_cpu.MAX_TOKENS_VS_BF16_GEMM_KN  # W [K, N]: XLA's bf16 GEMM catches up later
+        assert dense_cpu.serves(limit_kn, w16, xla_bf16_gemm=True, w_nk=False)
+        assert not dense_cpu.serves(limit_kn + 1, w16, xla_bf16_gemm=True, w_nk=False)
+        amx = dense_cpu.isa() == "amx"  # bf16 x times W [N, K]: the AMX tiles serve any size
+        assert dense_cpu.serves(10**6, w16, xla_bf16_gemm=True, amx_rows=True) == amx
         assert not dense_cpu.serves(0, w16)
         assert not dense_cpu.serves(1, w32)  # XLA's fp32 GEMV needs no conversion
         monkeypatch.setattr(jax, "device_count", lambda *a: 2)
