@@ -119,6 +119,13 @@ def time_runs(fn: Callable[[], Any], runs: int) -> dict[str, Any]:
 
 
 # ---------------------------------------------------------------------------------------------- reporting
+def bandwidth_summary(times: Sequence[float], nbytes: int) -> dict[str, Any]:
+    """Median and best time of repeated runs that each move `nbytes`, with the GB/s of both."""
+    med, best = statistics.median(times), min(times)
+    return {"median_s": med, "min_s": best, "median_GBps": nbytes / med / 1e9, "best_GBps": nbytes / best / 1e9,
+            "runs": len(times)}
+
+
 def machine_info() -> dict[str, Any]:
     cpu_model = platform.processor()
     try:

@@ -30,7 +30,7 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
-from _common import log, machine_info, print_table, write_json
+from _common import bandwidth_summary, log, machine_info, print_table, write_json
 
 from gptoss.kernels import dense_cpu, mxfp4_cpu
 
@@ -63,12 +63,6 @@ def burst(fn, x, weights, calls: int) -> float:
         out = fn(x, weights())
     jax.block_until_ready(out)
     return (time.perf_counter() - t) / calls
-
-
-def summary(times, nbytes):
-    med, best = statistics.median(times), min(times)
-    return {"median_s": med, "min_s": best, "median_GBps": nbytes / med / 1e9, "best_GBps": nbytes / best / 1e9,
-            "runs": len(times)}
 
 
 def main():
@@ -133,13 +127,13 @@ def main():
                         burst(xla[name], xs[name, M], lambda name=name: next_weight(name),
                               1 if name == "unembed" else 4))
 
-    read = summary(read_times, buf.nbytes)
+    read = bandwidth_summary(read_times, buf.nbytes)
     results = {"numpy_read": read, "gemv": {}, "rounds": args.rounds, "machine": machine_info(),
                "kernel_isa": dense_cpu.isa(), "threads_default": threads}
     rows = [["numpy streaming read", "-", "-", "1", read["median_GBps"], read["best_GBps"], "100%"]]
     for (what, name, M, n), ts in sorted(times.items(), key=lambda kv: (kv[0][1], kv[0][2], kv[0][0], str(kv[0][3]))):
         nbytes = 2 * SHAPES[name][0][0] * SHAPES[name][0][1]
-        s = summary(ts, nbytes)
+        s = bandwidth_summary(ts, nbytes)
         # each run's rate over the same round's read rate: robust to the load drifting between rounds
         s["pct_of_read_paired"] = 100 * statistics.median((nbytes / t) / (buf.nbytes / rt)
                                                           for t, rt in zip(ts, read_times))

@@ -26,7 +26,7 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
-from _common import log, machine_info, print_table, write_json
+from _common import bandwidth_summary, log, machine_info, print_table, write_json
 
 from gptoss.kernels import mxfp4_cpu
 from gptoss.quant import MXFP4Array
@@ -51,12 +51,6 @@ def timed(fn, *args) -> float:
     t = time.perf_counter()
     jax.block_until_ready(fn(*args))
     return time.perf_counter() - t
-
-
-def summary(times, nbytes):
-    med, best = statistics.median(times), min(times)
-    return {"median_s": med, "min_s": best, "median_GBps": nbytes / med / 1e9, "best_GBps": nbytes / best / 1e9,
-            "runs": len(times)}
 
 
 def main():
@@ -138,14 +132,14 @@ def main():
                 record(f"pure XLA bf16 x|{name}|XLA threads", xla_path, xbf, weights[name][1], experts())
 
     read_times = times.pop("numpy read")
-    read = summary(read_times, buf.nbytes)
+    read = bandwidth_summary(read_times, buf.nbytes)
     results = {"numpy_read": read, "gemv": {}, "experts": E, "rounds": args.rounds, "machine": machine_info(),
                "kernel_isa": mxfp4_cpu.isa(), "kernel_threads_default": threads_default}
     rows = [["numpy streaming read", "-", "-", read["median_GBps"], read["best_GBps"], "100%", "100%", "100%"]]
     for key, ts in sorted(times.items(), key=lambda kv: (kv[0].split("|")[1], kv[0].split("|")[2], kv[0])):
         what, name, tlabel = key.split("|")
         N, K = SHAPES[name]
-        s = summary(ts, TOPK * N * (K // 32) * 17)
+        s = bandwidth_summary(ts, TOPK * N * (K // 32) * 17)
         s["pct_of_read_median"] = 100 * s["median_GBps"] / read["median_GBps"]
         s["pct_of_read_best"] = 100 * s["best_GBps"] / read["best_GBps"]
         # each round's kernel rate over the same round's read rate: robust to the load drifting between rounds
