@@ -1,8 +1,9 @@
-"""`project(spec, x, w)`: a weight projection written as an einsum, sent to the dense bf16 CPU kernel for decode.
+"""`project(spec, x, w)`: a weight projection written as an einsum, sent to the dense bf16 CPU kernel when it wins.
 
 XLA:CPU converts a whole bf16 weight to fp32 on every call when only a few tokens multiply it, so decode-sized
-projections with bf16 weights go to gptoss.kernels.dense_cpu (when `dense_cpu.serves`); everything else, and the
-reference twin, is the plain `jnp.einsum`. Both give the einsum's result dtype.
+projections with bf16 weights go to gptoss.kernels.dense_cpu (when `dense_cpu.serves`), as does the unembedding at
+any length on CPUs with AMX; everything else, and the reference twin, is the plain `jnp.einsum` (bf16 x bf16 asked
+for an fp32 result, XLA's fast case). Both give the einsum's result dtype.
 """
 
 from __future__ import annotations
