@@ -126,9 +126,7 @@ void AmxTask(void* ctx, int64_t i) {
   const AmxJob& j = *static_cast<const AmxJob*>(ctx);
   const Problem& pr = *j.pr;
   const int64_t n0 = (i / j.blocks) * kAmxRows, t0 = (i % j.blocks) * kAmxTokenBlock;
-  thread_local std::vector<uint16_t> scratch;  // only for a tail of fewer than 32 rows
-  scratch.resize(2 * j.G * 512 + 32);
-  uint16_t* wbuf = scratch.data() + ((64 - reinterpret_cast<uintptr_t>(scratch.data()) % 64) % 64) / 2;
+  uint16_t* wbuf = amx_scratch(j.G);  // used only for a tail of fewer than 32 rows
   const AmxTile t{static_cast<const uint8_t*>(pr.w) + n0 * pr.K * 2, nullptr, j.G, std::min(kAmxRows, pr.N - n0),
                   j.xb.data() + (t0 / 16) * j.G * 256, std::min(kAmxTokenBlock, pr.M - t0), j.ys.data() + t0, n0,
                   nullptr, wbuf};

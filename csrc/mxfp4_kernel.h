@@ -56,6 +56,8 @@ void tile_avx512(const Tile& t);  // linked in when GPTOSS_HAVE_AVX512 is define
 void tile_amx(const AmxTile& t);  // linked in when GPTOSS_HAVE_AMX is defined
 // The same for dense bf16 rows: w points at `rows` rows of G * 32 bf16 (row r at w + r * G * 64 bytes).
 void tile_amx_bf16(const AmxTile& t);
+// This thread's 64-byte aligned AmxTile::wbuf for rows of G blocks (grown as needed, reused across calls).
+uint16_t* amx_scratch(int64_t G);
 // Writes token i's bf16 row (K elements, K % 32 == 0) into the AMX token tiles at `tiles` (zeroed beforehand).
 void pack_token(const uint16_t* x_row, int64_t K, int64_t i, uint32_t* tiles);
 // Whether tile_amx* may run: compiled in, CPU support, and the OS's permission (requested on the first call).

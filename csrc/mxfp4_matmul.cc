@@ -50,6 +50,12 @@ bool amx_usable() {
 #endif
 }
 
+uint16_t* amx_scratch(int64_t G) {
+  thread_local std::vector<uint16_t> scratch;
+  scratch.resize(2 * G * 512 + 32);
+  return scratch.data() + ((64 - reinterpret_cast<uintptr_t>(scratch.data()) % 64) % 64) / 2;
+}
+
 void pack_token(const uint16_t* x_row, int64_t K, int64_t i, uint32_t* tiles) {
   const uint32_t* row = reinterpret_cast<const uint32_t*>(x_row);  // bf16 pairs along k
   uint32_t* dst = tiles + (i / 16) * (K / 32) * 256 + (i % 16);
@@ -221,9 +227,7 @@ void AmxTask(void* ctx, int64_t task) {
   const AmxJob& j = *static_cast<const AmxJob*>(ctx);
   const AmxJob::Group& grp = j.groups[task / j.chunks];
   const int64_t n0 = (task % j.chunks) * kAmxRows, N = j.pr->N;
-  thread_local std::vector<uint16_t> scratch;
-  scratch.resize(2 * j.G * 512 + 32);
-  uint16_t* wbuf = scratch.data() + ((64 - reinterpret_cast<uintptr_t>(scratch.data()) % 64) % 64) / 2;
+  uint16_t* wbuf = amx_scratch(j.G);
   AmxTile t{j.pr->blocks + (grp.e * N + n0) * j.G * 16, j.pr->scales + (grp.e * N + n0) * j.G, j.G,
             std::min(kAmxRows, N - n0), j.xb.data() + grp.xb, grp.count, &j.ys[grp.first], n0, g_bf16_lut.v, wbuf};
   tile_amx(t);
