@@ -11,6 +11,9 @@ namespace {
 #define GPTOSS_PREFETCH 8192
 #endif
 constexpr int kPrefetch = GPTOSS_PREFETCH;  // bytes ahead of the decode GEMV's read position (0: off)
+// The transposed product's rows per pass; each pass prefetches (to L2) the same blocks of the next pass's rows,
+// which a hardware prefetcher does not see coming (a few bytes every G * 16).
+constexpr int kRowsPerPass = 64;
 
 template <int R, int TB>
 struct MK {
@@ -67,8 +70,79 @@ struct MK {
   }
 };
 
+// The transposed product: per row n, each half block decodes once into its 8 even and 8 odd elements (as above),
+// then acc[i] += dy[i][n] * w for each token. With several tokens, one half block per pass over the rows keeps
+// 2 x TB accumulators in the 16 registers. Partial sums wait in dx in that even/odd order; the last pass
+// interleaves them into k order.
+template <int B, int TB>
+struct MKT {
+  static constexpr int HP = TB == 1 ? 2 : 1;  // halves per pass
+
+  static void run(const gptoss::TTile& t, int64_t n0, int64_t n1, int64_t t0, int64_t g) {
+    const int64_t G = t.G;
+    const __m256 mag = _mm256_load_ps(gptoss::kE2M1);
+    const __m256i sign = _mm256_set1_epi32(static_cast<int>(0x80000000u));
+    for (int h0 = 0; h0 < 2; h0 += HP) {
+      __m256 acc[B][HP][TB][2];  // [block][half][token][even, odd]
+      for (int b = 0; b < B; ++b)
+        for (int h = 0; h < HP; ++h)
+          for (int i = 0; i < TB; ++i) {
+            const float* d = t.dx[t0 + i] + 32 * (g + b) + 16 * (h0 + h);
+            acc[b][h][i][0] = n0 > 0 ? _mm256_loadu_ps(d) : _mm256_setzero_ps();
+            acc[b][h][i][1] = n0 > 0 ? _mm256_loadu_ps(d + 8) : _mm256_setzero_ps();
+          }
+      const uint8_t* w = t.w + (n0 * G + g) * 16 + 8 * h0;
+      const uint8_t* s = t.s + n0 * G + g;
+      const float* dy = t.dy + n0 * t.ntok + t0;
+      for (int64_t n = n0; n < n1; ++n, w += G * 16, s += G, dy += t.ntok) {
+        if (h0 == 0 && t0 == 0) {
+          _mm_prefetch((const char*)(w + kRowsPerPass * G * 16), _MM_HINT_T1);
+          _mm_prefetch((const char*)(w + kRowsPerPass * G * 16 + 16 * B - 1), _MM_HINT_T1);
+          _mm_prefetch((const char*)(s + kRowsPerPass * G), _MM_HINT_T1);
+        }
+#pragma GCC unroll 4
+        for (int b = 0; b < B; ++b) {
+          const __m256 ms = _mm256_mul_ps(mag, _mm256_set1_ps(t.scale_lut[s[b]]));
+#pragma GCC unroll 2
+          for (int h = 0; h < HP; ++h) {
+            const __m256i v = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i*)(w + 16 * b + 8 * h)));
+            const __m256i sl = _mm256_and_si256(_mm256_slli_epi32(v, 28), sign);
+            const __m256i sh = _mm256_and_si256(_mm256_slli_epi32(v, 24), sign);
+            const __m256 wl = _mm256_xor_ps(_mm256_permutevar8x32_ps(ms, v), _mm256_castsi256_ps(sl));
+            const __m256 wh =
+                _mm256_xor_ps(_mm256_permutevar8x32_ps(ms, _mm256_srli_epi32(v, 4)), _mm256_castsi256_ps(sh));
+#pragma GCC unroll 8
+            for (int i = 0; i < TB; ++i) {
+              const __m256 d = _mm256_broadcast_ss(dy + i);
+              acc[b][h][i][0] = _mm256_fmadd_ps(wl, d, acc[b][h][i][0]);
+              acc[b][h][i][1] = _mm256_fmadd_ps(wh, d, acc[b][h][i][1]);
+            }
+          }
+        }
+      }
+      const bool last = n1 == t.rows;
+      for (int b = 0; b < B; ++b)
+        for (int h = 0; h < HP; ++h)
+          for (int i = 0; i < TB; ++i) {
+            float* d = t.dx[t0 + i] + 32 * (g + b) + 16 * (h0 + h);
+            const __m256 e = acc[b][h][i][0], o = acc[b][h][i][1];
+            if (last) {  // lanes of e are k = 2j, of o k = 2j + 1 (j = 0..7)
+              const __m256 lo = _mm256_unpacklo_ps(e, o), hi = _mm256_unpackhi_ps(e, o);
+              _mm256_storeu_ps(d, _mm256_permute2f128_ps(lo, hi, 0x20));
+              _mm256_storeu_ps(d + 8, _mm256_permute2f128_ps(lo, hi, 0x31));
+            } else {
+              _mm256_storeu_ps(d, e);
+              _mm256_storeu_ps(d + 8, o);
+            }
+          }
+    }
+  }
+};
+
 #include "mxfp4_tile_loop.h"
+#include "mxfp4_tile_t_loop.h"
 
 }  // namespace
 
 void gptoss::tile_avx2(const gptoss::Tile& t) { run_tile<MK, 4, 2, 4, 16>(t); }
+void gptoss::tile_t_avx2(const gptoss::TTile& t) { run_tile_t<MKT, 2, 1, 4, kRowsPerPass>(t); }

@@ -6,9 +6,9 @@
 // within each 32-element block, the 16 even elements come first, then the 16 odd ones, so a vector of low
 // nibbles multiplies a contiguous vector of x. Accumulation is fp32.
 //
-// Each ISA translation unit (scalar / AVX2 / AVX-512) is compiled with its own -m flags and exposes one
-// extern function; nothing else in it has external linkage, so no AVX-512 code can leak into a shared
-// inline symbol used by another path.
+// Each ISA translation unit (scalar / AVX2 / AVX-512) is compiled with its own -m flags and exposes two extern
+// functions (the product and its transpose); nothing else in it has external linkage, so no AVX-512 code can
+// leak into a shared inline symbol used by another path.
 #ifndef GPTOSS_MXFP4_KERNEL_H_
 #define GPTOSS_MXFP4_KERNEL_H_
 
@@ -30,6 +30,22 @@ struct Tile {
 };
 
 using TileFn = void (*)(const Tile&);
+
+// The transposed product (the input gradient dx = W^T dy): blocks [g0, g1) of the K axis of one expert, for `ntok`
+// tokens, each summed over all `rows` rows of the expert. Written in the natural k order (not "xp").
+struct TTile {
+  const uint8_t* w;        // packed bytes of the expert's row 0; row n starts at w + n * G * 16
+  const uint8_t* s;        // scale bytes of row 0; row n starts at s + n * G
+  int64_t G;               // blocks per row (K / 32)
+  int64_t rows;            // N, the reduction length
+  int64_t g0, g1;          // the blocks this tile writes
+  const float* dy;         // dy[n * ntok + t]: row n's output gradient for token t (token-minor)
+  int64_t ntok;
+  float* const* dx;        // ntok output rows of G * 32 floats; writes dx[t][32 * g0 .. 32 * g1)
+  const float* scale_lut;  // as in Tile
+};
+
+using TTileFn = void (*)(const TTile&);
 
 // E2M1 code -> value; bit 3 is the sign.
 alignas(64) static const float kE2M1[16] = {0.0f,  0.5f,  1.0f,  1.5f,  2.0f,  3.0f,  4.0f,  6.0f,
@@ -54,6 +70,10 @@ void tile_scalar(const Tile& t);
 void tile_avx2(const Tile& t);    // linked in when GPTOSS_HAVE_AVX2 is defined
 void tile_avx512(const Tile& t);  // linked in when GPTOSS_HAVE_AVX512 is defined
 void tile_amx(const AmxTile& t);  // linked in when GPTOSS_HAVE_AMX is defined
+// The transposed product; no AMX version (an AMX CPU runs tile_t_avx512).
+void tile_t_scalar(const TTile& t);
+void tile_t_avx2(const TTile& t);
+void tile_t_avx512(const TTile& t);
 // The same for dense bf16 rows: w points at `rows` rows of G * 32 bf16 (row r at w + r * G * 64 bytes).
 void tile_amx_bf16(const AmxTile& t);
 // This thread's 64-byte aligned AmxTile::wbuf for rows of G blocks (grown as needed, reused across calls).

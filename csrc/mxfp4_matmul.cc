@@ -2,6 +2,10 @@
 //
 //   x [M, K] (f32 or bf16), blocks [E, N, K/32, 16] u8, scales [E, N, K/32] u8, idx [M, S] i32
 //   -> y [M, S, N] f32,  y[m, s, :] = W[idx[m, s]] . x[m]   (W[e] is [N, K], the checkpoint's [out, in])
+//   transpose = 1 (the input gradient): dy [M, S, N] (f32 or bf16) -> dx [M, S, K] f32,
+//                 dx[m, s, :] = W[idx[m, s]]^T . dy[m, s]
+// A negative index skips its pair (expert parallelism marks the pairs of other devices' experts -1): its output
+// row is zero and nothing is computed for it. An index >= E is an error.
 //
 // The packed weights are read in place: nibbles are decoded in registers (mxfp4_{avx512,avx2,scalar}.cc,
 // chosen at run time from the CPU's features) and the dequantized matrix never exists in memory.
@@ -10,6 +14,10 @@
 //                          and multiplies it with a block of that expert's inputs (register-tiled GEMM).
 //                          With bf16 inputs on a CPU with AMX (mxfp4_amx.cc), the chunk is dequantized to bf16
 //                          in L2 and multiplied on the tile unit instead: ~4x the FMA path's throughput.
+// The transposed product splits each expert's (or pair's) work over ranges of whole 32-blocks of K instead: each
+// weight block is decoded once per pass and multiplied into the accumulators of several tokens, and the packed
+// rows of an expert are streamed once for all of its pairs (grouped) or once per pair (gather). No AMX version:
+// an AMX CPU runs the AVX-512 one.
 // Work is split over output rows and run on a small persistent thread pool (the calling thread included),
 // sized by GPTOSS_MXFP4_THREADS or the CPUs this process may run on.
 #include <algorithm>
@@ -18,6 +26,10 @@
 #include <cstring>
 #include <string>
 #include <vector>
+
+#if defined(__SSE__)
+#include <xmmintrin.h>
+#endif
 
 #if defined(GPTOSS_HAVE_AMX)
 #include <cpuid.h>
@@ -98,6 +110,16 @@ TileFn tile_fn(int isa) {
   return tile_scalar;
 }
 
+TTileFn tile_t_fn(int isa) {
+#if defined(GPTOSS_HAVE_AVX512)
+  if (isa >= kAvx512) return tile_t_avx512;
+#endif
+#if defined(GPTOSS_HAVE_AVX2)
+  if (isa == kAvx2) return tile_t_avx2;
+#endif
+  return tile_t_scalar;
+}
+
 int initial_isa() {
   int isa = best_isa();
   if (const char* env = std::getenv("GPTOSS_MXFP4_ISA")) {  // caps the choice (for tests)
@@ -154,25 +176,44 @@ struct Job {
   int64_t G, N, rows_per_task, chunks;
   const uint8_t* blocks;
   const uint8_t* scales;
-  // gather: one task per (pair, row chunk)
+  // gather: one task per (unskipped pair, row chunk)
   const int32_t* idx;
-  std::vector<const float*> xs;  // input rows, per pair (gather) or per sorted pair (grouped)
+  std::vector<int64_t> pairs;    // the unskipped pairs
+  std::vector<const float*> xs;  // input rows, per unskipped pair (gather) or per sorted pair (grouped)
   std::vector<float*> ys;
   // grouped: one task per (expert, token block, row chunk)
   struct Group { int64_t e, first, count; };
   std::vector<Group> groups;
 };
 
+// XLA runs its threads with flush-to-zero and denormals-are-zero; the pool's workers run with whatever their
+// creator had. A task sets IEEE behaviour (subnormal weights exact: scale byte 0 is 2**-127) and gives the thread
+// its own back at the end, so no result depends on the thread that computed it.
+class ExactFp {
+ public:
+#if defined(__SSE__)
+  ExactFp() : saved_(_mm_getcsr()) { _mm_setcsr(saved_ & ~0x8040u); }  // clear FTZ (bit 15) and DAZ (bit 6)
+  ~ExactFp() { _mm_setcsr(saved_); }
+
+ private:
+  unsigned saved_;
+#else
+  ExactFp() {}
+#endif
+};
+
 void GatherTask(void* ctx, int64_t task) {
+  const ExactFp fp;
   const Job& j = *static_cast<const Job*>(ctx);
-  const int64_t p = task / j.chunks, n0 = (task % j.chunks) * j.rows_per_task;
-  const int64_t e = j.idx[p];
+  const int64_t a = task / j.chunks, n0 = (task % j.chunks) * j.rows_per_task;
+  const int64_t e = j.idx[j.pairs[a]];
   Tile t{j.blocks + (e * j.N + n0) * j.G * 16, j.scales + (e * j.N + n0) * j.G, j.G,
-         std::min(j.rows_per_task, j.N - n0), &j.xs[p], 1, &j.ys[p], n0, g_scales.v};
+         std::min(j.rows_per_task, j.N - n0), &j.xs[a], 1, &j.ys[a], n0, g_scales.v};
   j.fn(t);
 }
 
 void GroupedTask(void* ctx, int64_t task) {
+  const ExactFp fp;
   const Job& j = *static_cast<const Job*>(ctx);
   const Job::Group& grp = j.groups[task / j.chunks];
   const int64_t n0 = (task % j.chunks) * j.rows_per_task;
@@ -198,15 +239,42 @@ void PermuteInputs(const Problem& pr, std::vector<float>& xp) {
       for (int j = 0; j < 32; ++j) xp[m * pr.K + 32 * g + (j >> 1) + 16 * (j & 1)] = InputAt(pr, m * pr.K + 32 * g + j);
 }
 
-// Pairs (m, s) bucketed by expert, stable: order[start[e] .. start[e+1]) are expert e's pairs (p = m * S + s).
+// Unskipped pairs (m, s) bucketed by expert, stable: order[start[e] .. start[e+1]) are expert e's pairs
+// (p = m * S + s).
 void SortPairs(const Problem& pr, std::vector<int64_t>& start, std::vector<int64_t>& order) {
   const int64_t P = pr.M * pr.S;
   start.assign(pr.E + 1, 0);
-  for (int64_t p = 0; p < P; ++p) ++start[pr.idx[p] + 1];
+  for (int64_t p = 0; p < P; ++p)
+    if (pr.idx[p] >= 0) ++start[pr.idx[p] + 1];
   for (int64_t e = 0; e < pr.E; ++e) start[e + 1] += start[e];
   std::vector<int64_t> fill(start.begin(), start.end() - 1);
-  order.resize(P);
-  for (int64_t p = 0; p < P; ++p) order[fill[pr.idx[p]]++] = p;
+  order.resize(start[pr.E]);
+  for (int64_t p = 0; p < P; ++p)
+    if (pr.idx[p] >= 0) order[fill[pr.idx[p]]++] = p;
+}
+
+// "" if K is whole blocks and every index is < E, else the error message.
+std::string CheckProblem(const Problem& pr) {
+  if (pr.K % 32 != 0) return "K must be a multiple of 32";
+  const int64_t P = pr.M * pr.S;
+  for (int64_t p = 0; p < P; ++p)
+    if (pr.idx[p] >= pr.E)
+      return "expert index " + std::to_string(pr.idx[p]) + " out of range [0, " + std::to_string(pr.E) + ")";
+  return "";
+}
+
+// Zeroes the output rows (`width` floats each) of the skipped pairs; returns the others.
+std::vector<int64_t> UnskippedPairs(const Problem& pr, int64_t width) {
+  std::vector<int64_t> pairs;
+  const int64_t P = pr.M * pr.S;
+  pairs.reserve(P);
+  for (int64_t p = 0; p < P; ++p) {
+    if (pr.idx[p] >= 0)
+      pairs.push_back(p);
+    else
+      std::fill(pr.y + p * width, pr.y + (p + 1) * width, 0.0f);
+  }
+  return pairs;
 }
 
 #if defined(GPTOSS_HAVE_AMX)
@@ -238,7 +306,7 @@ void ComputeAmx(const Problem& pr, Pool& workers) {
   SortPairs(pr, start, order);
   AmxJob j;
   j.pr = &pr, j.G = pr.K / 32, j.chunks = (pr.N + kAmxRows - 1) / kAmxRows;
-  const int64_t P = pr.M * pr.S, tile_words = j.G * 256;
+  const int64_t tile_words = j.G * 256;
   int64_t words = 0;
   for (int64_t e = 0; e < pr.E; ++e) {
     const int64_t count = start[e + 1] - start[e];
@@ -247,7 +315,7 @@ void ComputeAmx(const Problem& pr, Pool& workers) {
     words += (count + 15) / 16 * tile_words;
   }
   j.xb.assign(words, 0u);
-  j.ys.resize(P);
+  j.ys.resize(order.size());
   const uint16_t* x = static_cast<const uint16_t*>(pr.x);
   for (const AmxJob::Group& grp : j.groups)
     for (int64_t i = 0; i < grp.count; ++i) {
@@ -261,14 +329,14 @@ void ComputeAmx(const Problem& pr, Pool& workers) {
 
 // Returns "" on success, else an error message.
 std::string Compute(const Problem& pr, bool grouped) {
-  if (pr.K % 32 != 0) return "K must be a multiple of 32";
-  const int64_t P = pr.M * pr.S;
-  for (int64_t p = 0; p < P; ++p)
-    if (pr.idx[p] < 0 || pr.idx[p] >= pr.E)
-      return "expert index " + std::to_string(pr.idx[p]) + " out of range [0, " + std::to_string(pr.E) + ")";
-  if (P == 0 || pr.N == 0) return "";
+  const std::string err = CheckProblem(pr);
+  if (!err.empty() || pr.N == 0) return err;
+  Job j;
+  j.pairs = UnskippedPairs(pr, pr.N);
+  const int64_t A = static_cast<int64_t>(j.pairs.size());
+  if (A == 0) return "";
   if (pr.K == 0) {
-    std::fill(pr.y, pr.y + P * pr.N, 0.0f);
+    for (int64_t p : j.pairs) std::fill(pr.y + p * pr.N, pr.y + (p + 1) * pr.N, 0.0f);
     return "";
   }
   Pool& workers = pool();
@@ -281,22 +349,24 @@ std::string Compute(const Problem& pr, bool grouped) {
 #endif
   thread_local std::vector<float> xp;
   PermuteInputs(pr, xp);
-  Job j;
   j.fn = tile_fn(isa);
   j.G = pr.K / 32, j.N = pr.N, j.blocks = pr.blocks, j.scales = pr.scales, j.idx = pr.idx;
-  j.xs.resize(P), j.ys.resize(P);
+  j.xs.resize(A), j.ys.resize(A);
   if (!grouped) {
     // rows per task: large enough to amortize a task, small enough for ~8 tasks per thread
-    const int64_t per = std::max<int64_t>(1, P * pr.N / (8 * workers.size()));
+    const int64_t per = std::max<int64_t>(1, A * pr.N / (8 * workers.size()));
     j.rows_per_task = std::min<int64_t>(std::max<int64_t>(std::min<int64_t>(per, 64), 4), pr.N);
     j.chunks = (pr.N + j.rows_per_task - 1) / j.rows_per_task;
-    for (int64_t p = 0; p < P; ++p) j.xs[p] = xp.data() + (p / pr.S) * pr.K, j.ys[p] = pr.y + p * pr.N;
-    workers.Run(P * j.chunks, GatherTask, &j);
+    for (int64_t a = 0; a < A; ++a) {
+      j.xs[a] = xp.data() + (j.pairs[a] / pr.S) * pr.K;
+      j.ys[a] = pr.y + j.pairs[a] * pr.N;
+    }
+    workers.Run(A * j.chunks, GatherTask, &j);
     return "";
   }
   std::vector<int64_t> start, order;
   SortPairs(pr, start, order);
-  for (int64_t at = 0; at < P; ++at) j.xs[at] = xp.data() + (order[at] / pr.S) * pr.K, j.ys[at] = pr.y + order[at] * pr.N;
+  for (int64_t at = 0; at < A; ++at) j.xs[at] = xp.data() + (order[at] / pr.S) * pr.K, j.ys[at] = pr.y + order[at] * pr.N;
   constexpr int64_t kTokenBlock = 64;  // inputs per task: 64 x K fp32 stays in L2 while a row chunk streams
   for (int64_t e = 0; e < pr.E; ++e)
     for (int64_t f = start[e]; f < start[e + 1]; f += kTokenBlock)
@@ -307,23 +377,115 @@ std::string Compute(const Problem& pr, bool grouped) {
   return "";
 }
 
+// ------------------------------------------------------------------------------ driver, transposed product
+// Here Problem::x is dy [M, S, N] and Problem::y is dx [M, S, K].
+struct TJob {
+  TTileFn fn;
+  const Problem* pr;
+  int64_t G, blocks_per_task, chunks;
+  // one task per (group, block chunk); a group is one pair (gather) or up to kTokenBlockT pairs of one expert
+  struct Group { int64_t e, first, count; const float* dy; };  // dy: [N][count], token-minor (TTile::dy)
+  std::vector<Group> groups;
+  std::vector<int64_t> pairs;  // unskipped pairs, in group order
+  std::vector<float*> dxs;     // their output rows
+  float* dyt = nullptr;        // where PackTask writes the groups' dy (group g at groups[g].first * N)
+};
+
+constexpr int64_t kTokenBlockT = 64;  // pairs per group: dy of 64 tokens x a pass's rows stays in L1
+
+// Writes a group's dy token-minor and in fp32 (where Group::dy points).
+void PackTask(void* ctx, int64_t gi) {
+  const TJob& j = *static_cast<const TJob*>(ctx);
+  const TJob::Group& grp = j.groups[gi];
+  const int64_t N = j.pr->N;
+  float* out = j.dyt + grp.first * N;
+  for (int64_t n = 0; n < N; ++n)
+    for (int64_t i = 0; i < grp.count; ++i) out[n * grp.count + i] = InputAt(*j.pr, j.pairs[grp.first + i] * N + n);
+}
+
+void TransposedTask(void* ctx, int64_t task) {
+  const ExactFp fp;
+  const TJob& j = *static_cast<const TJob*>(ctx);
+  const TJob::Group& grp = j.groups[task / j.chunks];
+  const int64_t g0 = (task % j.chunks) * j.blocks_per_task, row0 = grp.e * j.pr->N;
+  TTile t{j.pr->blocks + row0 * j.G * 16, j.pr->scales + row0 * j.G, j.G, j.pr->N, g0,
+          std::min(j.G, g0 + j.blocks_per_task), grp.dy, grp.count, &j.dxs[grp.first], g_scales.v};
+  j.fn(t);
+}
+
+std::string ComputeT(const Problem& pr, bool grouped) {
+  const std::string err = CheckProblem(pr);
+  if (!err.empty() || pr.K == 0) return err;
+  TJob j;
+  j.pairs = UnskippedPairs(pr, pr.K);
+  const int64_t A = static_cast<int64_t>(j.pairs.size());
+  if (A == 0) return "";
+  if (pr.N == 0) {  // an empty sum
+    for (int64_t p : j.pairs) std::fill(pr.y + p * pr.K, pr.y + (p + 1) * pr.K, 0.0f);
+    return "";
+  }
+  Pool& workers = pool();
+  j.fn = tile_t_fn(g_isa.load());
+  j.pr = &pr, j.G = pr.K / 32;
+  if (grouped) {
+    std::vector<int64_t> start;
+    SortPairs(pr, start, j.pairs);
+    for (int64_t e = 0; e < pr.E; ++e)
+      for (int64_t f = start[e]; f < start[e + 1]; f += kTokenBlockT)
+        j.groups.push_back({e, f, std::min(kTokenBlockT, start[e + 1] - f), nullptr});
+  } else {
+    for (int64_t a = 0; a < A; ++a) j.groups.push_back({pr.idx[j.pairs[a]], a, 1, nullptr});
+  }
+  j.dxs.resize(A);
+  for (int64_t a = 0; a < A; ++a) j.dxs[a] = pr.y + j.pairs[a] * pr.K;
+  const int64_t ngroups = static_cast<int64_t>(j.groups.size());
+  if (grouped || pr.x_bf16) {
+    thread_local std::vector<float> dyt;
+    dyt.resize(static_cast<size_t>(A * pr.N));
+    j.dyt = dyt.data();
+    for (TJob::Group& grp : j.groups) grp.dy = j.dyt + grp.first * pr.N;
+    workers.Run(ngroups, PackTask, &j);
+  } else {  // one fp32 token per group: dy's own row is already token-minor
+    for (TJob::Group& grp : j.groups) grp.dy = static_cast<const float*>(pr.x) + j.pairs[grp.first] * pr.N;
+  }
+  // blocks per task: whole 64-byte lines of each row (4 blocks) up to 16, small enough for ~8 tasks per thread
+  const int64_t per = j.G * ngroups / (8 * workers.size()) / 4 * 4;
+  j.blocks_per_task = std::min<int64_t>(std::min<int64_t>(std::max<int64_t>(per, 4), 16), j.G);
+  j.chunks = (j.G + j.blocks_per_task - 1) / j.blocks_per_task;
+  workers.Run(ngroups * j.chunks, TransposedTask, &j);
+  return "";
+}
+
 // ---------------------------------------------------------------------------------------------- FFI
-ffi::Error Mxfp4Matmul(ffi::AnyBuffer x, ffi::Buffer<ffi::U8> blocks, ffi::Buffer<ffi::U8> scales,
-                       ffi::Buffer<ffi::S32> idx, ffi::ResultBuffer<ffi::F32> y, int64_t grouped) {
-  const auto xd = x.dimensions(), bd = blocks.dimensions(), sd = scales.dimensions(), id = idx.dimensions();
-  const auto yd = y->dimensions();
-  if (x.element_type() != ffi::F32 && x.element_type() != ffi::BF16)
-    return ffi::Error::InvalidArgument("mxfp4 matmul: x must be float32 or bfloat16");
-  if (xd.size() != 2 || bd.size() != 4 || sd.size() != 3 || id.size() != 2 || yd.size() != 3)
-    return ffi::Error::InvalidArgument("mxfp4 matmul: expected x [M,K], blocks [E,N,G,16], scales [E,N,G], "
-                                       "idx [M,S], y [M,S,N]");
-  const int64_t M = xd[0], K = xd[1], E = bd[0], N = bd[1], G = bd[2], S = id[1];
-  if (bd[3] != 16 || K != 32 * G || sd[0] != E || sd[1] != N || sd[2] != G || id[0] != M || yd[0] != M ||
-      yd[1] != S || yd[2] != N)
+// Attributes: grouped (int64, required), transpose (int64, optional, default 0).
+ffi::Error Mxfp4Matmul(ffi::AnyBuffer in, ffi::Buffer<ffi::U8> blocks, ffi::Buffer<ffi::U8> scales,
+                       ffi::Buffer<ffi::S32> idx, ffi::ResultBuffer<ffi::F32> out, ffi::Dictionary attrs) {
+  const ffi::ErrorOr<int64_t> grouped = attrs.get<int64_t>("grouped");
+  if (!grouped.has_value()) return ffi::Error::InvalidArgument("mxfp4 matmul: needs the int64 attribute `grouped`");
+  int64_t transpose = 0;
+  if (attrs.contains("transpose")) {
+    const ffi::ErrorOr<int64_t> t = attrs.get<int64_t>("transpose");
+    if (!t.has_value()) return ffi::Error::InvalidArgument("mxfp4 matmul: the attribute `transpose` must be int64");
+    transpose = *t;
+  }
+  const auto xd = in.dimensions(), bd = blocks.dimensions(), sd = scales.dimensions(), id = idx.dimensions();
+  const auto yd = out->dimensions();
+  if (in.element_type() != ffi::F32 && in.element_type() != ffi::BF16)
+    return ffi::Error::InvalidArgument(transpose ? "mxfp4 matmul: dy must be float32 or bfloat16"
+                                                 : "mxfp4 matmul: x must be float32 or bfloat16");
+  if (xd.size() != (transpose ? 3u : 2u) || bd.size() != 4 || sd.size() != 3 || id.size() != 2 || yd.size() != 3)
+    return ffi::Error::InvalidArgument(
+        transpose ? "mxfp4 matmul: expected dy [M,S,N], blocks [E,N,G,16], scales [E,N,G], idx [M,S], dx [M,S,K]"
+                  : "mxfp4 matmul: expected x [M,K], blocks [E,N,G,16], scales [E,N,G], idx [M,S], y [M,S,N]");
+  const int64_t M = id[0], S = id[1], E = bd[0], N = bd[1], G = bd[2];
+  const int64_t K = transpose ? yd[2] : xd[1];
+  const bool x_ok = transpose ? xd[0] == M && xd[1] == S && xd[2] == N : xd[0] == M;
+  if (bd[3] != 16 || K != 32 * G || sd[0] != E || sd[1] != N || sd[2] != G || !x_ok || yd[0] != M || yd[1] != S ||
+      yd[2] != (transpose ? K : N))
     return ffi::Error::InvalidArgument("mxfp4 matmul: inconsistent operand shapes");
-  const Problem pr{x.untyped_data(), x.element_type() == ffi::BF16, blocks.typed_data(), scales.typed_data(),
-                   idx.typed_data(), y->typed_data(), M, K, E, N, S};
-  const std::string err = Compute(pr, grouped != 0);
+  const Problem pr{in.untyped_data(), in.element_type() == ffi::BF16, blocks.typed_data(), scales.typed_data(),
+                   idx.typed_data(), out->typed_data(), M, K, E, N, S};
+  const std::string err = transpose ? ComputeT(pr, *grouped != 0) : Compute(pr, *grouped != 0);
   if (!err.empty()) return ffi::Error::InvalidArgument("mxfp4 matmul: " + err);
   return ffi::Error::Success();
 }
@@ -342,7 +504,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(GptossMxfp4Matmul, gptoss::Mxfp4Matmul,
                                   .Arg<ffi::Buffer<ffi::U8>>()
                                   .Arg<ffi::Buffer<ffi::S32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Attr<int64_t>("grouped"));
+                                  .Attrs());
 
 // ------------------------------------------------------------------------------------- plain C entry
 extern "C" {
@@ -353,6 +515,14 @@ GPTOSS_EXPORT int gptoss_mxfp4_matmul(const void* x, int x_bf16, const uint8_t* 
                         int grouped) {
   const gptoss::Problem pr{x, x_bf16 != 0, blocks, scales, idx, y, M, K, E, N, S};
   return gptoss::Compute(pr, grouped != 0).empty() ? 0 : -1;
+}
+
+// The transposed product dx [M, S, K] = W[idx]^T dy [M, S, N] (dy fp32, or bf16 when dy_bf16), same conventions.
+GPTOSS_EXPORT int gptoss_mxfp4_matmul_t(const void* dy, int dy_bf16, const uint8_t* blocks, const uint8_t* scales,
+                                        const int32_t* idx, float* dx, int64_t M, int64_t K, int64_t E, int64_t N,
+                                        int64_t S, int grouped) {
+  const gptoss::Problem pr{dy, dy_bf16 != 0, blocks, scales, idx, dx, M, K, E, N, S};
+  return gptoss::ComputeT(pr, grouped != 0).empty() ? 0 : -1;
 }
 
 GPTOSS_EXPORT int gptoss_mxfp4_best_isa() { return gptoss::best_isa(); }

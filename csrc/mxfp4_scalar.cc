@@ -31,8 +31,38 @@ struct MK {
   }
 };
 
+// The transposed product: partial sums are kept in dx in k order.
+template <int B, int TB>
+struct MKT {
+  static void run(const gptoss::TTile& t, int64_t n0, int64_t n1, int64_t t0, int64_t g) {
+    float acc[B][TB][32];
+    for (int b = 0; b < B; ++b)
+      for (int i = 0; i < TB; ++i)
+        for (int k = 0; k < 32; ++k) acc[b][i][k] = n0 > 0 ? t.dx[t0 + i][32 * (g + b) + k] : 0.0f;
+    for (int64_t n = n0; n < n1; ++n) {
+      const float* dy = t.dy + n * t.ntok + t0;
+      for (int b = 0; b < B; ++b) {
+        const uint8_t* blk = t.w + (n * t.G + g + b) * 16;
+        const float scale = t.scale_lut[t.s[n * t.G + g + b]];
+        float w[32];
+        for (int j = 0; j < 16; ++j) {
+          w[2 * j] = gptoss::kE2M1[blk[j] & 15] * scale;
+          w[2 * j + 1] = gptoss::kE2M1[blk[j] >> 4] * scale;
+        }
+        for (int i = 0; i < TB; ++i)
+          for (int k = 0; k < 32; ++k) acc[b][i][k] += dy[i] * w[k];
+      }
+    }
+    for (int b = 0; b < B; ++b)
+      for (int i = 0; i < TB; ++i)
+        for (int k = 0; k < 32; ++k) t.dx[t0 + i][32 * (g + b) + k] = acc[b][i][k];
+  }
+};
+
 #include "mxfp4_tile_loop.h"
+#include "mxfp4_tile_t_loop.h"
 
 }  // namespace
 
 void gptoss::tile_scalar(const gptoss::Tile& t) { run_tile<MK, 4, 2, 8, 16>(t); }
+void gptoss::tile_t_scalar(const gptoss::TTile& t) { run_tile_t<MKT, 1, 1, 4, 64>(t); }

@@ -1,5 +1,6 @@
-"""The MXFP4 CPU kernel against the numpy reference dequantizer, through jit, for every vector path; the MoE
-dispatch on it against moe_dense and its XLA twin; the switch, the fallback and its one warning; gradients."""
+"""The MXFP4 CPU kernel against the numpy reference dequantizer, through jit, for every vector path (the product,
+its transpose, skipped pairs); the expert op on it against the dense strategy and its XLA twin; the kernels option,
+the fallback and its one warning; gradients."""
 
 from __future__ import annotations
 
@@ -10,8 +11,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from gptoss.kernels import mxfp4_cpu
-from gptoss.layers.dispatch import ExpertWeights, moe_dense, moe_gather, moe_grouped
+from gptoss.kernels import mxfp4_cpu, select
+from gptoss.layers.experts import ExpertWeights, moe_ffn
 from gptoss.quant import MXFP4Array, quantize, unpack_ref
 
 needs_kernel = pytest.mark.skipif(not mxfp4_cpu.kernel_available() or jax.default_backend() != "cpu",
@@ -54,19 +55,48 @@ def selection(pattern, rng, M, S, E):
         return np.repeat(rng.integers(0, E, (M, 1)), S, axis=1)
     if pattern == "distinct":  # distinct experts per token, cycling so that every expert is used
         return (np.arange(M)[:, None] + np.arange(S)[None, :]) % E
+    if pattern == "skipped":  # about a third of the pairs skipped (expert parallelism: -1), any negative value
+        idx = rng.integers(0, E, (M, S))
+        idx[rng.random((M, S)) < 0.35] = -1
+        idx.flat[rng.integers(0, M * S)] = np.iinfo(np.int32).min
+        return idx
+    if pattern == "all_skipped":
+        return np.full((M, S), -1)
     raise ValueError(pattern)
 
 
-def check(got, x, blocks, scales, idx):
-    """|got - want| within fp32 rounding of sum |w x| per output (float64 oracle from unpack_ref)."""
-    W = unpack_ref(blocks, scales).astype(np.float64)[idx]  # [M, S, N, K]
-    x = np.asarray(x, np.float64)
-    want = np.einsum("msnk,mk->msn", W, x)
-    bound = 1e-5 * np.einsum("msnk,mk->msn", np.abs(W), np.abs(x)) + 1e-30
+PATTERNS = ("random", "one_expert", "repeat_in_token", "distinct", "skipped", "all_skipped")
+
+
+def _oracle(idx, blocks, scales, v, spec):
+    """float64 W[idx] contracted with v by `spec`, and the fp32 rounding bound 1e-5 * sum |w v| per output; a
+    skipped pair's (idx < 0) row of both is 0."""
+    keep = np.asarray(idx) >= 0
+    W = unpack_ref(blocks, scales).astype(np.float64)[np.where(keep, idx, 0)]  # [M, S, N, K]
+    v = np.asarray(v, np.float64)
+    want = np.einsum(spec, W, v) * keep[..., None]
+    bound = (1e-5 * np.einsum(spec, np.abs(W), np.abs(v)) + 1e-30) * keep[..., None]
+    return want, bound, keep
+
+
+def _compare(got, want, bound, keep):
     got = np.asarray(got)
     assert got.shape == want.shape and got.dtype == np.float32
+    assert (got[~keep] == 0).all(), "a skipped pair's row is not exactly zero"
+    assert np.isfinite(got[keep]).all()
     bad = np.abs(got - want) > bound
     assert not bad.any(), f"{bad.sum()} of {bad.size} outputs off, first at {np.argwhere(bad)[0]}"
+
+
+def check(got, x, blocks, scales, idx):
+    """y = W[idx] x: |got - want| within fp32 rounding of sum |w x| per output (float64 oracle from unpack_ref);
+    skipped pairs exactly 0."""
+    _compare(got, *_oracle(idx, blocks, scales, x, "msnk,mk->msn"))
+
+
+def check_t(got, dy, blocks, scales, idx):
+    """dx = W[idx]^T dy, the same way."""
+    _compare(got, *_oracle(idx, blocks, scales, dy, "msnk,msn->msk"))
 
 
 SHAPES = [  # (M, S, E, N, G): odd block counts, N not a multiple of 16 or 4, one and many tokens
@@ -86,7 +116,7 @@ def test_matches_numpy_reference(isa, shape, grouped):
     blocks, scales = random_packed(rng, E, N, G)
     w = MXFP4Array(jnp.asarray(blocks), jnp.asarray(scales), jnp.float32)
     fn = jax.jit(lambda x, w, i: mxfp4_cpu.mx_gather_matmul(x, w, i, grouped=grouped))
-    for pattern in ("random", "one_expert", "repeat_in_token", "distinct"):
+    for pattern in PATTERNS:
         idx = selection(pattern, rng, M, S, E).astype(np.int32)
         x = rng.normal(size=(M, 32 * G)).astype(np.float32)
         check(fn(x, w, idx), x, blocks, scales, idx)
@@ -163,8 +193,174 @@ def test_real_width_gemv_all_paths_agree():
 def test_bad_expert_index_is_an_error():
     blocks, scales = random_packed(np.random.default_rng(0), 2, 8, 1)
     w = MXFP4Array(jnp.asarray(blocks), jnp.asarray(scales), jnp.float32)
-    with pytest.raises(Exception, match="out of range"):
-        jax.block_until_ready(mxfp4_cpu.mx_gather_matmul(np.ones((1, 32), np.float32), w, np.array([[2]])))
+    for grouped in (False, True):
+        with pytest.raises(Exception, match="out of range"):
+            jax.block_until_ready(mxfp4_cpu.mx_gather_matmul(np.ones((1, 32), np.float32), w, np.array([[-1, 2]]),
+                                                             grouped=grouped))
+        with pytest.raises(Exception, match="out of range"):
+            jax.block_until_ready(mxfp4_cpu.mx_gather_matmul_t(np.ones((1, 2, 8), np.float32), w,
+                                                               np.array([[0, 2]]), grouped=grouped))
+
+
+@pytest.mark.parametrize("grouped", [False, True], ids=["gather", "grouped"])
+def test_skipped_pairs_are_zero_and_leave_the_rest(isa, grouped):
+    """Negative indices: exact zero rows, whatever was in the output buffer before; the other pairs, on the same
+    experts and tokens, still match the oracle. All pairs skipped, and one token with every slot skipped."""
+    rng = np.random.default_rng(10)
+    M, S, E, N, G = 21, 3, 4, 40, 3
+    blocks, scales = random_packed(rng, E, N, G)
+    w = MXFP4Array(jnp.asarray(blocks), jnp.asarray(scales), jnp.float32)
+    idx = rng.integers(0, E, (M, S)).astype(np.int32)
+    idx[rng.random((M, S)) < 0.4] = -1
+    idx[3] = -1
+    idx[5] = [-2, -100, np.iinfo(np.int32).min]
+    for dtype in (jnp.float32, jnp.bfloat16):
+        x = jnp.asarray(rng.normal(size=(M, 32 * G)), dtype)
+        dy = jnp.asarray(rng.normal(size=(M, S, N)), dtype)
+        for i in (idx, np.full((M, S), -1, np.int32)):
+            check(mxfp4_cpu.mx_gather_matmul(x, w, i, grouped=grouped), np.asarray(x, np.float32), blocks, scales, i)
+            check_t(mxfp4_cpu.mx_gather_matmul_t(dy, w, i, grouped=grouped), np.asarray(dy, np.float32), blocks,
+                    scales, i)
+
+
+# ---------------------------------------------------------------------------------------- the transposed product
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "M{}S{}E{}N{}G{}".format(*s))
+@pytest.mark.parametrize("grouped", [False, True], ids=["gather", "grouped"])
+def test_transposed_matches_numpy_reference(isa, shape, grouped):
+    M, S, E, N, G = shape
+    rng = np.random.default_rng(hash(shape) % 2**32 + 1)
+    blocks, scales = random_packed(rng, E, N, G)
+    w = MXFP4Array(jnp.asarray(blocks), jnp.asarray(scales), jnp.float32)
+    fn = jax.jit(lambda dy, w, i: mxfp4_cpu.mx_gather_matmul_t(dy, w, i, grouped=grouped))
+    for pattern in PATTERNS:
+        idx = selection(pattern, rng, M, S, E).astype(np.int32)
+        dy = rng.normal(size=(M, S, N)).astype(np.float32)
+        check_t(fn(dy, w, idx), dy, blocks, scales, idx)
+        dyb = jnp.asarray(dy, jnp.bfloat16)
+        check_t(fn(dyb, w, idx), np.asarray(dyb, np.float32), blocks, scales, idx)
+
+
+@pytest.mark.parametrize("grouped", [False, True], ids=["gather", "grouped"])
+def test_transposed_passes_and_tails(isa, grouped):
+    """Shapes that cross every split of the transposed kernel: more than one pass over the rows (and a row tail),
+    block chunks with tails, more than one 64-pair group of an expert, odd token tails."""
+    rng = np.random.default_rng(11)
+    M, S, E, N, G = 70, 2, 3, 150, 19
+    blocks, scales = random_packed(rng, E, N, G)
+    w = MXFP4Array(jnp.asarray(blocks), jnp.asarray(scales), jnp.float32)
+    for pattern in ("one_expert", "skipped", "random"):
+        idx = selection(pattern, rng, M, S, E).astype(np.int32)
+        dy = rng.normal(size=(M, S, N)).astype(np.float32)
+        check_t(mxfp4_cpu.mx_gather_matmul_t(dy, w, idx, grouped=grouped), dy, blocks, scales, idx)
+    idx = selection("random", rng, 1, 4, E).astype(np.int32)  # decode: one token, its own pass per pair
+    dy = rng.normal(size=(1, 4, N)).astype(np.float32)
+    check_t(mxfp4_cpu.mx_gather_matmul_t(dy, w, idx, grouped=grouped), dy, blocks, scales, idx)
+
+
+def test_transposed_every_code_and_scale_byte(isa):
+    """As test_every_code_and_scale_byte, through the transposed product: dx = W^T dy with one-hot dy picks
+    row n's 512 decoded values exactly (scale bytes 0..200, every code pair), subnormal ones included although
+    XLA runs its threads with flush-to-zero."""
+    n_rows = 201
+    blocks = np.broadcast_to(np.arange(256, dtype=np.uint8).reshape(1, 1, 16, 16), (1, n_rows, 16, 16)).copy()
+    scales = np.broadcast_to(np.arange(n_rows, dtype=np.uint8).reshape(1, n_rows, 1), (1, n_rows, 16)).copy()
+    w = MXFP4Array(jnp.asarray(blocks), jnp.asarray(scales), jnp.float32)
+    rows = np.array([0, 1, 126, 127, 128, 200, 57])
+    dy = np.zeros((len(rows), 1, n_rows), np.float32)
+    dy[np.arange(len(rows)), 0, rows] = 1.0
+    want = unpack_ref(blocks, scales).astype(np.float32)[0, rows][:, None, :]
+    for grouped in (False, True):
+        got = np.asarray(mxfp4_cpu.mx_gather_matmul_t(dy, w, np.zeros((len(rows), 1), np.int32), grouped=grouped))
+        np.testing.assert_array_equal(got, want)
+
+
+def test_transposed_real_width_all_paths_agree():
+    """At gpt-oss's real K = 2880 (90 blocks) and N = 2880 every vector path against the oracle, fp32 and bf16 dy."""
+    rng = np.random.default_rng(12)
+    E, N, G = 2, 2880, 90
+    blocks, scales = random_packed(rng, E, N, G)
+    w = MXFP4Array(jnp.asarray(blocks), jnp.asarray(scales), jnp.float32)
+    idx = np.array([[1, 0], [-1, 0], [1, 1], [0, -1], [1, 0]], np.int32)
+    dy = rng.normal(size=(5, 2, N)).astype(np.float32)
+    dyb = jnp.asarray(dy, jnp.bfloat16)
+    before = mxfp4_cpu.isa()
+    try:
+        for name in _supported_isas():
+            mxfp4_cpu.set_isa(name)
+            for grouped in (False, True):
+                check_t(mxfp4_cpu.mx_gather_matmul_t(dy, w, idx, grouped=grouped), dy, blocks, scales, idx)
+                check_t(mxfp4_cpu.mx_gather_matmul_t(dyb, w, idx, grouped=grouped), np.asarray(dyb, np.float32),
+                        blocks, scales, idx)
+    finally:
+        mxfp4_cpu.set_isa(before)
+
+
+def test_transposed_shape_errors():
+    blocks, scales = random_packed(np.random.default_rng(0), 2, 8, 1)
+    w = MXFP4Array(jnp.asarray(blocks), jnp.asarray(scales), jnp.float32)
+    with pytest.raises(ValueError, match="do not fit"):
+        mxfp4_cpu.mx_gather_matmul_t(np.ones((1, 2, 9), np.float32), w, np.zeros((1, 2), np.int32))
+    with pytest.raises(ValueError, match="do not fit"):
+        mxfp4_cpu.mx_gather_matmul_t(np.ones((1, 3, 8), np.float32), w, np.zeros((1, 2), np.int32))
+    with pytest.raises(TypeError, match="MXFP4Array"):
+        mxfp4_cpu.mx_gather_matmul_t(np.ones((1, 2, 8), np.float32), jnp.ones((2, 8, 32)), np.zeros((1, 2)))
+
+
+def test_transposed_c_entry():
+    """The plain C entry point (ctypes benchmarks) computes the same product, and rejects a bad index."""
+    import ctypes
+
+    lib = mxfp4_cpu.load_library()
+    i64, ptr = ctypes.c_int64, ctypes.c_void_p
+    fn = lib.gptoss_mxfp4_matmul_t
+    fn.argtypes = [ptr, ctypes.c_int, ptr, ptr, ptr, ptr, i64, i64, i64, i64, i64, ctypes.c_int]
+    fn.restype = ctypes.c_int
+    rng = np.random.default_rng(13)
+    M, S, E, N, G = 9, 2, 3, 40, 3
+    blocks, scales = random_packed(rng, E, N, G)
+    idx = selection("skipped", rng, M, S, E).astype(np.int32)
+    dy = rng.normal(size=(M, S, N)).astype(np.float32)
+    for grouped in (0, 1):
+        dx = np.full((M, S, 32 * G), np.nan, np.float32)
+        args = (blocks.ctypes.data, scales.ctypes.data, idx.ctypes.data, dx.ctypes.data, M, 32 * G, E, N, S, grouped)
+        assert fn(dy.ctypes.data, 0, *args) == 0
+        check_t(dx, dy, blocks, scales, idx)
+    bad = np.full((M, S), E, np.int32)
+    assert fn(dy.ctypes.data, 0, blocks.ctypes.data, scales.ctypes.data, bad.ctypes.data, dx.ctypes.data, M, 32 * G,
+              E, N, S, 0) == -1
+
+
+@pytest.mark.parametrize("grouped", [False, True], ids=["gather", "grouped"])
+def test_vjp_is_the_transposed_product(isa, grouped):
+    """jax.vjp / jax.grad of mx_gather_matmul in x: sum_s W[idx]^T dy against the float64 oracle, with skipped
+    pairs (their dy contributes nothing), for fp32 and bf16 x; and the second derivative through the transposed op."""
+    rng = np.random.default_rng(14)
+    M, S, E, N, G = 13, 3, 4, 40, 3
+    blocks, scales = random_packed(rng, E, N, G)
+    w = MXFP4Array(jnp.asarray(blocks), jnp.asarray(scales), jnp.float32)
+    for pattern in ("random", "skipped", "one_expert"):
+        idx = selection(pattern, rng, M, S, E).astype(np.int32)
+        dy = rng.normal(size=(M, S, N)).astype(np.float32)
+        want, bound, _ = _oracle(idx, blocks, scales, dy, "msnk,msn->msk")
+        want, bound = want.sum(axis=1), bound.sum(axis=1) + 1e-30
+        for dtype in (jnp.float32, jnp.bfloat16):
+            x = jnp.asarray(rng.normal(size=(M, 32 * G)), dtype)
+            _, vjp = jax.vjp(lambda x, i=idx: mxfp4_cpu.mx_gather_matmul(x, w, i, grouped=grouped), x)
+            (dx,) = jax.jit(vjp)(jnp.asarray(dy))
+            assert dx.dtype == dtype and dx.shape == x.shape
+            dx = np.asarray(dx, np.float64)
+            if dtype == jnp.bfloat16:  # the fp32 result rounded once to bf16
+                np.testing.assert_allclose(dx, want, rtol=2**-8, atol=1e-30)
+            else:
+                bad = np.abs(dx - want) > bound
+                assert not bad.any(), f"{bad.sum()} of {bad.size} gradient entries off"
+            loss = lambda x, i=idx, dy=dy: jnp.sum(mxfp4_cpu.mx_gather_matmul(x, w, i, grouped=grouped) * dy)  # noqa: E731
+            np.testing.assert_array_equal(np.asarray(jax.jit(jax.grad(loss))(x), np.float64), dx)
+        # d/d(dy) of <mx_gather_matmul_t(dy), c> = W[idx] c: the forward product again
+        c = rng.normal(size=(M, S, 32 * G)).astype(np.float32)
+        got = jax.grad(lambda d, i=idx, c=c: jnp.sum(mxfp4_cpu.mx_gather_matmul_t(d, w, i, grouped=grouped) * c))(dy)
+        want2, bound2, keep = _oracle(idx, blocks, scales, c, "msnk,msk->msn")
+        _compare(got, want2, bound2, keep)
 
 
 def test_input_gradient_matches_dequantized_einsum():
@@ -203,7 +399,7 @@ def packed_experts(seed, dtype=jnp.float32):
     q2 = quantize(jnp.asarray(rng.normal(size=(E, D, I)) * I**-0.5, jnp.float32), dtype)
     b1 = jnp.asarray(rng.normal(size=(E, 2 * I)), dtype)
     b2 = jnp.asarray(rng.normal(size=(E, D)), dtype)
-    return ExpertWeights(q1, b1, q2, b2, 7.0, 1.702)
+    return ExpertWeights(q1, b1, q2, b2, None, 7.0, 1.702)
 
 
 def routing(seed, t):
@@ -216,20 +412,24 @@ def _uses_kernel(fn, *args) -> bool:
     return mxfp4_cpu.TARGET in jax.jit(fn).lower(*args).as_text()
 
 
+def _op(impl, kernels):
+    def f(x, idx, w, ew):
+        return moe_ffn(x, idx, w, ew, moe_impl=impl, cpu_kernels=kernels, precision=jax.lax.Precision.HIGHEST)
+    return f
+
+
 @pytest.mark.parametrize("t", [1, 7, 64])
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["f32", "bf16"])
-def test_dispatch_with_kernel_equals_dense_and_xla_twin(t, dtype):
+def test_expert_op_with_kernel_equals_dense_and_xla_twin(t, dtype):
     ew = packed_experts(t)
     x = jnp.asarray(np.random.default_rng(t + 1).normal(size=(t, D)), dtype)
     idx, w = routing(t + 2, t)
-    impls = {"gather": moe_gather, "grouped": moe_grouped}
-    with mxfp4_cpu.use_kernel(True):
-        assert all(_uses_kernel(lambda x, f=f: f(x, idx, w, ew), x) for f in impls.values())
-        with_kernel = {name: jax.jit(lambda x, f=f: f(x, idx, w, ew))(x) for name, f in impls.items()}
-    with mxfp4_cpu.use_kernel(False):
-        assert not any(_uses_kernel(lambda x, f=f: f(x, idx, w, ew), x) for f in impls.values())
-        twin = {name: jax.jit(lambda x, f=f: f(x, idx, w, ew))(x) for name, f in impls.items()}
-        dense = jax.jit(lambda x: moe_dense(x, idx, w, ew))(x)
+    impls = ("gather", "grouped")
+    assert all(_uses_kernel(lambda x, i=i: _op(i, True)(x, idx, w, ew), x) for i in impls)
+    assert not any(_uses_kernel(lambda x, i=i: _op(i, False)(x, idx, w, ew), x) for i in impls)
+    with_kernel = {i: jax.jit(lambda x, i=i: _op(i, True)(x, idx, w, ew))(x) for i in impls}
+    twin = {i: jax.jit(lambda x, i=i: _op(i, False)(x, idx, w, ew))(x) for i in impls}
+    dense = jax.jit(lambda x: _op("dense", False)(x, idx, w, ew))(x)
     tol = 1e-5 if dtype == jnp.float32 else 2e-2  # bf16: the SwiGLU output is rounded to bf16 in every path
     for name in impls:
         for ref in (dense, twin[name]):
@@ -237,51 +437,55 @@ def test_dispatch_with_kernel_equals_dense_and_xla_twin(t, dtype):
                                        rtol=tol, atol=tol * float(jnp.abs(ref).max()))
 
 
-def test_mode_switch_and_env(monkeypatch):
-    monkeypatch.setenv("GPTOSS_MXFP4_KERNEL", "0")
-    assert mxfp4_cpu.kernel_mode() == "0" and not mxfp4_cpu.kernel_enabled()
-    monkeypatch.setenv("GPTOSS_MXFP4_KERNEL", "auto")
-    assert mxfp4_cpu.kernel_enabled() == (mxfp4_cpu._x86())
-    monkeypatch.setenv("GPTOSS_MXFP4_KERNEL", "yes")
-    with pytest.raises(ValueError, match="GPTOSS_MXFP4_KERNEL"):
-        mxfp4_cpu.kernel_mode()
-    monkeypatch.setenv("GPTOSS_MXFP4_KERNEL", "1")
-    with mxfp4_cpu.use_kernel(False):  # the in-process setting wins over the environment
-        assert not mxfp4_cpu.kernel_enabled()
-    assert mxfp4_cpu.kernel_enabled()
+def test_kernels_option_and_environment(monkeypatch):
+    """The model's `kernels` option decides; $GPTOSS_KERNELS only supplies the default when a model is built, and
+    switching never clears JAX's caches (which would throw away a user's compiled steps)."""
+    from gptoss import ModelConfig, random_model
+
+    monkeypatch.setattr(jax, "clear_caches", lambda: pytest.fail("jax.clear_caches was called"))
+    assert not select.cpu_kernels("xla") and select.cpu_kernels("cpu")
+    assert select.cpu_kernels("auto") == select._x86()
+    with pytest.raises(ValueError, match="kernels must be one of"):
+        select.cpu_kernels("yes")
+    monkeypatch.setenv("GPTOSS_KERNELS", "xla")
+    assert select.default_kernels() == "xla"
+    model = random_model(ModelConfig.tiny(), kernels=None)
+    assert model.kernels == "xla" and "kernels='xla'" in repr(model).replace('"', "'")
+    assert random_model(ModelConfig.tiny(), kernels="cpu").kernels == "cpu"  # an explicit choice wins
+    monkeypatch.setenv("GPTOSS_KERNELS", "yes")
+    with pytest.raises(ValueError, match="GPTOSS_KERNELS"):
+        select.default_kernels()
 
 
 @pytest.fixture
 def missing_library(monkeypatch, tmp_path):
-    """The module as it is when the library was never built (the real one stays registered with XLA)."""
-    saved = dict(mxfp4_cpu._state)
+    """The modules as they are when the library was never built (the real one stays registered with XLA)."""
+    saved, warned = dict(mxfp4_cpu._state), dict(select._warned)
     monkeypatch.setenv("GPTOSS_MXFP4_LIB", str(tmp_path / "libgptoss_mxfp4.so"))
-    monkeypatch.delenv("GPTOSS_MXFP4_KERNEL", raising=False)
-    mxfp4_cpu._state.update(tried=False, lib=None, error=None, warned=False, mode=None)
-    jax.clear_caches()
+    mxfp4_cpu._state.update(tried=False, lib=None, error=None)
+    select._warned.update(done=False)
     yield
     mxfp4_cpu._state.update(saved)
-    jax.clear_caches()
+    select._warned.update(warned)
 
 
-@pytest.mark.skipif(not mxfp4_cpu._x86(), reason="auto mode only enables the kernel on x86-64")
-def test_missing_library_falls_back_with_one_warning(missing_library, monkeypatch):
+@pytest.mark.skipif(not select._x86(), reason="auto mode only enables the kernel on x86-64")
+def test_missing_library_falls_back_with_one_warning(missing_library):
     ew = packed_experts(0)
     x = jnp.asarray(np.random.default_rng(0).normal(size=(4, D)), jnp.float32)
     idx, w = routing(1, 4)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        outs = [jax.jit(lambda x, f=f: f(x, idx, w, ew))(x) for f in (moe_gather, moe_grouped, moe_gather)]
-        assert not mxfp4_cpu.kernel_available()
-    ours = [c for c in caught if issubclass(c.category, mxfp4_cpu.KernelUnavailableWarning)]
+        flags = [select.cpu_kernels("auto") for _ in range(3)]
+        assert not any(flags) and not mxfp4_cpu.kernel_available()
+    ours = [c for c in caught if issubclass(c.category, select.KernelUnavailableWarning)]
     assert len(ours) == 1, [str(c.message) for c in caught]
     assert "pure-XLA" in str(ours[0].message) and "does not exist" in str(ours[0].message)
-    dense = moe_dense(x, idx, w, ew)
-    for y in outs:
-        np.testing.assert_allclose(y, dense, rtol=1e-5, atol=1e-5 * float(jnp.abs(dense).max()))
-    monkeypatch.setenv("GPTOSS_MXFP4_KERNEL", "1")  # forcing the kernel on without it is an error
-    with pytest.raises(RuntimeError, match="unavailable"):
-        moe_gather(x, idx, w, ew)
+    got = jax.jit(lambda x: _op("gather", flags[0])(x, idx, w, ew))(x)
+    dense = _op("dense", False)(x, idx, w, ew)
+    np.testing.assert_allclose(got, dense, rtol=1e-5, atol=1e-5 * float(jnp.abs(dense).max()))
+    with pytest.raises(RuntimeError, match="unavailable"):  # asking for the kernels without them is an error
+        select.cpu_kernels("cpu")
 
 
 def test_concurrent_calls_and_pool_sizes():
