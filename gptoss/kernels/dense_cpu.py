@@ -6,8 +6,9 @@ XLA FFI custom call. Why: for a few tokens XLA:CPU converts the whole bf16 weigh
 every call (~2 GB/s, and 2.16 GiB of scratch for gpt-oss's unembedding); the kernel streams the bf16 bytes once
 at close to memory speed. Products and sums are fp32 (bf16 -> fp32 is exact).
 
-Selection (`serves`, decided at trace time): the switch is mxfp4_cpu's (`GPTOSS_MXFP4_KERNEL`, `use_kernel`),
-which covers both kernels of the shared library; in addition the weight must be bf16, the tokens few (M <=
+Selection (`serves`, decided at trace time): the model's `kernels` option must allow the CPU kernels
+(gptoss.kernels.select.cpu_kernels, which covers both kernels of the shared library); in addition the weight must
+be bf16, the tokens few (M <=
 MAX_TOKENS, or MAX_TOKENS_VS_BF16_GEMM where XLA would run its native bf16 GEMM: bf16 x and W, fp32 result) and
 there must be one JAX device (on several, a custom call would make XLA's SPMD partitioner replicate the weight).
 
@@ -67,13 +68,15 @@ def load_error() -> str | None:
     return _state["error"]
 
 
-def serves(tokens: int, w, *, xla_bf16_gemm: bool = False, w_nk: bool = True, amx_rows: bool = False) -> bool:
-    """Whether a matmul of `tokens` rows with weight `w`, traced now, goes to the dense kernel. `xla_bf16_gemm`:
+def serves(tokens: int, w, *, xla_bf16_gemm: bool = False, w_nk: bool = True, amx_rows: bool = False,
+           enabled: bool = True) -> bool:
+    """Whether a matmul of `tokens` rows with weight `w`, traced now, goes to the dense kernel (`enabled`: the
+    model's kernels option allows the CPU kernels, gptoss.kernels.select.cpu_kernels). `xla_bf16_gemm`:
     XLA's alternative is its native bf16 GEMM (bf16 x and w, fp32 result), which wins from a few tokens on
     (`w_nk`: w is [N, K], else [K, N]). `amx_rows`: bf16 x, w [N, K] with K % 32 == 0, which on a CPU with AMX
     the kernel serves at any size."""
     limit = (MAX_TOKENS_VS_BF16_GEMM if w_nk else MAX_TOKENS_VS_BF16_GEMM_KN) if xla_bf16_gemm else MAX_TOKENS
-    if not (jnp.dtype(w.dtype) == jnp.bfloat16 and tokens >= 1 and mxfp4_cpu.kernel_enabled()
+    if not (jnp.dtype(w.dtype) == jnp.bfloat16 and tokens >= 1 and enabled
             and jax.device_count() == 1 and kernel_available()):
         return False
     return tokens <= limit or (amx_rows and isa() == "amx")

@@ -212,19 +212,17 @@ def test_vmap():
 
 def test_serves(monkeypatch):
     w16, w32 = jnp.ones((8, 4), jnp.bfloat16), jnp.ones((8, 4), jnp.float32)
-    with mxfp4_cpu.use_kernel(True):
-        assert dense_cpu.serves(1, w16) and dense_cpu.serves(dense_cpu.MAX_TOKENS, w16)
-        assert not dense_cpu.serves(dense_cpu.MAX_TOKENS + 1, w16)
-        assert dense_cpu.serves(dense_cpu.MAX_TOKENS_VS_BF16_GEMM, w16, xla_bf16_gemm=True)
-        assert not dense_cpu.serves(dense_cpu.MAX_TOKENS_VS_BF16_GEMM + 1, w16, xla_bf16_gemm=True)
-        limit_kn = dense_cpu.MAX_TOKENS_VS_BF16_GEMM_KN  # W [K, N]: XLA's bf16 GEMM catches up later
-        assert dense_cpu.serves(limit_kn, w16, xla_bf16_gemm=True, w_nk=False)
-        assert not dense_cpu.serves(limit_kn + 1, w16, xla_bf16_gemm=True, w_nk=False)
-        amx = dense_cpu.isa() == "amx"  # bf16 x times W [N, K]: the AMX tiles serve any size
-        assert dense_cpu.serves(10**6, w16, xla_bf16_gemm=True, amx_rows=True) == amx
-        assert not dense_cpu.serves(0, w16)
-        assert not dense_cpu.serves(1, w32)  # XLA's fp32 GEMV needs no conversion
-        monkeypatch.setattr(jax, "device_count", lambda *a: 2)
-        assert not dense_cpu.serves(1, w16)  # several devices: the SPMD partitioner would replicate the weight
-    with mxfp4_cpu.use_kernel(False):
-        assert not dense_cpu.serves(1, w16)
+    assert dense_cpu.serves(1, w16) and dense_cpu.serves(dense_cpu.MAX_TOKENS, w16)
+    assert not dense_cpu.serves(dense_cpu.MAX_TOKENS + 1, w16)
+    assert dense_cpu.serves(dense_cpu.MAX_TOKENS_VS_BF16_GEMM, w16, xla_bf16_gemm=True)
+    assert not dense_cpu.serves(dense_cpu.MAX_TOKENS_VS_BF16_GEMM + 1, w16, xla_bf16_gemm=True)
+    limit_kn = dense_cpu.MAX_TOKENS_VS_BF16_GEMM_KN  # W [K, N]: XLA's bf16 GEMM catches up later
+    assert dense_cpu.serves(limit_kn, w16, xla_bf16_gemm=True, w_nk=False)
+    assert not dense_cpu.serves(limit_kn + 1, w16, xla_bf16_gemm=True, w_nk=False)
+    amx = dense_cpu.isa() == "amx"  # bf16 x times W [N, K]: the AMX tiles serve any size
+    assert dense_cpu.serves(10**6, w16, xla_bf16_gemm=True, amx_rows=True) == amx
+    assert not dense_cpu.serves(0, w16)
+    assert not dense_cpu.serves(1, w32)  # XLA's fp32 GEMV needs no conversion
+    assert not dense_cpu.serves(1, w16, enabled=False)  # the model's kernels option says xla
+    monkeypatch.setattr(jax, "device_count", lambda *a: 2)
+    assert not dense_cpu.serves(1, w16)  # several devices: the SPMD partitioner would replicate the weight
