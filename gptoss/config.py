@@ -51,7 +51,7 @@ class ModelConfig:
     rms_norm_eps: float = 1e-5
     swiglu_limit: float = 7.0
     swiglu_alpha: float = 1.702
-    eos_token_id: int | tuple[int, ...] | None = 200002
+    eos_token_id: int | tuple[int, ...] | None = 200002  # config.json's; from_pretrained adds generation_config's
     pad_token_id: int | None = 199999
 
     def __post_init__(self):
@@ -117,6 +117,13 @@ class ModelConfig:
     @property
     def kv_width(self) -> int:
         return self.num_key_value_heads * self.head_dim
+
+    @property
+    def stop_token_ids(self) -> tuple[int, ...]:
+        """eos_token_id as a tuple: the default stop ids of generation."""
+        if self.eos_token_id is None:
+            return ()
+        return self.eos_token_id if isinstance(self.eos_token_id, tuple) else (self.eos_token_id,)
 
     def is_sliding(self, layer: int) -> bool:
         return self.layer_types[layer] == SLIDING

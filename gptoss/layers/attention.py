@@ -11,10 +11,13 @@ from gptoss.config import ModelConfig
 from gptoss.layers.kv_cache import LayerCache
 from gptoss.layers.linear import project
 from gptoss.layers.rope import apply_rope
+from gptoss.layers.runtime import DEFAULT, Runtime
 
 
-def attend(q_BTNH, k_BSKH, v_BSKH, sinks_N, q_pos_BT, k_pos_BS, *, window: int | None, scale: float):
-    """Softmax attention where each head's sink is one extra logit with no value, in fp32.
+def attend(q_BTNH, k_BSKH, v_BSKH, sinks_N, q_pos_BT, k_pos_BS, *, window: int | None, scale: float,
+           precision=None):
+    """Softmax attention where each head's sink is one extra logit with no value, in fp32 (`precision`: the
+    matmuls' precision; HIGHEST for float32 models).
 
     Keys are allowed when 0 <= k_pos <= q_pos and, with a window W, k_pos > q_pos - W (W keys including
     the query's own). Negative key positions mark empty cache slots or padding. Returns [B, T, N, H].
@@ -27,7 +30,7 @@ def attend(q_BTNH, k_BSKH, v_BSKH, sinks_N, q_pos_BT, k_pos_BS, *, window: int |
     q_BKMH = q_BTNH.astype(jnp.float32).reshape(B, T, K, G, H).transpose(0, 2, 3, 1, 4).reshape(B, K, G * T, H)
     k_BKSH = k_BSKH.astype(jnp.float32).transpose(0, 2, 1, 3)
     v_BKSH = v_BSKH.astype(jnp.float32).transpose(0, 2, 1, 3)
-    logits_BKGTS = (jnp.einsum("bkmh,bksh->bkms", q_BKMH, k_BKSH) * scale).reshape(B, K, G, T, S)
+    logits_BKGTS = (jnp.einsum("bkmh,bksh->bkms", q_BKMH, k_BKSH, precision=precision) * scale).reshape(B, K, G, T, S)
     qp, kp = q_pos_BT[:, :, None], k_pos_BS[:, None, :]
     allowed_BTS = (kp <= qp) & (kp >= 0)
     if window is not None:
@@ -37,7 +40,7 @@ def attend(q_BTNH, k_BSKH, v_BSKH, sinks_N, q_pos_BT, k_pos_BS, *, window: int |
     m = jnp.maximum(jnp.max(logits_BKGTS, axis=-1, keepdims=True), sink_KG)
     p = jnp.exp(logits_BKGTS - m)
     denom = jnp.sum(p, axis=-1, keepdims=True) + jnp.exp(sink_KG - m)
-    out_BKMH = jnp.einsum("bkms,bksh->bkmh", (p / denom).reshape(B, K, G * T, S), v_BKSH)
+    out_BKMH = jnp.einsum("bkms,bksh->bkmh", (p / denom).reshape(B, K, G * T, S), v_BKSH, precision=precision)
     return out_BKMH.reshape(B, K, G, T, H).transpose(0, 3, 1, 2, 4).reshape(B, T, N, H)
 
 
@@ -48,7 +51,7 @@ def query_block(T: int) -> int:
 
 
 def attend_blocked(q_BTNH, k_BSKH, v_BSKH, sinks_N, q_pos_BT, k_pos_BS, *, window: int | None, scale: float,
-                   n_prefix: int = 0):
+                   n_prefix: int = 0, precision=None):
     """attend() one block of queries at a time, each against only the keys it can see: the first `n_prefix` keys
     (a cache: any order, always kept) and, of the rest (this chunk's own keys, key i = query i), those from the
     block's window start to its last query. Same result as attend() when each row's non-negative positions are
@@ -58,7 +61,8 @@ def attend_blocked(q_BTNH, k_BSKH, v_BSKH, sinks_N, q_pos_BT, k_pos_BS, *, windo
     T = q_BTNH.shape[1]
     block = query_block(T)
     if T <= block:
-        return attend(q_BTNH, k_BSKH, v_BSKH, sinks_N, q_pos_BT, k_pos_BS, window=window, scale=scale)
+        return attend(q_BTNH, k_BSKH, v_BSKH, sinks_N, q_pos_BT, k_pos_BS, window=window, scale=scale,
+                      precision=precision)
 
     def keys(a, lo, hi):
         own = a[:, n_prefix + lo: n_prefix + hi]
@@ -69,7 +73,8 @@ def attend_blocked(q_BTNH, k_BSKH, v_BSKH, sinks_N, q_pos_BT, k_pos_BS, *, windo
         hi = min(T, lo + block)
         k_lo = 0 if window is None else max(0, lo - window + 1)
         out.append(attend(q_BTNH[:, lo:hi], keys(k_BSKH, k_lo, hi), keys(v_BSKH, k_lo, hi), sinks_N,
-                          q_pos_BT[:, lo:hi], keys(k_pos_BS, k_lo, hi), window=window, scale=scale))
+                          q_pos_BT[:, lo:hi], keys(k_pos_BS, k_lo, hi), window=window, scale=scale,
+                          precision=precision))
     return jnp.concatenate(out, axis=1)
 
 
@@ -91,35 +96,39 @@ class Attention(nnx.Module):
         self.window = cfg.sliding_window if cfg.is_sliding(layer) else None
         self.scale = H**-0.5
 
-    def qkv(self, x_BTD, cos, sin):
-        q = project("btd,dnh->btnh", x_BTD, self.wq_DNH[...]) + self.bq_NH[...]
-        k = project("btd,dkh->btkh", x_BTD, self.wk_DKH[...]) + self.bk_KH[...]
-        v = project("btd,dkh->btkh", x_BTD, self.wv_DKH[...]) + self.bv_KH[...]
+    def qkv(self, x_BTD, cos, sin, rt: Runtime = DEFAULT):
+        kw = dict(precision=rt.precision, kernels=rt.cpu_kernels)
+        q = project("btd,dnh->btnh", x_BTD, self.wq_DNH[...], **kw) + self.bq_NH[...]
+        k = project("btd,dkh->btkh", x_BTD, self.wk_DKH[...], **kw) + self.bk_KH[...]
+        v = project("btd,dkh->btkh", x_BTD, self.wv_DKH[...], **kw) + self.bv_KH[...]
         return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
 
-    def output(self, o_BTNH):
-        return project("btnh,nhd->btd", o_BTNH.astype(self.wo_NHD.dtype), self.wo_NHD[...]) + self.bo_D[...]
+    def output(self, o_BTNH, rt: Runtime = DEFAULT):
+        return project("btnh,nhd->btd", o_BTNH.astype(self.wo_NHD.dtype), self.wo_NHD[...], precision=rt.precision,
+                       kernels=rt.cpu_kernels) + self.bo_D[...]
 
-    def __call__(self, x_BTD, positions_BT, cos, sin, cache: LayerCache | None = None, *, in_order: bool = False):
+    def __call__(self, x_BTD, positions_BT, cos, sin, cache: LayerCache | None = None, *, in_order: bool = False,
+                 rt: Runtime = DEFAULT):
         """Returns (output, updated cache). With a cache, new tokens attend to it and are written into it.
         `in_order`: each row's non-negative positions are its indices plus a constant, which lets a prefill
-        attend block by block (attend_blocked)."""
-        q, k, v = self.qkv(x_BTD, cos, sin)
+        attend block by block (attend_blocked). `rt`: precision and kernels (gptoss.layers.runtime)."""
+        q, k, v = self.qkv(x_BTD, cos, sin, rt)
         sinks = self.sinks_N[...]
-        run = functools.partial(attend_blocked, n_prefix=0) if in_order else attend
+        attend_ = functools.partial(attend, precision=rt.precision)
+        run = functools.partial(attend_blocked, n_prefix=0, precision=rt.precision) if in_order else attend_
         if cache is None:
             o = run(q, k, v, sinks, positions_BT, positions_BT, window=self.window, scale=self.scale)
-            return self.output(o), None
+            return self.output(o, rt), None
         if q.shape[1] == 1:  # decode: the new key cannot evict anything still inside the window
             cache = cache.write(k, v, positions_BT)
-            o = attend(q, cache.k_BSKH, cache.v_BSKH, sinks, positions_BT, cache.pos_BS,
-                       window=self.window, scale=self.scale)
-            return self.output(o), cache
+            o = attend_(q, cache.k_BSKH, cache.v_BSKH, sinks, positions_BT, cache.pos_BS,
+                        window=self.window, scale=self.scale)
+            return self.output(o, rt), cache
         # a chunk: attend to the cache and the chunk itself, then keep what later tokens need
         keys = jnp.concatenate([cache.k_BSKH, k.astype(cache.k_BSKH.dtype)], axis=1)
         values = jnp.concatenate([cache.v_BSKH, v.astype(cache.v_BSKH.dtype)], axis=1)
         key_pos = jnp.concatenate([cache.pos_BS, positions_BT], axis=1)
         if in_order:
-            run = functools.partial(attend_blocked, n_prefix=cache.k_BSKH.shape[1])
+            run = functools.partial(attend_blocked, n_prefix=cache.k_BSKH.shape[1], precision=rt.precision)
         o = run(q, keys, values, sinks, positions_BT, key_pos, window=self.window, scale=self.scale)
-        return self.output(o), cache.write(k, v, positions_BT)
+        return self.output(o, rt), cache.write(k, v, positions_BT)

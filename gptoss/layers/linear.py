@@ -1,7 +1,8 @@
 """`project(spec, x, w)`: a weight projection written as an einsum, sent to the dense bf16 CPU kernel when it wins.
 
 XLA:CPU converts a whole bf16 weight to fp32 on every call when only a few tokens multiply it, so decode-sized
-projections with bf16 weights go to gptoss.kernels.dense_cpu (when `dense_cpu.serves`), as does the unembedding at
+projections with bf16 weights go to gptoss.kernels.dense_cpu (when the model's `kernels` option allows the CPU
+kernels and `dense_cpu.serves`), as does the unembedding at
 any length on CPUs with AMX; everything else, and the reference twin, is the plain `jnp.einsum` (bf16 x bf16 asked
 for an fp32 result, XLA's fast case). Both give the einsum's result dtype.
 """
@@ -44,21 +45,22 @@ def plan(spec: str) -> Plan | None:
     return None
 
 
-def project(spec: str, x, w, *, preferred_element_type=None):
-    """`jnp.einsum(spec, x, w, preferred_element_type=...)`, computed by the dense CPU kernel when it serves."""
+def project(spec: str, x, w, *, preferred_element_type=None, precision=None, kernels: bool = False):
+    """`jnp.einsum(spec, x, w, preferred_element_type=..., precision=...)`, computed by the dense CPU kernel when
+    `kernels` (the model's choice allows the CPU kernels) and the kernel serves this size and dtype."""
     out_dtype = jnp.dtype(preferred_element_type or jnp.result_type(x, w))
     bf16 = x.dtype == w.dtype == jnp.bfloat16
     p = plan(spec)
     if p is not None:
         K = math.prod(x.shape[p.batch:])
-        if dense_cpu.serves(math.prod(x.shape[: p.batch]), w, xla_bf16_gemm=bf16, w_nk=p.w_nk,
-                            amx_rows=bf16 and p.w_nk and K % 32 == 0):
+        if kernels and dense_cpu.serves(math.prod(x.shape[: p.batch]), w, xla_bf16_gemm=bf16, w_nk=p.w_nk,
+                                        amx_rows=bf16 and p.w_nk and K % 32 == 0):
             return _kernel(p, x, w, out_dtype)
     if bf16 and out_dtype == jnp.bfloat16:
         # the same fp32-accumulated product, but XLA:CPU runs bf16 x bf16 -> fp32 as a native bf16 GEMM, while a
         # bf16 result makes it convert the whole weight to fp32 first (~4x slower at prefill sizes)
-        return jnp.einsum(spec, x, w, preferred_element_type=jnp.float32).astype(out_dtype)
-    return jnp.einsum(spec, x, w, preferred_element_type=preferred_element_type)
+        return jnp.einsum(spec, x, w, preferred_element_type=jnp.float32, precision=precision).astype(out_dtype)
+    return jnp.einsum(spec, x, w, preferred_element_type=preferred_element_type, precision=precision)
 
 
 def _kernel(p: Plan, x, w, out_dtype):

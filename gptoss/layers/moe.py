@@ -1,4 +1,5 @@
-"""The gpt-oss MoE block: fp32 router (top-k, then softmax over the k), experts packed or dense."""
+"""The gpt-oss MoE block: fp32 router (top-k, then softmax over the k), experts packed or dense, optional
+per-expert low-rank adapters."""
 
 from __future__ import annotations
 
@@ -7,15 +8,50 @@ import jax.numpy as jnp
 from flax import nnx
 
 from gptoss.config import ModelConfig
-from gptoss.layers.dispatch import ExpertWeights, choose_impl, run_moe
+from gptoss.layers.experts import ExpertAdapters, ExpertWeights, moe_ffn
+from gptoss.layers.runtime import DEFAULT, Runtime
 from gptoss.quant import QuantWeight, quantize
+
+EXPERTS = ("mxfp4", "dense")
+
+
+def check_experts(experts: str) -> str:
+    if experts not in EXPERTS:
+        raise ValueError(f"experts must be one of {EXPERTS}, got {experts!r}")
+    return experts
 
 
 def route(x_TD, w_ED, b_E, top_k: int):
-    """Router in fp32 (bf16 logits can flip near-tied choices): returns logits [T,E], experts, weights [T,k]."""
-    logits = jnp.einsum("td,ed->te", x_TD.astype(jnp.float32), w_ED.astype(jnp.float32)) + b_E.astype(jnp.float32)
+    """Router in fp32 at full precision, on every model (near-tied choices flip under bf16 or TF32 logits; the
+    matmul is tiny): returns logits [T,E], experts, weights [T,k]."""
+    logits = jnp.einsum("td,ed->te", x_TD.astype(jnp.float32), w_ED.astype(jnp.float32),
+                        precision=jax.lax.Precision.HIGHEST) + b_E.astype(jnp.float32)
     top_vals, top_idx = jax.lax.top_k(logits, top_k)
     return logits, top_idx, jax.nn.softmax(top_vals, axis=-1)
+
+
+class ExpertLoRA(nnx.Module):
+    """Per-expert LoRA on gate_up and down: W_e + (alpha / rank) B_e A_e. A is random, B zero, so a fresh adapter
+    changes nothing. Parameters are `nnx.LoRAParam`s (an optimizer can train them alone)."""
+
+    def __init__(self, cfg: ModelConfig, rank: int, alpha: float, *, dtype, rngs: nnx.Rngs):
+        if not isinstance(rank, int) or rank < 1:
+            raise ValueError(f"adapter rank must be a positive integer, got {rank!r}")
+        D, I, E = cfg.hidden_size, cfg.intermediate_size, cfg.num_experts
+        a_init = nnx.initializers.normal(1.0)
+
+        def a(shape, fan_in):
+            return nnx.LoRAParam((a_init(rngs.params(), shape, jnp.float32) * fan_in**-0.5).astype(dtype))
+
+        self.gate_up_a_ERD = a((E, rank, D), D)
+        self.gate_up_b_EFR = nnx.LoRAParam(jnp.zeros((E, 2 * I, rank), dtype))
+        self.down_a_ERI = a((E, rank, I), I)
+        self.down_b_EDR = nnx.LoRAParam(jnp.zeros((E, D, rank), dtype))
+        self.scale = float(alpha) / rank
+
+    def weights(self) -> ExpertAdapters:
+        return ExpertAdapters(self.gate_up_a_ERD[...], self.gate_up_b_EFR[...], self.down_a_ERI[...],
+                              self.down_b_EDR[...], self.scale)
 
 
 class MoE(nnx.Module):
@@ -26,33 +62,32 @@ class MoE(nnx.Module):
         self.router_bias_E = nnx.Param(jnp.zeros((E,), dtype))
         gate_up = normal(D**-0.5)(rngs.params(), (E, 2 * I, D), jnp.float32)
         down = normal(I**-0.5)(rngs.params(), (E, D, I), jnp.float32)
-        if experts == "mxfp4":
+        if check_experts(experts) == "mxfp4":
             cfg.check_mxfp4()
             self.gate_up_EFD = QuantWeight(quantize(gate_up, dtype))
             self.down_EDI = QuantWeight(quantize(down, dtype))
-        elif experts == "dense":
+        else:
             self.gate_up_EFD = nnx.Param(gate_up.astype(dtype))
             self.down_EDI = nnx.Param(down.astype(dtype))
-        else:
-            raise ValueError(f"experts must be 'mxfp4' or 'dense', got {experts!r}")
         self.gate_up_bias_EF = nnx.Param(jnp.zeros((E, 2 * I), dtype))
         self.down_bias_ED = nnx.Param(jnp.zeros((E, D), dtype))
+        self.adapters: ExpertLoRA | None = nnx.data(None)
         self.top_k = cfg.experts_per_token
         self.limit = cfg.swiglu_limit
         self.alpha = cfg.swiglu_alpha
 
     def expert_weights(self) -> ExpertWeights:
         return ExpertWeights(self.gate_up_EFD[...], self.gate_up_bias_EF[...], self.down_EDI[...],
-                             self.down_bias_ED[...], self.limit, self.alpha)
+                             self.down_bias_ED[...], None if self.adapters is None else self.adapters.weights(),
+                             self.limit, self.alpha)
 
-    def __call__(self, x_BTD, impl: str = "auto"):
+    def __call__(self, x_BTD, rt: Runtime = DEFAULT):
         B, T, D = x_BTD.shape
         x_TD = x_BTD.reshape(B * T, D)
         logits_TE, idx_TK, w_TK = route(x_TD, self.router_ED[...], self.router_bias_E[...], self.top_k)
-        layout = getattr(self, "shard_layout", None)  # set by gptoss.sharding on a model placed on a mesh
-        if layout is not None:  # experts sharded: shard_map with psum/all_gather (gptoss/sharding/moe.py)
-            y_TD = layout.run_moe(impl, x_TD, idx_TK, w_TK, self.expert_weights())
+        if rt.layout is not None:  # experts on a mesh: shard_map with collectives (gptoss/sharding/moe.py)
+            y_TD = rt.layout.moe(x_TD, idx_TK, w_TK, self.expert_weights(), rt)
         else:
-            y_TD = run_moe(choose_impl(impl, B * T, self.top_k, logits_TE.shape[-1]), x_TD, idx_TK, w_TK,
-                           self.expert_weights())
+            y_TD = moe_ffn(x_TD, idx_TK, w_TK, self.expert_weights(), moe_impl=rt.moe_impl,
+                           cpu_kernels=rt.cpu_kernels, precision=rt.precision)
         return y_TD.astype(x_BTD.dtype).reshape(B, T, D), logits_TE.reshape(B, T, -1)

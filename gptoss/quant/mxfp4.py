@@ -17,7 +17,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-BLOCK = 32  # values per shared scale
+from gptoss.config import MXFP4_BLOCK as BLOCK  # values per shared scale
+
 BLOCK_BYTES = BLOCK // 2
 SCALE_BIAS = 127
 E2M1_MAX = 6.0

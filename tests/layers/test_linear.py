@@ -10,10 +10,11 @@ import pytest
 from flax import nnx
 
 from gptoss.config import ModelConfig
-from gptoss.kernels import dense_cpu, mxfp4_cpu
+from gptoss.kernels import dense_cpu
 from gptoss.layers.attention import Attention
 from gptoss.layers.linear import Plan, plan, project
 from gptoss.layers.rope import rope_tables
+from gptoss.layers.runtime import Runtime
 
 needs_kernel = pytest.mark.skipif(not dense_cpu.kernel_available() or jax.default_backend() != "cpu",
                                   reason=f"dense CPU kernel unavailable: {dense_cpu.load_error()}")
@@ -61,12 +62,10 @@ def test_project_equals_einsum(case, x_dtype):
     spec, xs, ws, pref = case
     x, w = _operands(spec, xs, ws, x_dtype, jnp.bfloat16)
     want = jnp.einsum(spec, x, w, preferred_element_type=pref)
-    with mxfp4_cpu.use_kernel(True):
-        assert _uses_kernel(lambda x, w: project(spec, x, w, preferred_element_type=pref), x, w)
-        got = jax.jit(lambda x, w: project(spec, x, w, preferred_element_type=pref))(x, w)
-    with mxfp4_cpu.use_kernel(False):
-        assert not _uses_kernel(lambda x, w: project(spec, x, w, preferred_element_type=pref), x, w)
-        twin = jax.jit(lambda x, w: project(spec, x, w, preferred_element_type=pref))(x, w)
+    on = lambda x, w: project(spec, x, w, preferred_element_type=pref, kernels=True)  # noqa: E731
+    off = lambda x, w: project(spec, x, w, preferred_element_type=pref, kernels=False)  # noqa: E731
+    assert _uses_kernel(on, x, w) and not _uses_kernel(off, x, w)
+    got, twin = jax.jit(on)(x, w), jax.jit(off)(x, w)
     assert got.dtype == want.dtype == twin.dtype and got.shape == want.shape == twin.shape
     tol = 1e-5 if got.dtype == jnp.float32 else 1e-2  # bf16 results: one rounding of an fp32 sum, either path
     scale = float(jnp.abs(want.astype(jnp.float32)).max())
@@ -81,28 +80,26 @@ def test_kernel_only_for_bf16_weights_and_few_tokens():
 
     def uses(tokens, x_dtype=jnp.bfloat16, w_dtype=jnp.bfloat16, pref=None):
         x, w = _operands(spec, (1, tokens, 40), (50, 40), x_dtype, w_dtype)
-        return _uses_kernel(lambda x, w: project(spec, x, w, preferred_element_type=pref), x, w)
+        return _uses_kernel(lambda x, w: project(spec, x, w, preferred_element_type=pref, kernels=True), x, w)
 
-    with mxfp4_cpu.use_kernel(True):
-        # bf16 x and W: XLA's native bf16 GEMM (fp32-accumulated, whatever the result dtype) takes over soon
-        limit = dense_cpu.MAX_TOKENS_VS_BF16_GEMM
-        for pref in (None, jnp.float32):
-            assert uses(limit, pref=pref) and not uses(limit + 1, pref=pref)
-        assert not uses(1, jnp.float32, jnp.float32)
-        # fp32 x, bf16 W: XLA would convert the whole weight, so the kernel serves far longer
-        assert uses(dense_cpu.MAX_TOKENS, jnp.float32) and not uses(dense_cpu.MAX_TOKENS + 1, jnp.float32)
+    # bf16 x and W: XLA's native bf16 GEMM (fp32-accumulated, whatever the result dtype) takes over soon
+    limit = dense_cpu.MAX_TOKENS_VS_BF16_GEMM
+    for pref in (None, jnp.float32):
+        assert uses(limit, pref=pref) and not uses(limit + 1, pref=pref)
+    assert not uses(1, jnp.float32, jnp.float32)
+    # fp32 x, bf16 W: XLA would convert the whole weight, so the kernel serves far longer
+    assert uses(dense_cpu.MAX_TOKENS, jnp.float32) and not uses(dense_cpu.MAX_TOKENS + 1, jnp.float32)
 
 
 @needs_kernel
 def test_amx_serves_prefill_sized_unembedding():
     """bf16 x times bf16 [V, D] with D % 32 == 0 goes to the kernel at any size on an AMX CPU (else to XLA)."""
     x, w = _operands("btd,vd->btv", (1, 300, 64), (50, 64), jnp.bfloat16, jnp.bfloat16)
-    fn = lambda x, w: project("btd,vd->btv", x, w, preferred_element_type=jnp.float32)  # noqa: E731
-    with mxfp4_cpu.use_kernel(True):
-        assert _uses_kernel(fn, x, w) == (dense_cpu.isa() == "amx")
-        got = jax.jit(fn)(x, w)
-        x2, w2 = _operands("btd,dn->btn", (1, 300, 64), (64, 50), jnp.bfloat16, jnp.bfloat16)
-        assert not _uses_kernel(lambda x, w: project("btd,dn->btn", x, w), x2, w2)  # [K, N]: XLA's GEMM
+    fn = lambda x, w: project("btd,vd->btv", x, w, preferred_element_type=jnp.float32, kernels=True)  # noqa: E731
+    assert _uses_kernel(fn, x, w) == (dense_cpu.isa() == "amx")
+    got = jax.jit(fn)(x, w)
+    x2, w2 = _operands("btd,dn->btn", (1, 300, 64), (64, 50), jnp.bfloat16, jnp.bfloat16)
+    assert not _uses_kernel(lambda x, w: project("btd,dn->btn", x, w, kernels=True), x2, w2)  # [K, N]: XLA's GEMM
     want = jnp.einsum("btd,vd->btv", x.astype(jnp.float32), w.astype(jnp.float32))
     np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-5)
 
@@ -116,15 +113,14 @@ def test_attention_with_kernel_on_and_off():
     pos = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
     cos, sin = rope_tables(cfg, pos)
 
-    def run():
+    def run(kernels):
         graphdef, state = nnx.split(attn)
-        fn = jax.jit(lambda state, x: nnx.merge(graphdef, state)(x, pos, cos, sin)[0])
+        rt = Runtime(kernels=kernels, dtype=jnp.bfloat16)
+        fn = jax.jit(lambda state, x: nnx.merge(graphdef, state)(x, pos, cos, sin, rt=rt)[0])
         return fn.lower(state, x).as_text(), fn(state, x)
 
-    with mxfp4_cpu.use_kernel(True):
-        hlo_on, on = run()
-    with mxfp4_cpu.use_kernel(False):
-        hlo_off, off = run()
+    hlo_on, on = run("cpu")
+    hlo_off, off = run("xla")
     assert hlo_on.count(dense_cpu.TARGET) == 4 and dense_cpu.TARGET not in hlo_off  # q, k, v, o
     assert on.dtype == off.dtype == jnp.bfloat16
     np.testing.assert_allclose(np.asarray(on, np.float32), np.asarray(off, np.float32), rtol=2e-2,

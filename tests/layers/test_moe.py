@@ -1,4 +1,7 @@
-"""Router and MoE dispatch against a numpy top-k/softmax, a naive per-token expert loop and transformers."""
+"""Router and the expert op (every strategy, skipped pairs, adapters) against a numpy top-k/softmax, a naive
+per-token expert loop in float64 and transformers."""
+
+import dataclasses
 
 import jax
 import jax.numpy as jnp
@@ -7,8 +10,11 @@ import pytest
 from flax import nnx
 
 from gptoss.config import ModelConfig
-from gptoss.layers.dispatch import ExpertWeights, choose_impl, moe_dense, moe_gather, moe_grouped, swiglu
+from gptoss.kernels import mxfp4_cpu
+from gptoss.layers.dispatch import GroupedRows
+from gptoss.layers.experts import ExpertAdapters, ExpertWeights, choose_strategy, moe_ffn, swiglu
 from gptoss.layers.moe import MoE, route
+from gptoss.layers.runtime import Runtime
 from gptoss.quant import MXFP4Array, quantize, unpack_ref
 
 E, TOPK, D, I = 5, 3, 64, 96  # experts, top-k, hidden, intermediate: distinct, and whole MXFP4 blocks
@@ -25,12 +31,15 @@ def np_route(x, w, b, k):
 
 
 def naive_moe(x, idx, weights, w1, b1, w2, b2, limit=LIMIT, alpha=ALPHA):
-    """Facts §4.6, token by token, expert by expert, in float64. w1 [E, 2I, D] (rows interleaved gate, up)."""
+    """Facts §4.6, token by token, expert by expert, in float64. w1 [E, 2I, D] (rows interleaved gate, up).
+    A negative expert index is a skipped pair (contributes nothing)."""
     x, w1, b1, w2, b2, weights = (np.asarray(a, np.float64) for a in (x, w1, b1, w2, b2, weights))
     out = np.zeros((x.shape[0], w2.shape[1]))
     for t in range(x.shape[0]):
         for k in range(idx.shape[1]):
             e = int(idx[t, k])
+            if e < 0:
+                continue
             u = w1[e] @ x[t] + b1[e]
             g, lin = u[0::2], u[1::2]
             g = np.minimum(g, limit)
@@ -49,11 +58,11 @@ def make_experts(seed, packed: bool, gate_scale=0.6):
     b2 = rng.normal(size=(E, D)).astype(np.float32)
     if packed:
         q1, q2 = _quantize(w1, jnp.float32), _quantize(w2, jnp.float32)
-        ew = ExpertWeights(q1, jnp.asarray(b1), q2, jnp.asarray(b2), LIMIT, ALPHA)
+        ew = ExpertWeights(q1, jnp.asarray(b1), q2, jnp.asarray(b2), None, LIMIT, ALPHA)
         # the oracle sees exactly the weights the packed bytes hold, decoded by the numpy reference
         w1, w2 = unpack_ref(q1.blocks, q1.scales), unpack_ref(q2.blocks, q2.scales)
     else:
-        ew = ExpertWeights(jnp.asarray(w1), jnp.asarray(b1), jnp.asarray(w2), jnp.asarray(b2), LIMIT, ALPHA)
+        ew = ExpertWeights(jnp.asarray(w1), jnp.asarray(b1), jnp.asarray(w2), jnp.asarray(b2), None, LIMIT, ALPHA)
     return ew, (w1, b1, w2, b2)
 
 
@@ -115,6 +124,10 @@ def test_swiglu_by_hand():
     np.testing.assert_allclose(got, want, rtol=1e-6)
 
 
+def run_op(impl, x, idx, w, ew, kernels=False, **kw):
+    return moe_ffn(x, idx, w, ew, moe_impl=impl, cpu_kernels=kernels, precision=jax.lax.Precision.HIGHEST, **kw)
+
+
 @pytest.mark.parametrize("packed", [False, True], ids=["dense", "mxfp4"])
 def test_moe_dense_matches_naive_loop(packed):
     ew, (w1, b1, w2, b2) = make_experts(2, packed)
@@ -123,7 +136,7 @@ def test_moe_dense_matches_naive_loop(packed):
     u = np.einsum("td,efd->etf", x.astype(np.float64), w1) + b1[:, None]
     assert (u[..., 0::2] > LIMIT).any() and (u[..., 1::2] > LIMIT).any() and (u[..., 1::2] < -LIMIT).any()
     assert (u[..., 0::2] < -LIMIT).any()  # the gate has no lower clamp: this must pass through
-    got = jax.jit(lambda x, i, w: moe_dense(x, i, w, ew))(jnp.asarray(x), jnp.asarray(idx), jnp.asarray(w))
+    got = jax.jit(lambda x, i, w: run_op("dense", x, i, w, ew))(jnp.asarray(x), jnp.asarray(idx), jnp.asarray(w))
     assert got.dtype == jnp.float32
     close(got, naive_moe(x, idx, w, w1, b1, w2, b2))
 
@@ -135,46 +148,193 @@ def skewed_routing(t):
     return idx, w
 
 
-@pytest.mark.parametrize("packed", [pytest.param(False, marks=pytest.mark.slow), True], ids=["dense", "mxfp4"])
-@pytest.mark.parametrize("t", [1, 7, 64])
-@pytest.mark.parametrize("routing", ["random", "skewed"])
-def test_gather_and_grouped_equal_dense(packed, t, routing):
+def skipped_routing(seed, t):
+    """Random routing with about a third of the pairs skipped (-1), one token entirely."""
+    idx, w = random_routing(seed, t)
+    rng = np.random.default_rng(seed + 100)
+    idx = np.where(rng.random(idx.shape) < 0.35, -1, idx).astype(np.int32)
+    idx[0] = -1
+    return idx, w
+
+
+KERNELS = [False, pytest.param(True, marks=pytest.mark.skipif(
+    not (mxfp4_cpu.kernel_available() and jax.default_backend() == "cpu"), reason="no MXFP4 CPU kernel"))]
+
+
+@pytest.mark.parametrize("kernels", KERNELS, ids=["xla", "cpu"])
+@pytest.mark.parametrize("packed", [False, True], ids=["dense", "mxfp4"])
+@pytest.mark.parametrize("t, routing", [(1, "random"), (1, "skipped"), (7, "skewed"), (64, "random"),
+                                        (64, "skewed"), (64, "skipped")])
+def test_gather_and_grouped_equal_naive_loop(packed, t, routing, kernels):
+    if kernels and not packed:
+        pytest.skip("the CPU kernel serves packed experts only")
     ew, ref_weights = make_experts(5, packed)
     x = jnp.asarray(np.random.default_rng(t).normal(size=(t, D)), jnp.float32)
-    idx, w = random_routing(6 + t, t) if routing == "random" else skewed_routing(t)
-
-    # grouped: the default tile is 8 for T <= 7 and 64 for T = 64, so tiles 8 and 1 cover the rest
-    tiles = (None, 1) + ((8,) if t == 64 else ())
+    idx, w = {"random": random_routing(6 + t, t), "skewed": skewed_routing(t),
+              "skipped": skipped_routing(6 + t, t)}[routing]
+    want = naive_moe(np.asarray(x), idx, w, *ref_weights)
 
     @jax.jit  # one compile for all strategies
     def all_impls(x, idx, w):
-        return (moe_dense(x, idx, w, ew), moe_gather(x, idx, w, ew),
-                *[moe_grouped(x, idx, w, ew, tile) for tile in tiles])
+        return [run_op(impl, x, idx, w, ew, kernels) for impl in ("dense", "gather", "grouped")]
 
-    want, *others = all_impls(x, jnp.asarray(idx), jnp.asarray(w))
-    if t == 7:  # anchor the comparison to the naive loop too
-        close(want, naive_moe(np.asarray(x), idx, w, *ref_weights))
-    for got in others:
+    for impl, got in zip(("dense", "gather", "grouped"), all_impls(x, jnp.asarray(idx), jnp.asarray(w))):
         close(got, want)
+        if routing == "skipped":
+            assert np.all(np.asarray(got)[0] == 0), f"{impl}: a token whose pairs are all skipped must get 0"
 
 
-def test_grouped_with_a_single_expert_per_token():
+def test_grouped_tiles_with_a_single_expert_per_token():
     ew, ref_weights = make_experts(7, packed=True)
     idx = jnp.full((13, 1), 2, jnp.int32)  # every token goes to expert 2, with weight 1
     w = jnp.ones((13, 1), jnp.float32)
     x = jnp.asarray(np.random.default_rng(8).normal(size=(13, D)), jnp.float32)
     want = naive_moe(np.asarray(x), np.asarray(idx), np.asarray(w), *ref_weights)
-    outs = jax.jit(lambda x: [moe_grouped(x, idx, w, ew, tile) for tile in (1, 4, 16)] + [moe_gather(x, idx, w, ew)])
-    for got in outs(x):
+    @jax.jit
+    def outputs(x):
+        out = []
+        for tile in (1, 4, 16):
+            rows = GroupedRows(idx, E, tile=tile, precision=jax.lax.Precision.HIGHEST)
+            h = rows.matmul_in(x, ew.gate_up_EFD) + rows.take(ew.gate_up_bias_EF)
+            y = rows.matmul(swiglu(h, LIMIT, ALPHA), ew.down_EDI) + rows.take(ew.down_bias_ED)
+            out.append(rows.combine(y, w))
+        return out
+
+    for got in outputs(x):
         close(got, want)
 
 
-def test_choose_impl():
-    assert choose_impl("auto", 1, 4, 32) == "gather"
-    assert choose_impl("auto", 512, 4, 32) == "grouped"
-    assert choose_impl("dense", 512, 4, 32) == "dense"
+def test_choose_strategy():
+    assert choose_strategy("auto", 1, 4, 32) == "gather"
+    assert choose_strategy("auto", 512, 4, 32) == "grouped"
+    assert choose_strategy("dense", 512, 4, 32) == "dense"
     with pytest.raises(ValueError, match="unknown moe_impl"):
-        choose_impl("sparse", 1, 4, 32)
+        choose_strategy("sparse", 1, 4, 32)
+
+
+# ------------------------------------------------------------------------------------------------ gradients
+def nll_like(impl, kernels=False):
+    """A scalar of the op's output that weights every output element differently."""
+    probe = jnp.asarray(np.random.default_rng(11).normal(size=(1, D)), jnp.float32)
+
+    def f(x, w, ew, idx):
+        return jnp.sum(run_op(impl, x, idx, w, ew, kernels) * probe) + jnp.sum(jnp.tanh(run_op(impl, x, idx, w, ew,
+                                                                                              kernels)))
+    return f
+
+
+def naive_grad_x(x, idx, w, w1, b1, w2, b2, probe_fn, eps=1e-6):
+    """Central differences of the float64 naive loop (the oracle for dx)."""
+    g = np.zeros_like(x, np.float64)
+    for i in np.ndindex(x.shape):
+        xp, xm = x.astype(np.float64).copy(), x.astype(np.float64).copy()
+        xp[i] += eps
+        xm[i] -= eps
+        g[i] = (probe_fn(naive_moe(xp, idx, w, w1, b1, w2, b2)) - probe_fn(naive_moe(xm, idx, w, w1, b1, w2,
+                                                                                      b2))) / (2 * eps)
+    return g
+
+
+@pytest.mark.parametrize("kernels", KERNELS, ids=["xla", "cpu"])
+@pytest.mark.parametrize("packed", [False, True], ids=["dense", "mxfp4"])
+def test_gradients_of_every_strategy_agree_and_match_the_naive_loop(packed, kernels):
+    if kernels and not packed:
+        pytest.skip("the CPU kernel serves packed experts only")
+    ew, ref_weights = make_experts(12, packed, gate_scale=0.3)
+    t = 6
+    x = np.random.default_rng(13).normal(size=(t, D)).astype(np.float32)
+    idx, w = skipped_routing(14, t)
+    probe = np.asarray(np.random.default_rng(11).normal(size=(1, D)), np.float64)
+    probe_fn = lambda y: float(np.sum(y * probe) + np.sum(np.tanh(y)))  # noqa: E731
+    want_dx = naive_grad_x(x, idx, w, *ref_weights, probe_fn)
+    grads = {}
+    for impl in ("dense", "gather", "grouped"):
+        fn = jax.jit(jax.grad(nll_like(impl, kernels), argnums=(0, 1, 2), allow_int=True))
+        grads[impl] = fn(jnp.asarray(x), jnp.asarray(w), ew, jnp.asarray(idx))
+        close(grads[impl][0], want_dx, rtol=1e-4)
+    ref = grads["dense"]
+    for impl in ("gather", "grouped"):
+        for a, b in zip(grads[impl][:2], ref[:2]):
+            close(a, b, rtol=1e-5)
+        for leaf_a, leaf_b in zip(jax.tree.leaves(grads[impl][2]), jax.tree.leaves(ref[2])):
+            if leaf_a.dtype != jax.dtypes.float0:
+                close(leaf_a, leaf_b, rtol=1e-5)
+    # skipped pairs get no routing-weight gradient; dense expert weights do get one, biases always
+    assert np.all(np.asarray(ref[1])[idx < 0] == 0)
+    assert np.abs(np.asarray(ref[2].gate_up_bias_EF)).max() > 0
+    if not packed:
+        assert np.abs(np.asarray(ref[2].down_EDI)).max() > 0
+
+
+# ------------------------------------------------------------------------------------------------ adapters
+def make_adapters(seed, rank=3, b_scale=0.2, scale=0.5):
+    rng = np.random.default_rng(seed)
+    n = lambda *s: jnp.asarray(rng.normal(size=s) * s[-1] ** -0.5, jnp.float32)  # noqa: E731
+    return ExpertAdapters(n(E, rank, D), n(E, 2 * I, rank) * b_scale, n(E, rank, I), n(E, D, rank) * b_scale, scale)
+
+
+@pytest.mark.parametrize("packed", [False, True], ids=["dense", "mxfp4"])
+def test_adapters_equal_merged_weights_and_zero_b_changes_nothing(packed):
+    ew, (w1, b1, w2, b2) = make_experts(20, packed, gate_scale=0.3)
+    ad = make_adapters(21)
+    x = np.random.default_rng(22).normal(size=(10, D)).astype(np.float32)
+    idx, w = skipped_routing(23, 10)
+    m1 = w1 + ad.scale * np.einsum("efr,erd->efd", np.asarray(ad.gate_up_b_EFR, np.float64), ad.gate_up_a_ERD)
+    m2 = w2 + ad.scale * np.einsum("edr,eri->edi", np.asarray(ad.down_b_EDR, np.float64), ad.down_a_ERI)
+    want = naive_moe(x, idx, w, m1, b1, m2, b2)
+    with_ad = dataclasses.replace(ew, adapters=ad)
+    zero_b = dataclasses.replace(ew, adapters=dataclasses.replace(ad, gate_up_b_EFR=ad.gate_up_b_EFR * 0,
+                                                                 down_b_EDR=ad.down_b_EDR * 0))
+    @jax.jit
+    def outputs(x, idx, w):
+        return [[run_op(impl, x, idx, w, e) for e in (with_ad, zero_b, ew)] for impl in ("dense", "gather", "grouped")]
+
+    for adapted, zero, plain in outputs(jnp.asarray(x), jnp.asarray(idx), jnp.asarray(w)):
+        close(adapted, want)
+        np.testing.assert_array_equal(np.asarray(zero), np.asarray(plain))
+
+
+def _adapter_fd_check(impl, dtype, h, tol, kernels=False):
+    """Directional derivatives of the op w.r.t. the adapters along random unit directions: jax.grad . v against
+    fourth-order central differences (8 (f(h) - f(-h)) - (f(2h) - f(-2h))) / 12h along v."""
+    ew, _ = make_experts(30, packed=True, gate_scale=0.3)
+    ad = jax.tree.map(lambda a: a.astype(dtype), make_adapters(31))
+    cast = lambda a: a.astype(dtype) if jnp.issubdtype(a.dtype, jnp.floating) else a  # noqa: E731
+    ew = dataclasses.replace(ew, gate_up_bias_EF=cast(ew.gate_up_bias_EF), down_bias_ED=cast(ew.down_bias_ED))
+    x = jnp.asarray(np.random.default_rng(32).normal(size=(8, D)), dtype)
+    idx, w = skipped_routing(33, 8)
+    idx, w = jnp.asarray(idx), jnp.asarray(w, dtype)
+    probe = jnp.asarray(np.random.default_rng(11).normal(size=(1, D)), dtype)
+
+    def f(ad):
+        y = run_op(impl, x, idx, w, dataclasses.replace(ew, adapters=ad), kernels)
+        return jnp.sum(y * probe) + jnp.sum(jnp.tanh(y))
+
+    g = jax.jit(jax.grad(f))(ad)
+    rng = np.random.default_rng(34)
+    for _ in range(3):
+        raw = [rng.normal(size=a.shape) for a in jax.tree.leaves(ad)]
+        norm = np.sqrt(sum(np.sum(r**2) for r in raw))
+        v = jax.tree.unflatten(jax.tree.structure(ad), [jnp.asarray(r / norm, dtype) for r in raw])
+        along = sum(float(jnp.vdot(a, b)) for a, b in zip(jax.tree.leaves(g), jax.tree.leaves(v)))
+        shifted = {s: jax.tree.map(lambda a, b, s=s: a + s * h * b, ad, v) for s in (-2.0, -1.0, 1.0, 2.0)}
+        fh = {s: float(jax.jit(f)(p)) for s, p in shifted.items()}
+        fd = (8 * (fh[1.0] - fh[-1.0]) - (fh[2.0] - fh[-2.0])) / (12 * h)
+        assert abs(along - fd) <= tol * abs(fd), f"{impl} {jnp.dtype(dtype).name}: grad.v {along} vs FD {fd}"
+
+
+@pytest.mark.parametrize("kernels", KERNELS, ids=["xla", "cpu"])
+@pytest.mark.parametrize("impl", ["dense", "gather", "grouped"])
+def test_adapter_gradients_match_central_differences(impl, kernels):
+    if kernels and impl == "dense":
+        pytest.skip("the dense strategy does not use the CPU kernel")
+    _adapter_fd_check(impl, jnp.float32, h=0.1, tol=1e-3, kernels=kernels)
+
+
+@pytest.mark.parametrize("impl", ["dense", "gather", "grouped"])
+def test_adapter_gradients_match_central_differences_float64(impl):
+    with jax.enable_x64(True):
+        _adapter_fd_check(impl, jnp.float64, h=1e-3, tol=1e-8)
 
 
 # ------------------------------------------------------------------------------------------------ module
@@ -197,7 +357,7 @@ def test_moe_module_matches_route_plus_naive_loop(experts):
     want = naive_moe(x.reshape(10, -1), idx, w, np.asarray(gu), np.asarray(moe.gate_up_bias_EF[...]),
                      np.asarray(dn), np.asarray(moe.down_bias_ED[...]), cfg.swiglu_limit, cfg.swiglu_alpha)
     # auto picks grouped here (10 tokens * 3 > 5 experts); dispatch itself is checked against dense above
-    outs = nnx.jit(lambda m, x: [m(x, impl) for impl in ("auto", "gather")])(moe, jnp.asarray(x))
+    outs = nnx.jit(lambda m, x: [m(x, Runtime(moe_impl=impl)) for impl in ("auto", "gather")])(moe, jnp.asarray(x))
     for y, got_logits in outs:
         assert y.shape == x.shape and got_logits.shape == (2, 5, cfg.num_experts)
         close(y.reshape(10, -1), want, rtol=2e-5)
@@ -226,5 +386,5 @@ def test_moe_module_matches_transformers_mlp():
         hf.experts.down_proj_bias.copy_(t(moe.down_bias_ED))
         x = rng.normal(size=(2, 6, cfg.hidden_size)).astype(np.float32)
         want, _ = hf(torch.from_numpy(x))
-    y, _ = nnx.jit(lambda m, x: m(x, "dense"))(moe, jnp.asarray(x))
+    y, _ = nnx.jit(lambda m, x: m(x, Runtime(moe_impl="dense")))(moe, jnp.asarray(x))
     close(y, want.numpy(), rtol=2e-5)
