@@ -1,12 +1,14 @@
 """gptoss: gpt-oss sparse-expert language models in JAX/Flax NNX, with experts kept packed in MXFP4."""
 
 from gptoss.config import ConfigError, ModelConfig
+from gptoss.engine import Generation, generate, generate_stream
 from gptoss.io import CheckpointError, from_pretrained, save_pretrained
-from gptoss.model import GptOss
+from gptoss.model import GptOss, random_model
 from gptoss.quant import MXFP4Array, QuantWeight, dequantize, quantize
 from gptoss.tokenizer import load_tokenizer
 
 __version__ = "0.1.0"
 
-__all__ = ["CheckpointError", "ConfigError", "GptOss", "MXFP4Array", "ModelConfig", "QuantWeight", "__version__",
-           "dequantize", "from_pretrained", "load_tokenizer", "quantize", "save_pretrained"]
+__all__ = ["CheckpointError", "ConfigError", "Generation", "GptOss", "MXFP4Array", "ModelConfig", "QuantWeight",
+           "__version__", "dequantize", "from_pretrained", "generate", "generate_stream", "load_tokenizer", "quantize",
+           "random_model", "save_pretrained"]

@@ -9,7 +9,10 @@ import sys
 def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True, help="checkpoint folder, hub id, or 'tiny' (random, on the fly)")
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
-    p.add_argument("--experts", default="mxfp4", choices=["mxfp4", "dense"])
+    p.add_argument("--experts", default="auto", choices=["auto", "mxfp4", "dense"],
+                   help="auto keeps the checkpoint's format; mxfp4 / dense convert")
+    p.add_argument("--kernels", default=None, choices=["auto", "xla", "cpu"],
+                   help="CPU kernels or pure XLA (default: $GPTOSS_KERNELS or auto)")
 
 
 def _add_sampling_args(p: argparse.ArgumentParser, max_new: int) -> None:
@@ -24,8 +27,8 @@ def _model_spec(args):
     from gptoss.apps.loading import ModelSpec
 
     if args.model == "tiny":
-        return ModelSpec(preset="tiny", dtype=args.dtype, experts=args.experts)
-    return ModelSpec(path=args.model, dtype=args.dtype, experts=args.experts)
+        return ModelSpec(preset="tiny", dtype=args.dtype, experts=args.experts, kernels=args.kernels)
+    return ModelSpec(path=args.model, dtype=args.dtype, experts=args.experts, kernels=args.kernels)
 
 
 def cmd_generate(args) -> int:

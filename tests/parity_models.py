@@ -401,3 +401,54 @@ def save_original(hf_model_or_state, root, *, config: GptOssConfig | None = None
     with open(orig / "config.json", "w") as f:
         json.dump(original_config_dict(config), f, indent=2)
     return root
+
+
+# -------------------------------------------------------------------------------- gradients
+def hf_nll_grads(model: GptOssForCausalLM, tokens: np.ndarray) -> tuple[float, dict[str, np.ndarray]]:
+    """torch autograd of transformers' mean next-token NLL (labels = the tokens): (loss, {param name: grad})."""
+    model.zero_grad(set_to_none=True)
+    ids = torch.from_numpy(np.asarray(tokens, np.int64))
+    loss = model(input_ids=ids, labels=ids).loss
+    loss.backward()
+    grads = {n: p.grad.detach().float().numpy().copy() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad(set_to_none=True)
+    return float(loss.detach()), grads
+
+
+def our_nll_grads(model, tokens: np.ndarray, moe_impl: str | None = None) -> tuple[float, dict[str, np.ndarray]]:
+    """jax.grad of the same loss through a gptoss model, w.r.t. every nnx.Param, renamed and laid out like
+    transformers' parameters by the checkpoint key map: (loss, {HF param name: grad})."""
+    import jax
+    import jax.numpy as jnp
+    from flax import nnx
+
+    from gptoss.io.keymap import hf_entries
+
+    tokens = jnp.asarray(tokens, jnp.int32)
+
+    def nll(m):
+        logits = m.forward(tokens[:, :-1], moe_impl=moe_impl)
+        logp = jax.nn.log_softmax(logits, axis=-1)
+        return -jnp.mean(jnp.take_along_axis(logp, tokens[:, 1:, None], axis=-1))
+
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    loss, g = jax.jit(jax.value_and_grad(lambda p: nll(nnx.merge(graphdef, p, rest))))(params)
+    flat = {tuple(path): v.get_value() for path, v in nnx.to_flat_state(g)}
+    out = {}
+    for entry in hf_entries(model.config, model.experts):
+        if entry.kind == "float" and entry.path in flat:
+            out[entry.names[0]] = np.asarray(entry.to_ckpt(np.asarray(flat[entry.path], np.float32)))
+    return float(loss), out
+
+
+def grad_errors(ours: dict[str, np.ndarray], ref: dict[str, np.ndarray], pad_token_id: int | None = None
+                ) -> dict[str, float]:
+    """Per parameter both have: max|ours - ref| / max|ref|. transformers' nn.Embedding(padding_idx=pad) gives the
+    pad token's row no gradient (it never trains); ours trains it like any other row, so that row is left out."""
+    out = {}
+    for n in sorted(ours.keys() & ref.keys()):
+        a, b = ours[n], ref[n]
+        if n == "model.embed_tokens.weight" and pad_token_id is not None:
+            a, b = np.delete(a, pad_token_id, axis=0), np.delete(b, pad_token_id, axis=0)
+        out[n] = rel_err(a, b)
+    return out

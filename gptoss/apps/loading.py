@@ -7,11 +7,10 @@ import os
 import tempfile
 
 import jax.numpy as jnp
-from flax import nnx
 
 from gptoss.config import ModelConfig
 from gptoss.io import from_pretrained, save_pretrained
-from gptoss.model import GptOss
+from gptoss.model import random_model
 from gptoss.tokenizer import load_tokenizer, save_tokenizer_info
 
 # Random presets use the byte-level harmony tokenizer, so their vocabulary is small.
@@ -23,8 +22,9 @@ class ModelSpec:
     path: str | None = None  # checkpoint folder or hub id
     preset: str | None = None  # "tiny": a random model written to a temporary checkpoint and loaded back
     dtype: str = "bfloat16"
-    experts: str = "mxfp4"
+    experts: str = "auto"  # keep the checkpoint's format; "mxfp4" / "dense" convert
     moe_impl: str = "auto"
+    kernels: str | None = None  # "auto" | "xla" | "cpu"; None: $GPTOSS_KERNELS or "auto"
     seed: int = 0
     mesh: dict | None = None  # e.g. {data: 1, expert: 8, tensor: 1}: sharded over devices (gptoss.sharding)
 
@@ -39,8 +39,7 @@ def random_tiny_checkpoint(folder: str, seed: int = 0) -> str:
     """Writes a random tiny gpt-oss (byte-level harmony vocabulary) in HF layout and records its tokenizer."""
     cfg = ModelConfig.tiny(vocab_size=BYTES_VOCAB, hidden_size=128, intermediate_size=96, num_hidden_layers=4,
                            sliding_window=16, max_position_embeddings=1024, eos_token_id=None, pad_token_id=None)
-    model = GptOss(cfg, dtype=jnp.float32, experts="mxfp4", rngs=nnx.Rngs(seed))
-    save_pretrained(model, folder)
+    save_pretrained(random_model(cfg, dtype=jnp.float32, experts="mxfp4", seed=seed), folder)
     save_tokenizer_info("harmony_bytes", folder)
     return folder
 
@@ -58,8 +57,8 @@ def load_model_and_tokenizer(spec: ModelSpec, progress: bool = True):
 
 
 def _load(path: str, spec: ModelSpec, progress: bool):
-    model = from_pretrained(path, dtype=spec.dtype, experts=spec.experts, moe_impl=spec.moe_impl, progress=progress,
-                            mesh=spec.mesh)
+    model = from_pretrained(path, dtype=spec.dtype, experts=spec.experts, moe_impl=spec.moe_impl,
+                            kernels=spec.kernels, progress=progress, mesh=spec.mesh)
     tokenizer = load_tokenizer(path if os.path.isdir(path) else None)
     if tokenizer.vocab_size > model.config.vocab_size:
         raise ValueError(f"{path}: tokenizer {tokenizer.name} has {tokenizer.vocab_size} ids but the model only "

@@ -14,7 +14,6 @@ from flax import nnx
 from gptoss.engine.sampling import SamplingParams, sample
 from gptoss.layers.kv_cache import LayerCache
 
-HARMONY_STOP = (200002, 200012)  # <|return|>, <|call|>: the ends of an assistant turn (not <|end|>)
 MIN_BUCKET = 16
 
 
@@ -23,10 +22,6 @@ class Generation:
     tokens: list[list[int]]  # new tokens per prompt, including the stop token when one was hit
     logprobs: list[list[float]] | None  # log p(token) under the model (before temperature/top-k/top-p)
     finished: list[bool]  # stopped on a stop token (else ran out of max_new_tokens)
-
-
-def default_stop_tokens(vocab_size: int) -> tuple[int, ...]:
-    return HARMONY_STOP if vocab_size > max(HARMONY_STOP) else ()
 
 
 def bucket(n: int) -> int:
@@ -75,7 +70,7 @@ def prepare(model, prompts: Sequence[Sequence[int]], max_new_tokens: int):
 
 
 def _prefill(model, tokens, positions, lens, cache_len):
-    cache = init_cache(model.config, tokens.shape[0], cache_len, model.dtype, getattr(model, "shard_layout", None))
+    cache = init_cache(model.config, tokens.shape[0], cache_len, model.dtype, model.layout)
     x, _, cache = model.hidden_states(tokens, positions, cache, in_order=True)  # prepare(): right-padded rows
     last = jnp.take_along_axis(x, (lens - 1)[:, None, None], axis=1)  # [B, 1, D]
     return model.logits(last)[:, 0], cache
@@ -126,8 +121,12 @@ def _generate_jit(graphdef, state, tokens, positions, lens, cache_len, buffer, m
 
     state0 = (jnp.int32(0), tok, lp, cache, done, n_out, out, out_lp)
     _, _, _, _, done, n_out, out, out_lp = jax.lax.while_loop(cond, body, state0)
-    layout = getattr(model, "shard_layout", None)  # sharded model: replicate the (small) outputs for every host
-    return (out, out_lp, n_out, done) if layout is None else layout.replicate((out, out_lp, n_out, done))
+    return _for_every_host(model, (out, out_lp, n_out, done))
+
+
+def _for_every_host(model, tree):
+    """A sharded model's (small) outputs replicated, so that every process can read them."""
+    return tree if model.layout is None else model.layout.replicate(tree)
 
 
 def generate(model, prompts: Sequence[Sequence[int]], *, max_new_tokens: int, temperature: float = 0.0,
@@ -135,13 +134,13 @@ def generate(model, prompts: Sequence[Sequence[int]], *, max_new_tokens: int, te
              return_logprobs: bool = False) -> Generation:
     """Continues each prompt (a list of token ids; lengths may differ) by up to `max_new_tokens` tokens.
 
-    Greedy when temperature is 0. Stops a row at any of `stop_tokens` (default: harmony's <|return|> and
-    <|call|> when the vocabulary has them). Rows are independent: padding never leaks into other rows.
+    Greedy when temperature is 0. Stops a row at any of `stop_tokens` (default: the model config's eos_token_id,
+    e.g. harmony's <|return|>, <|endoftext|> and <|call|> for gpt-oss). Rows are independent: padding never leaks
+    into other rows.
     """
     params = SamplingParams(float(temperature), float(top_p), int(top_k))
     tokens, positions, lens, cache_len = prepare(model, prompts, max_new_tokens)
-    stop = [int(t) for t in (default_stop_tokens(model.config.vocab_size) if stop_tokens is None
-                             else stop_tokens)]
+    stop = [int(t) for t in (model.config.stop_token_ids if stop_tokens is None else stop_tokens)]
     stop_arr = np.full(bucket(len(stop) + 1), -1, np.int32)  # padded with -1, which no token equals
     stop_arr[: len(stop)] = stop
     graphdef, state = nnx.split(model)
@@ -156,7 +155,9 @@ def generate(model, prompts: Sequence[Sequence[int]], *, max_new_tokens: int, te
 
 @functools.partial(jax.jit, static_argnums=(0, 5))
 def _prefill_jit(graphdef, state, tokens, positions, lens, cache_len):
-    return _prefill(nnx.merge(graphdef, state), tokens, positions, lens, cache_len)
+    model = nnx.merge(graphdef, state)
+    logits, cache = _prefill(model, tokens, positions, lens, cache_len)
+    return _for_every_host(model, logits), cache
 
 
 _sample_jit = jax.jit(sample)
@@ -164,7 +165,9 @@ _sample_jit = jax.jit(sample)
 
 @functools.partial(jax.jit, static_argnums=(0,), donate_argnums=(4,))
 def _step_jit(graphdef, state, tok, pos, cache):
-    return _decode_step(nnx.merge(graphdef, state), tok, pos, cache)
+    model = nnx.merge(graphdef, state)
+    logits, cache = _decode_step(model, tok, pos, cache)
+    return _for_every_host(model, logits), cache
 
 
 def generate_stream(model, prompts: Sequence[Sequence[int]], *, max_new_tokens: int, temperature: float = 0.0,
@@ -176,7 +179,7 @@ def generate_stream(model, prompts: Sequence[Sequence[int]], *, max_new_tokens: 
     """
     params = SamplingParams(float(temperature), float(top_p), int(top_k))
     tokens, positions, lens, cache_len = prepare(model, prompts, max_new_tokens)
-    stop = set(default_stop_tokens(model.config.vocab_size) if stop_tokens is None else stop_tokens)
+    stop = set(model.config.stop_token_ids if stop_tokens is None else stop_tokens)
     graphdef, state = nnx.split(model)
     key = jax.random.key(jnp.uint32(seed))
     logits, cache = _prefill_jit(graphdef, state, tokens, positions, lens, cache_len)

@@ -52,8 +52,8 @@ def _swap_last(w):
     return np.swapaxes(w, -1, -2)
 
 
-def hf_entries(cfg: ModelConfig, packed_experts: bool) -> list[Entry]:
-    """The transformers layout (`model.layers.L...`); experts packed (`*_blocks`/`*_scales`) or dense."""
+def hf_entries(cfg: ModelConfig, experts: str) -> list[Entry]:
+    """The transformers layout (`model.layers.L...`); experts "mxfp4" (`*_blocks`/`*_scales`) or "dense"."""
     D, N, K, H = cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
     E, I, V = cfg.num_experts, cfg.intermediate_size, cfg.vocab_size
     out = [_f(("embed_VD",), "model.embed_tokens.weight", (V, D))]
@@ -77,7 +77,7 @@ def hf_entries(cfg: ModelConfig, packed_experts: bool) -> list[Entry]:
             _f(m + ("down_bias_ED",), p + "mlp.experts.down_proj_bias", (E, D)),
         ]
         x = p + "mlp.experts."
-        if packed_experts:
+        if experts == "mxfp4":
             out += [
                 Entry(m + ("gate_up_EFD",), (x + "gate_up_proj_blocks", x + "gate_up_proj_scales"),
                       ((E, 2 * I, D // 32, 16), (E, 2 * I, D // 32)), "mxfp4"),

@@ -18,6 +18,7 @@ from tqdm.auto import tqdm
 from gptoss.config import ConfigError, ModelConfig
 from gptoss.io.keymap import HF_DENSE_MARKER, HF_PACKED_MARKER, Entry, hf_entries, original_entries
 from gptoss.io.safetensors_io import CheckpointError, TensorIndex, aligned, find_nonfinite
+from gptoss.layers import EXPERTS
 from gptoss.model import GptOss
 from gptoss.quant import MXFP4Array, dequantize, quantize
 
@@ -26,42 +27,49 @@ HUB_PATTERNS = ["config.json", "generation_config.json", "model*.safetensors", "
                 "tokenizer*", "special_tokens_map.json", "chat_template*"]
 
 
-def from_pretrained(path: str | os.PathLike, *, dtype: Any = "bfloat16", experts: str = "mxfp4",
-                    moe_impl: str = "auto", layout: str = "auto", check_finite: bool = True,
-                    progress: bool = True, revision: str | None = None,
+def from_pretrained(path: str | os.PathLike, *, dtype: Any = "bfloat16", experts: str = "auto",
+                    moe_impl: str = "auto", kernels: str | None = None, checkpoint_layout: str = "auto",
+                    check_finite: bool = True, progress: bool = True, revision: str | None = None,
                     place: Callable[[Any, tuple], Any] | None = None, mesh: Any = None) -> GptOss:
     """Loads a gpt-oss checkpoint folder (HF layout, or `original/`) or a hub id into a `GptOss`.
 
-    experts="mxfp4" keeps expert weights packed (never dequantized at load); "dense" stores them in `dtype`.
+    experts="auto" keeps the checkpoint's own format: packed MXFP4 experts stay packed (never dequantized at
+    load), dense ones stay dense and exact. "mxfp4" quantizes dense experts (lossy, with a warning); "dense"
+    dequantizes packed ones exactly into `dtype`. `moe_impl` and `kernels` are the model's run options (see
+    GptOss). `checkpoint_layout` ("auto", "hf", "original") picks which files to read when a folder has both.
     `place(array, path)` puts each parameter on its device(s); the default is `jax.device_put`.
     `mesh` (a jax Mesh with axes data/expert/tensor, or a dict like {"expert": 8}) shards the model
     (gptoss.sharding): checked against the config before any weight is read, packed experts read from the
     mmapped file slice by slice, each device given only its slice.
     """
-    if experts not in ("mxfp4", "dense"):
-        raise ValueError(f"experts must be 'mxfp4' or 'dense', got {experts!r}")
+    if experts not in ("auto", *EXPERTS):
+        raise ValueError(f"experts must be 'auto', 'mxfp4' or 'dense', got {experts!r}")
     dtype = jnp.dtype(dtype)
     root = _resolve(os.fspath(path), revision)
-    kind, cfg, index, where = open_checkpoint(root, layout)
+    kind, cfg, index, where = open_checkpoint(root, checkpoint_layout)
     if kind == "hf":
         packed = any(n.endswith(HF_PACKED_MARKER) for n in index.names())
         if not packed and not any(n.endswith(HF_DENSE_MARKER) for n in index.names()):
             raise CheckpointError(f"{where}: no expert tensors (neither *{HF_PACKED_MARKER} nor *{HF_DENSE_MARKER})")
-        entries = hf_entries(cfg, packed)
+        entries = hf_entries(cfg, "mxfp4" if packed else "dense")
     else:
         packed, entries = True, original_entries(cfg)
+    cfg = _with_generation_stops(cfg, root if kind == "hf" else os.path.dirname(os.path.normpath(where)), root)
+    if experts == "auto":
+        experts = "mxfp4" if packed else "dense"
     _check_names(entries, index, cfg, where)
     sharding = None
     if mesh is not None:
         from gptoss.sharding import Layout
 
-        sharding = Layout.create(mesh, cfg, packed=experts == "mxfp4")  # validates before any weight is read
+        sharding = Layout.create(mesh, cfg, experts=experts)  # validates before any weight is read
         place = place or sharding.place
     if experts == "mxfp4" and not packed:
-        warnings.warn(f"{where} has dense experts; quantizing them to MXFP4 at load (lossy). "
-                      "Pass experts='dense' to keep them exact.", stacklevel=2)
+        warnings.warn(f"{where} has dense experts; quantizing them to MXFP4 at load (lossy) because experts='mxfp4' "
+                      "was asked for. Leave experts='auto' (or pass 'dense') to keep them exact.", stacklevel=2)
 
-    abstract = nnx.eval_shape(lambda: GptOss(cfg, dtype=dtype, experts=experts, moe_impl=moe_impl))
+    abstract = nnx.eval_shape(lambda: GptOss(cfg, dtype=dtype, experts=experts, moe_impl=moe_impl, kernels=kernels,
+                                             layout=sharding))
     graphdef, state = nnx.split(abstract)
     targets = dict(nnx.to_flat_state(state))
     place = place or (lambda x, _path: jax.device_put(x))
@@ -77,14 +85,13 @@ def from_pretrained(path: str | os.PathLike, *, dtype: Any = "bfloat16", experts
                 value = place(value, entry.path)
             var.set_value(value)
             bar.update(sum(index.info(n).end - index.info(n).start for n in set(entry.names)))
-    model = nnx.merge(graphdef, state)
-    return model if sharding is None else sharding.attach(model)
+    return nnx.merge(graphdef, state)
 
 
 def open_checkpoint(root: str, layout: str = "auto") -> tuple[str, ModelConfig, TensorIndex, str]:
-    """Finds the layout under `root`: ("hf" | "original", config, tensor index, folder)."""
+    """Finds the checkpoint layout under `root`: ("hf" | "original", config, tensor index, folder)."""
     if layout not in ("auto", "hf", "original"):
-        raise ValueError(f"layout must be 'auto', 'hf' or 'original', got {layout!r}")
+        raise ValueError(f"checkpoint_layout must be 'auto', 'hf' or 'original', got {layout!r}")
     if not os.path.isdir(root):
         raise CheckpointError(f"{root}: not a folder")
     hf_files = _hf_files(root)
@@ -97,9 +104,34 @@ def open_checkpoint(root: str, layout: str = "auto") -> tuple[str, ModelConfig, 
             return "original", ModelConfig.from_original(cfg_path), TensorIndex(files), folder
     found = sorted(os.listdir(root))[:20]
     raise CheckpointError(
-        f"{root}: no gpt-oss checkpoint found (layout={layout!r}). Expected config.json with model*.safetensors "
-        f"(HF layout) or original/config.json with original/*.safetensors; found {found}"
+        f"{root}: no gpt-oss checkpoint found (checkpoint_layout={layout!r}). Expected config.json with "
+        f"model*.safetensors (HF layout) or original/config.json with original/*.safetensors; found {found}"
     )
+
+
+def _with_generation_stops(cfg: ModelConfig, *folders: str) -> ModelConfig:
+    """Adds the first generation_config.json's eos_token_id (the hub's gpt-oss lists <|return|>, <|endoftext|>
+    and <|call|> there, config.json only <|return|>; an original/ folder's is in the snapshot above it) to the
+    config's stop ids."""
+    paths = [os.path.join(f, "generation_config.json") for f in folders]
+    path = next((p for p in paths if os.path.exists(p)), None)
+    if path is None:
+        return cfg
+    try:
+        with open(path) as f:
+            extra = json.load(f).get("eos_token_id")
+    except (OSError, json.JSONDecodeError, AttributeError) as e:
+        raise CheckpointError(f"{path}: cannot read generation config ({e})") from None
+    if extra is None:
+        return cfg
+    ids = list(cfg.stop_token_ids)
+    for t in extra if isinstance(extra, list) else [extra]:
+        if not isinstance(t, int) or isinstance(t, bool) or not 0 <= t < cfg.vocab_size:
+            raise CheckpointError(f"{path}: eos_token_id {t!r} is not a token id of this model "
+                                  f"(vocab {cfg.vocab_size})")
+        if t not in ids:
+            ids.append(t)
+    return cfg.replace(eos_token_id=tuple(ids))
 
 
 def _hf_files(root: str) -> list[str]:

@@ -37,7 +37,7 @@ def save_pretrained(model, path: str | os.PathLike, *, experts: str = "mxfp4",
     os.makedirs(path, exist_ok=True)
     flat = dict(nnx.to_flat_state(nnx.state(model)))
     tensors = []
-    for entry in hf_entries(cfg, packed_experts=(experts == "mxfp4")):
+    for entry in hf_entries(cfg, experts):
         value = flat[entry.path].get_value()
         if entry.kind == "mxfp4":
             packed = value if isinstance(value, MXFP4Array) else _quantize(value)

@@ -11,8 +11,8 @@ import numpy as np
 from flax import nnx
 
 from gptoss.config import ModelConfig
-from gptoss.layers import Attention, MoE, RMSNorm, rope_tables
-from gptoss.layers.dispatch import IMPLS
+from gptoss.kernels.select import check_kernels, default_kernels
+from gptoss.layers import Attention, ExpertLoRA, MoE, RMSNorm, Runtime, check_experts, check_moe_impl, rope_tables
 from gptoss.layers.linear import project
 
 
@@ -25,28 +25,34 @@ class Block(nnx.Module):
         self.mlp_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = MoE(cfg, dtype=dtype, experts=experts, rngs=rngs)
 
-    def __call__(self, x_BTD, positions_BT, cos, sin, moe_impl: str, cache=None, *, in_order: bool = False):
-        h_BTD, cache = self.attn(self.attn_norm(x_BTD), positions_BT, cos, sin, cache, in_order=in_order)
+    def __call__(self, x_BTD, positions_BT, cos, sin, rt: Runtime, cache=None, *, in_order: bool = False):
+        h_BTD, cache = self.attn(self.attn_norm(x_BTD), positions_BT, cos, sin, cache, in_order=in_order, rt=rt)
         x_BTD = x_BTD + h_BTD
-        y_BTD, router_logits = self.mlp(self.mlp_norm(x_BTD), moe_impl)
+        y_BTD, router_logits = self.mlp(self.mlp_norm(x_BTD), rt)
         return x_BTD + y_BTD, router_logits, cache
 
 
 class GptOss(nnx.Module):
     """gpt-oss: embeddings, alternating sliding/full attention blocks with routed MoE, untied unembedding.
 
-    `dtype` is the parameter and activation dtype (norm gains stay fp32); `experts` is "mxfp4" (packed,
-    dequantized where used) or "dense".
+    What it computes: `dtype` is the parameter and activation dtype (norm gains stay fp32; float32 models ask every
+    matmul for full precision); `experts` is "mxfp4" (packed, dequantized where used) or "dense".
+    How it runs (static options, shown when the model is printed, changeable between calls): `moe_impl` ("auto",
+    "dense", "gather", "grouped": gptoss.layers.experts), `kernels` ("auto", "xla", "cpu": gptoss.kernels.select;
+    None takes $GPTOSS_KERNELS or "auto"), `layout` (a gptoss.sharding.Layout when the model lives on a mesh, set
+    by `from_pretrained(..., mesh=)` or `gptoss.sharding.shard_model`).
     """
 
     def __init__(self, cfg: ModelConfig, *, dtype: Any = jnp.bfloat16, experts: str = "mxfp4",
-                 moe_impl: str = "auto", rngs: nnx.Rngs | None = None):
+                 moe_impl: str = "auto", kernels: str | None = None, layout: Any = None, rngs: nnx.Rngs | None = None):
         rngs = rngs or nnx.Rngs(0)
         dtype = jnp.dtype(dtype)
         self.config = cfg
         self.dtype = dtype
-        self.experts_format = experts
-        self.moe_impl = _check_impl(moe_impl)
+        self.experts = check_experts(experts)
+        self.moe_impl = check_moe_impl(moe_impl)
+        self.kernels = check_kernels(kernels or default_kernels())
+        self.layout = layout
         D, V = cfg.hidden_size, cfg.vocab_size
         self.embed_VD = nnx.Param(jax.random.normal(rngs.params(), (V, D), jnp.float32).astype(dtype))
         self.layers = nnx.List(
@@ -54,6 +60,22 @@ class GptOss(nnx.Module):
         )
         self.norm = RMSNorm(D, cfg.rms_norm_eps)
         self.unembed_VD = nnx.Param((jax.random.normal(rngs.params(), (V, D), jnp.float32) * D**-0.5).astype(dtype))
+
+    def runtime(self, moe_impl: str | None = None) -> Runtime:
+        """This model's run options as one hashable value, handed to every layer."""
+        return Runtime(moe_impl or self.moe_impl, self.kernels, self.dtype, self.layout)
+
+    def add_expert_adapters(self, rank: int, alpha: float | None = None, *, seed: int = 0) -> GptOss:
+        """Gives every MoE layer per-expert low-rank adapters (gptoss.layers.moe.ExpertLoRA; alpha defaults to
+        rank, i.e. scale 1). B starts at zero, so the model's outputs do not change. Returns the model."""
+        rngs = nnx.Rngs(seed)
+        for block in self.layers:
+            lora = ExpertLoRA(self.config, rank, rank if alpha is None else alpha, dtype=self.dtype, rngs=rngs)
+            if self.layout is not None:
+                for path, var in nnx.to_flat_state(nnx.state(lora)):
+                    var.set_value(self.layout.place_value(var.get_value(), path))
+            block.mlp.adapters = lora
+        return self
 
     def forward(self, tokens_BT, positions_BT=None, *, return_router_logits: bool = False,
                 moe_impl: str | None = None):
@@ -72,24 +94,30 @@ class GptOss(nnx.Module):
         """Final-normed hidden states [B, T, D], router logits [layers, B, T, E] and the updated cache
         (a list of per-layer LayerCache, or None). Positions < 0 mark padding. `in_order`: the caller promises that
         each row's non-negative positions are its indices plus a constant (attention then goes block by block)."""
-        moe_impl = _check_impl(moe_impl or self.moe_impl)
+        rt = self.runtime(moe_impl)
         cos, sin = rope_tables(self.config, positions_BT)
         x = jnp.take(self.embed_VD[...], tokens_BT, axis=0)
         router_logits, new_cache = [], []
         for i, block in enumerate(self.layers):
-            x, logits, layer_cache = block(x, positions_BT, cos, sin, moe_impl, None if cache is None else cache[i],
-                                           in_order=in_order)
+            graphdef, state = nnx.split(block)
+            x, logits, layer_cache = _block(graphdef, state, x, positions_BT, cos, sin, rt,
+                                            None if cache is None else cache[i], in_order)
             router_logits.append(logits)
             new_cache.append(layer_cache)
         return self.norm(x), jnp.stack(router_logits), (None if cache is None else new_cache)
 
     def logits(self, x_BTD):
-        return project("btd,vd->btv", x_BTD, self.unembed_VD[...], preferred_element_type=jnp.float32)
+        rt = self.runtime()
+        return project("btd,vd->btv", x_BTD, self.unembed_VD[...], preferred_element_type=jnp.float32,
+                       precision=rt.precision, kernels=rt.cpu_kernels)
 
     def __call__(self, tokens_BT, positions_BT=None, *, return_router_logits: bool = False,
                  moe_impl: str | None = None):
-        """int32 tokens [B, T] (and optional positions) -> float32 logits [B, T, vocab]."""
+        """int32 tokens [B, T] (and optional positions) -> float32 logits [B, T, vocab]. On a mesh that spans several
+        processes the outputs are replicated, so every process can read all of them."""
         tokens_BT = self._check_tokens(tokens_BT)
+        if moe_impl is not None:
+            check_moe_impl(moe_impl)
         if positions_BT is not None:
             positions_BT = jnp.asarray(positions_BT, jnp.int32)
             if positions_BT.shape != tokens_BT.shape:
@@ -120,13 +148,17 @@ class GptOss(nnx.Module):
         return jnp.asarray(arr, jnp.int32)
 
 
+@functools.partial(jax.jit, static_argnums=(0, 6, 8))
+def _block(graphdef, state, x, positions, cos, sin, rt, cache, in_order):
+    """One block as its own jitted function: every layer of a type shares one trace (the jaxpr calls it per layer),
+    which keeps tracing time flat in depth. Inside an outer jit it is inlined like any call."""
+    return nnx.merge(graphdef, state)(x, positions, cos, sin, rt, cache, in_order=in_order)
+
+
 @functools.partial(jax.jit, static_argnums=(0, 4, 5))
 def _jit_forward(graphdef, state, tokens, positions, return_router_logits, moe_impl):
     model = nnx.merge(graphdef, state)
-    return model.forward(tokens, positions, return_router_logits=return_router_logits, moe_impl=moe_impl)
-
-
-def _check_impl(impl: str) -> str:
-    if impl not in IMPLS:
-        raise ValueError(f"unknown moe_impl {impl!r}; choose one of {IMPLS}")
-    return impl
+    out = model.forward(tokens, positions, return_router_logits=return_router_logits, moe_impl=moe_impl)
+    if model.layout is not None and jax.process_count() > 1:
+        out = model.layout.replicate(out)
+    return out

@@ -1,8 +1,9 @@
 """A model's layout on a device mesh: mesh + resolved rules, and everything that places or constrains arrays.
 
 `Layout.create(mesh, cfg)` validates before any weight is read; `layout.place(array, path)` is the loader's
-hook (each device receives only its slice, via `jax.make_array_from_callback`); `layout.attach(model)` marks
-a loaded model so its MoE layers run under `shard_map` and `generate`'s KV cache is laid out to match.
+hook (each device receives only its slice, via `jax.make_array_from_callback`). A model on a mesh holds its
+layout (`GptOss.layout`, a static part of the model): its MoE layers then run under `shard_map`
+(`layout.moe`) and `generate`'s KV cache is laid out to match.
 """
 
 from __future__ import annotations
@@ -89,7 +90,7 @@ class Layout:
 
     @classmethod
     def create(cls, mesh: Mesh | Mapping[str, int] | Layout, cfg: ModelConfig, rules: Rules | Mapping | None = None,
-               packed: bool = True) -> Layout:
+               experts: str = "mxfp4") -> Layout:
         """Validates `mesh` (and rules) against `cfg` first, then builds the Mesh (dict meshes; with a -1 size
         the devices decide that axis, so the mesh is built first)."""
         if isinstance(mesh, Layout):
@@ -98,7 +99,7 @@ class Layout:
         if -1 in sizes.values():
             mesh = make_mesh(mesh)
             sizes = mesh_sizes(mesh)
-        resolved, notes = resolve(cfg, sizes, rules, packed)
+        resolved, notes = resolve(cfg, sizes, rules, experts)
         return cls(make_mesh(mesh), resolved, notes)
 
     # ------------------------------------------------------------------ specs
@@ -147,10 +148,8 @@ class Layout:
         return self.place(value, path)
 
     def attach(self, model):
-        """Marks `model` (and its MoE layers) as laid out by this layout; returns it."""
-        model.shard_layout = self
-        for block in model.layers:
-            block.mlp.shard_layout = self
+        """Sets `model.layout` to this layout (its arrays must already be placed); returns the model."""
+        model.layout = self
         return model
 
     # ------------------------------------------------------------------ inside jit
@@ -170,15 +169,16 @@ class Layout:
         rep = NamedSharding(self.mesh, P())
         return jax.tree.map(lambda x: jax.lax.with_sharding_constraint(x, rep), tree)
 
-    def run_moe(self, impl: str, x_TD, idx_TK, w_TK, ew):
+    def moe(self, x_TD, idx_TK, w_TK, ew, rt):
+        """The MoE layer's expert op on this mesh (gptoss.sharding.moe.sharded_moe)."""
         from gptoss.sharding.moe import sharded_moe
 
-        return sharded_moe(self, impl, x_TD, idx_TK, w_TK, ew)
+        return sharded_moe(self, x_TD, idx_TK, w_TK, ew, rt)
 
 
 def shard_model(model, mesh: Mesh | Mapping[str, int] | Layout, rules: Rules | Mapping | None = None):
     """Places an in-memory GptOss on a mesh (same layout as `from_pretrained(..., mesh=)`); returns the model."""
-    layout = Layout.create(mesh, model.config, rules, packed=model.experts_format == "mxfp4")
+    layout = Layout.create(mesh, model.config, rules, experts=model.experts)
     graphdef, state = nnx.split(model)
     for path, var in nnx.to_flat_state(state):
         var.set_value(layout.place_value(var.get_value(), path))
@@ -186,7 +186,7 @@ def shard_model(model, mesh: Mesh | Mapping[str, int] | Layout, rules: Rules | M
 
 
 def layout_of(model) -> Layout | None:
-    return getattr(model, "shard_layout", None)
+    return model.layout
 
 
 def device_bytes(model) -> dict[Any, int]:

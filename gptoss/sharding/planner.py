@@ -175,7 +175,7 @@ def plan(model: str | ModelConfig = "gpt-oss-120b", mesh=None, *, context: int =
     if context < 1 or batch < 1:
         raise ValueError(f"context and batch must be positive, got context={context}, batch={batch}")
     prefill = min(context, DEFAULT_PREFILL) if prefill is None else prefill
-    rules, notes = resolve(cfg, sizes, rules, packed=experts == "mxfp4")
+    rules, notes = resolve(cfg, sizes, rules, experts)
     expert_b = dense_b = 0
     for path, shape, dt, count in param_shapes(cfg, np.dtype(dtype).name, experts):
         spec = spec_for(PARAM_AXES[path[-1]], shape, sizes, rules, ".".join(map(str, path)))

@@ -45,6 +45,7 @@ DEFAULT_RULES: dict[str, tuple[str, ...] | str | None] = {
     "expert_embed_in": None,           # gate_up's reduction axis (hidden_size/32 MXFP4 blocks)
     "expert_embed_out": "tensor",      # down's output rows
     "expert_ffn_in": None,             # down's reduction axis (intermediate_size/32 blocks; 90 in gpt-oss)
+    "lora_rank": None,                 # the low-rank axis of adapters
 }
 MEGATRON_RULES = {**DEFAULT_RULES, "expert_embed_out": None, "expert_ffn_in": "tensor"}
 
@@ -68,6 +69,11 @@ PARAM_AXES: dict[str, tuple[str, ...]] = {
     "gate_up_bias_EF": ("experts", "expert_ffn"),
     "down_EDI": ("experts", "expert_embed_out", "expert_ffn_in"),  # MXFP4: K axis = intermediate_size/32
     "down_bias_ED": ("experts", "expert_embed_out"),
+    # per-expert adapters (gptoss.layers.moe.ExpertLoRA): each follows the matrix it adapts
+    "gate_up_a_ERD": ("experts", "lora_rank", "expert_embed_in"),
+    "gate_up_b_EFR": ("experts", "expert_ffn", "lora_rank"),
+    "down_a_ERI": ("experts", "lora_rank", "expert_ffn_in"),
+    "down_b_EDR": ("experts", "expert_embed_out", "lora_rank"),
 }
 PACKED = frozenset({"gate_up_EFD", "down_EDI"})
 CACHE_AXES: dict[str, tuple[str, ...]] = {
@@ -180,11 +186,11 @@ def spec_for(logical: tuple[str | None, ...], shape: tuple[int, ...], sizes: Map
     return P(*parts)
 
 
-def model_dims(cfg: ModelConfig, packed: bool) -> list[tuple[str, int, str]]:
+def model_dims(cfg: ModelConfig, experts: str = "mxfp4") -> list[tuple[str, int, str]]:
     """(logical axis, size, description in config terms) for every model dimension the rules can shard."""
     D, I = cfg.hidden_size, cfg.intermediate_size
     blocks = (lambda n, what: (n // MXFP4_BLOCK, f"{what}/{MXFP4_BLOCK} = {n // MXFP4_BLOCK} MXFP4 blocks")) \
-        if packed else (lambda n, what: (n, what))
+        if experts == "mxfp4" else (lambda n, what: (n, what))
     ffn_in, ffn_in_what = blocks(I, "intermediate_size")
     emb_in, emb_in_what = blocks(D, "hidden_size")
     return [
@@ -203,7 +209,7 @@ def model_dims(cfg: ModelConfig, packed: bool) -> list[tuple[str, int, str]]:
 
 
 def resolve(cfg: ModelConfig, sizes: Mapping[str, int], rules: Rules | Mapping | None = None,
-            packed: bool = True) -> tuple[Rules, tuple[str, ...]]:
+            experts: str = "mxfp4") -> tuple[Rules, tuple[str, ...]]:
     """Checks a mesh (axis sizes) and rules against a model before any weight is read.
 
     Returns the rules with soft axes (kv heads, vocab, ...) narrowed to what divides them, and notes saying
@@ -217,7 +223,7 @@ def resolve(cfg: ModelConfig, sizes: Mapping[str, int], rules: Rules | Mapping |
     if bad:
         raise ShardingError(f"mesh axis sizes must be positive integers, got {bad}")
     errors, notes, changes = [], [], {}
-    for ax, n, what in model_dims(cfg, packed):
+    for ax, n, what in model_dims(cfg, experts):
         want = tuple(a for a in rules.axes(ax) if sizes.get(a, 1) > 1)
         got = fit_axes(want, n, sizes)
         if got == want:

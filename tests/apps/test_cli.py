@@ -48,7 +48,8 @@ def test_generate_raw(capsys):
 
 
 def test_chat_streams_and_quits():
-    args = types.SimpleNamespace(model="tiny", dtype="float32", experts="mxfp4", reasoning="low", max_new_tokens=5,
+    args = types.SimpleNamespace(model="tiny", dtype="float32", experts="mxfp4",
+                                 kernels=None, reasoning="low", max_new_tokens=5,
                                  temperature=0.0, top_p=1.0, top_k=0, seed=0)
     out = io.StringIO()
     assert cli.cmd_chat(args, stdin=io.StringIO("hello\nagain\n\n"), stdout=out) == 0

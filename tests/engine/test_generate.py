@@ -74,6 +74,17 @@ def test_stop_tokens_end_a_row(ours, prompts):
         assert row == (full[: full.index(stop) + 1] if stop in full else full)
 
 
+def test_default_stop_tokens_are_the_configs_eos_ids(ours, prompts):
+    """Without stop_tokens a row stops at any of the config's eos_token_id (gptoss.generate, the top-level name)."""
+    from flax import nnx
+
+    free = gptoss.generate(ours, prompts, max_new_tokens=NEW, stop_tokens=[]).tokens
+    model = nnx.clone(ours)
+    model.config = ours.config.replace(eos_token_id=(free[1][5], 330))
+    got = gptoss.generate(model, prompts, max_new_tokens=NEW)
+    assert got.tokens[1] == free[1][: free[1].index(free[1][5]) + 1] and got.finished[1]
+
+
 def test_logprobs_are_the_model_distribution(ours, prompts):
     got = generate(ours, prompts, max_new_tokens=NEW, return_logprobs=True)
     seq = prompts[0] + got.tokens[0]

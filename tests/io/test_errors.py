@@ -360,4 +360,4 @@ def test_bad_arguments(ckpt):
     with pytest.raises(ValueError, match="experts"):
         load(path, experts="fp8")
     with pytest.raises(ValueError, match="layout"):
-        load(path, layout="gguf")
+        load(path, checkpoint_layout="gguf")

@@ -273,6 +273,31 @@ def test_load_dense_checkpoint_as_mxfp4_warns_and_quantizes(tmp_path, random_mod
             assert np.asarray(value).tobytes() == np.asarray(p[path]).tobytes(), path
 
 
+def test_experts_auto_keeps_the_checkpoint_format(tmp_path, random_model, recwarn):
+    """The default experts="auto": a dense checkpoint loads dense and bit-exact (no quantization, no warning),
+    a packed one stays packed."""
+    dense = random_model(CFG, jnp.float32, "dense", seed=8)
+    save_pretrained(dense, tmp_path / "dense", experts="dense")
+    loaded = load(tmp_path / "dense", dtype="float32")
+    assert loaded.experts == "dense" and not [w for w in recwarn if "quantiz" in str(w.message)]
+    for path, value in flat(loaded).items():
+        assert np.asarray(value).tobytes() == np.asarray(flat(dense)[path]).tobytes(), path
+    save_pretrained(dense, tmp_path / "packed", experts="mxfp4")
+    assert load(tmp_path / "packed", dtype="float32").experts == "mxfp4"
+
+
+def test_generation_config_adds_stop_ids(tmp_path, random_model):
+    """generation_config.json's eos_token_id joins config.json's as default stop ids (the hub's gpt-oss lists
+    <|return|>, <|endoftext|>, <|call|> there); an id outside the vocabulary is an error naming the file."""
+    save_pretrained(random_model(CFG, jnp.float32, "mxfp4", seed=9), tmp_path)
+    eos = CFG.stop_token_ids
+    (tmp_path / "generation_config.json").write_text(json.dumps({"eos_token_id": [eos[0], 5, 7]}))
+    assert load(tmp_path, dtype="float32").config.stop_token_ids == (*eos, 5, 7)
+    (tmp_path / "generation_config.json").write_text(json.dumps({"eos_token_id": CFG.vocab_size}))
+    with pytest.raises(CheckpointError, match="generation_config.json"):
+        load(tmp_path, dtype="float32")
+
+
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_load_mxfp4_checkpoint_as_dense_dequantizes_exactly(tmp_path, random_model, dtype):
     model = random_model(CFG, DTYPES[dtype], "mxfp4", seed=6)
@@ -376,18 +401,18 @@ def test_original_layout_loads_like_hf(hf_and_original):
     kind, _, _, where = open_checkpoint(str(root / "snapshot"))
     assert kind == "original" and where == str(root / "snapshot" / "original")
     with pytest.raises(CheckpointError, match="layout='hf'"):
-        load(root / "snapshot", dtype=dtype, layout="hf")
+        load(root / "snapshot", dtype=dtype, checkpoint_layout="hf")
 
 
 def test_layout_original_forces_it(hf_and_original, tmp_path, random_model):
     """A folder with HF files of one model and original/ of another: auto and "hf" pick the HF files,
-    layout="original" the original/ ones."""
+    checkpoint_layout="original" the original/ ones."""
     dtype, root = hf_and_original
     other = random_model(CFG, DTYPES[dtype], "mxfp4", seed=12)
     both = tmp_path / "both"
     save_pretrained(other, both, experts="mxfp4")
     write_original(root / "hf", both / "original")
     assert_same_params(other, load(both, dtype=dtype))
-    assert_same_params(other, load(both, dtype=dtype, layout="hf"))
-    assert_same_params(load(root / "hf", dtype=dtype), load(both, dtype=dtype, layout="original"))
+    assert_same_params(other, load(both, dtype=dtype, checkpoint_layout="hf"))
+    assert_same_params(load(root / "hf", dtype=dtype), load(both, dtype=dtype, checkpoint_layout="original"))
     assert open_checkpoint(str(both), "original")[0] == "original"

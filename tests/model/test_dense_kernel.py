@@ -9,7 +9,7 @@ from flax import nnx
 
 import gptoss
 from gptoss.engine import generate
-from gptoss.kernels import dense_cpu, mxfp4_cpu
+from gptoss.kernels import dense_cpu
 
 pytestmark = pytest.mark.skipif(not dense_cpu.kernel_available() or jax.default_backend() != "cpu",
                                 reason=f"dense CPU kernel unavailable: {dense_cpu.load_error()}")
@@ -20,20 +20,20 @@ def bf16_model(bf16_mxfp4_ckpt):
     return gptoss.from_pretrained(bf16_mxfp4_ckpt[0], dtype="bfloat16", experts="mxfp4", progress=False)
 
 
-def _forward(model, tokens):
+def _forward(model, tokens, kernels):
+    model.kernels = kernels
     graphdef, state = nnx.split(model)
     fn = jax.jit(lambda state, t: nnx.merge(graphdef, state).forward(t))
-    return fn.lower(state, tokens).as_text(), np.asarray(fn(state, tokens))
+    # the compiled module: layers of one type share a jitted block, which XLA inlines once per call
+    return fn.lower(state, tokens).compile().as_text(), np.asarray(fn(state, tokens))
 
 
 def test_logits_with_kernel_on_and_off(bf16_model):
     tokens = np.random.default_rng(3).integers(0, 331, (2, 2), dtype=np.int32)  # 4 tokens: every projection
     # takes the kernel, the logits too
     assert tokens.size <= dense_cpu.MAX_TOKENS_VS_BF16_GEMM
-    with mxfp4_cpu.use_kernel(True):
-        hlo, on = _forward(bf16_model, tokens)
-    with mxfp4_cpu.use_kernel(False):
-        hlo_off, off = _forward(bf16_model, tokens)
+    hlo, on = _forward(bf16_model, tokens, "cpu")
+    hlo_off, off = _forward(bf16_model, tokens, "xla")
     n_layers = bf16_model.config.num_hidden_layers
     assert hlo.count(dense_cpu.TARGET) == 4 * n_layers + 1 and dense_cpu.TARGET not in hlo_off  # q k v o, logits
     assert on.dtype == off.dtype == np.float32
@@ -48,9 +48,10 @@ def test_greedy_generation_with_kernel_on_and_off(bf16_model, monkeypatch):
     traced = []  # token counts of the projections traced onto the kernel
     real = dense_cpu.dense_matmul
     monkeypatch.setattr(dense_cpu, "dense_matmul", lambda x, w, **kw: traced.append(x.shape[0]) or real(x, w, **kw))
-    with mxfp4_cpu.use_kernel(True):
-        on = generate(bf16_model, prompts, max_new_tokens=16)
+    bf16_model.kernels = "cpu"
+    on = generate(bf16_model, prompts, max_new_tokens=16)
     assert 3 in traced  # the decode step (3 rows, one token each) ran on the kernel
-    with mxfp4_cpu.use_kernel(False):
-        off = generate(bf16_model, prompts, max_new_tokens=16)
+    bf16_model.kernels = "xla"
+    off = generate(bf16_model, prompts, max_new_tokens=16)
+    bf16_model.kernels = "auto"
     assert on.tokens == off.tokens

@@ -205,13 +205,27 @@ def test_dense_hf_checkpoint_logits_and_router(parity_hf, parity_tokens, ours_de
     _assert_close(ours_logits, ref_logits, "dense HF checkpoint, fp32")
 
 
+@pytest.mark.parametrize("impl", IMPLS)
+def test_dense_hf_checkpoint_keeps_dense_experts_by_default(hf_dense_ckpt, parity_hf, parity_tokens, impl, recwarn):
+    """experts="auto" (the default) keeps a dense checkpoint dense and exact: no quantization, no warning."""
+    model = _load(hf_dense_ckpt, dtype="float32")
+    assert model.experts == "dense" and not [w for w in recwarn if "quantiz" in str(w.message)]
+    ref_logits, ref_router = hf_forward(parity_hf, parity_tokens, router=True)
+    ours_logits, ours_router = _logits(model, parity_tokens, return_router_logits=True, moe_impl=impl)
+    _assert_router_close(ours_router, ref_router, f"dense HF checkpoint, experts=auto, {impl}")
+    _assert_close(ours_logits, ref_logits, f"dense HF checkpoint, experts=auto, {impl}")
+
+
 # -------------------------------------------------------------------------------- 2. MXFP4 HF
 @pytest.mark.parametrize("impl", IMPLS)
-@pytest.mark.parametrize("experts", ["mxfp4", "dense"])
-def test_mxfp4_hf_checkpoint(hf_mxfp4_ckpt, parity_tokens, oracle_out, experts, impl):
-    model = _load(hf_mxfp4_ckpt[0], dtype="float32", experts=experts)
+@pytest.mark.parametrize("experts, kernels", [("auto", "auto"), ("auto", "xla"), ("dense", "auto")])
+def test_mxfp4_hf_checkpoint(hf_mxfp4_ckpt, parity_tokens, oracle_out, experts, kernels, impl):
+    """Every strategy on both backends (the CPU kernels where they run, else XLA; and XLA, their reference twin),
+    and with the experts dequantized at load."""
+    model = _load(hf_mxfp4_ckpt[0], dtype="float32", experts=experts, kernels=kernels)
+    assert model.experts == ("mxfp4" if experts == "auto" else experts)
     ours_logits, ours_router = _logits(model, parity_tokens, return_router_logits=True, moe_impl=impl)
-    what = f"MXFP4 HF checkpoint, experts={experts}, moe_impl={impl}"
+    what = f"MXFP4 HF checkpoint, experts={experts}, kernels={kernels}, moe_impl={impl}"
     _assert_router_close(ours_router, oracle_out[1], what)
     _assert_close(ours_logits, oracle_out[0], what)
 
@@ -221,12 +235,11 @@ def test_mxfp4_hf_checkpoint(hf_mxfp4_ckpt, parity_tokens, oracle_out, experts, 
 def test_original_layout(hf_mxfp4_ckpt, original_root, parity_tokens, oracle_out, where):
     path = original_root if where == "root" else original_root / "original"
     model = _load(path, dtype="float32", experts="mxfp4")
-    # moe_impl="gather" only to reuse test_mxfp4_hf_checkpoint's compiled forward (the graphs are equal).
     ours_logits, ours_router = _logits(model, parity_tokens, return_router_logits=True, moe_impl="gather")
     _assert_router_close(ours_router, oracle_out[1], f"original/ layout at {where}")
     _assert_close(ours_logits, oracle_out[0], f"original/ layout at {where}")
     # Same values as the HF MXFP4 checkpoint, so the same parameters, bit for bit.
-    _assert_same_params(model, _load(hf_mxfp4_ckpt[0], dtype="float32", experts="mxfp4"),
+    _assert_same_params(model, _load(hf_mxfp4_ckpt[0], dtype="float32", experts="auto", kernels="auto"),
                         f"original/ at {where} vs HF MXFP4")
 
 
@@ -274,7 +287,8 @@ def test_bf16_criteria_are_meaningful(bf16_mxfp4_ckpt, bf16_case):
 # -------------------------------------------------------------------------------- 5. save
 @pytest.mark.parametrize("experts", ["mxfp4", "dense"])
 def test_save_pretrained_round_trip(hf_mxfp4_ckpt, parity_tokens, tmp_path, experts):
-    model = _load(hf_mxfp4_ckpt[0], dtype="float32", experts=experts)
+    model = _load(hf_mxfp4_ckpt[0], dtype="float32", experts="auto" if experts == "mxfp4" else experts,
+                  kernels="auto")
     ours = _logits(model, parity_tokens, return_router_logits=True, moe_impl="dense")[0]  # a compiled call
     gptoss.save_pretrained(model, tmp_path, experts=experts, max_shard_bytes=200_000)
     assert (tmp_path / "model.safetensors.index.json").exists(), "a 200 kB shard limit gives several shards"
@@ -380,21 +394,3 @@ def test_tolerance_catches(parity_hf, parity_tokens, ours_dense_out, bug):
         perturb(wrong)
     err = rel_err(ours_dense_out[0], hf_forward(wrong, parity_tokens))
     assert err > 100 * TOL, f"{bug}: only {err:.1e} from our logits; the parity tolerance could not catch it"
-
-
-# -------------------------------------------------------------------------------- 7. the XLA twin of the kernel
-# With packed experts on an x86-64 CPU, the gather/grouped tests above run the MXFP4 CPU kernel
-# (gptoss.kernels.mxfp4_cpu) when it is built. These re-run them on the pure-XLA path. (Last in the file:
-# switching the path clears JAX's caches, so every later forward would compile again.)
-# GPTOSS_MXFP4_KERNEL=0 runs the whole suite on the XLA path.
-@pytest.mark.parametrize("impl", ["gather", "grouped"])
-def test_mxfp4_hf_checkpoint_xla_path(hf_mxfp4_ckpt, parity_tokens, oracle_out, impl):
-    from gptoss.kernels import kernel_enabled, use_kernel
-
-    model = _load(hf_mxfp4_ckpt[0], dtype="float32", experts="mxfp4")
-    on = kernel_enabled()
-    with use_kernel(False):
-        ours_logits, ours_router = _logits(model, parity_tokens, return_router_logits=True, moe_impl=impl)
-    what = f"MXFP4 HF checkpoint, moe_impl={impl}, pure-XLA path (the kernel was {'on' if on else 'off'} above)"
-    _assert_router_close(ours_router, oracle_out[1], what)
-    _assert_close(ours_logits, oracle_out[0], what)

@@ -5,7 +5,8 @@
 
 Starts JAX's distributed runtime from the environment (gptoss.sharding.init_distributed), loads the
 checkpoint onto the global mesh (each process places only its own devices' slices), runs the model and
-greedy generation, and writes what it saw to OUT_PREFIX.<process>.json (+ .npz logits from process 0).
+greedy generation (generate and generate_stream), and writes what it saw to OUT_PREFIX.<process>.json and
+the logits it read to OUT_PREFIX.logits.<process>.npy.
 """
 
 from __future__ import annotations
@@ -23,18 +24,21 @@ def main(ckpt: str, inputs: str, out_prefix: str, mesh_text: str) -> None:
 
     import jax
     import numpy as np
-    from jax.experimental import multihost_utils
 
     import gptoss
-    from gptoss.engine import generate
     from gptoss.sharding.planner import parse_mesh
 
     data = np.load(inputs)
     tokens = data["tokens"]
     prompts = [p[p >= 0].tolist() for p in data["prompts"]]
     model = gptoss.from_pretrained(ckpt, dtype="float32", mesh=parse_mesh(mesh_text), progress=False)
-    logits = multihost_utils.process_allgather(model(tokens), tiled=True)
-    gen = generate(model, prompts, max_new_tokens=int(data["new"]))
+    logits = np.asarray(model(tokens))  # replicated for every process
+    gen = gptoss.generate(model, prompts, max_new_tokens=int(data["new"]))
+    streamed = [[] for _ in prompts]
+    for step in gptoss.generate_stream(model, prompts, max_new_tokens=int(data["new"])):
+        for row, tok in zip(streamed, step):
+            if tok is not None:
+                row.append(tok)
     owned = {}
     for block in model.layers:
         for w in (block.mlp.gate_up_EFD[...], block.mlp.down_EDI[...]):
@@ -43,12 +47,12 @@ def main(ckpt: str, inputs: str, out_prefix: str, mesh_text: str) -> None:
                 owned["global"] = owned.get("global", 0) + arr.nbytes
     report = {"multi": multi, "process": jax.process_index(), "processes": jax.process_count(),
               "local_devices": jax.local_device_count(), "global_devices": jax.device_count(),
-              "mesh": dict(model.shard_layout.mesh.shape), "tokens": gen.tokens, "expert_bytes": owned,
+              "mesh": dict(model.layout.mesh.shape), "tokens": gen.tokens, "streamed": streamed,
+              "expert_bytes": owned,
               "seconds": time.perf_counter() - t0}
     with open(f"{out_prefix}.{jax.process_index()}.json", "w") as f:
         json.dump(report, f)
-    if jax.process_index() == 0:
-        np.save(f"{out_prefix}.logits.npy", np.asarray(logits))
+    np.save(f"{out_prefix}.logits.{jax.process_index()}.npy", logits)
     jax.distributed.shutdown()
 
 

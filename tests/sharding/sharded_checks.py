@@ -1,11 +1,13 @@
 """Sharded vs single-device checks on 8 virtual CPU devices; run as a script (it sets XLA_FLAGS before JAX starts).
 
-    python tests/sharding/sharded_checks.py OUT.json
+    python tests/sharding/sharded_checks.py OUT.json [inference|training]
 
-Writes one JSON report; tests/sharding/test_sharded.py runs this once (one subprocess for every mesh) and
-asserts on it. The model is a tiny gpt-oss whose dims the meshes divide but are otherwise all distinct
-(vocab 344, hidden 96, intermediate 64, 16 heads, 4 kv heads of 12, 8 experts, top-3), with random biases,
-sinks and norm gains, saved as an HF MXFP4 checkpoint and loaded with `from_pretrained(path, mesh=...)`.
+Writes one JSON report; tests/sharding/test_sharded.py runs the inference part once (one subprocess for every
+mesh) and asserts on it, tests/sharding/test_sharded_training.py the training part (gradients, expert-parallel
+FLOPs): two subprocesses, which a parallel test run can place on different cores. The model is a tiny gpt-oss
+whose dims the meshes divide but are otherwise all distinct (vocab 344, hidden 96, intermediate 64, 16 heads, 4 kv
+heads of 12, 8 experts, top-3), with random biases, sinks and norm gains, saved as an HF MXFP4 checkpoint and
+loaded with `from_pretrained(path, mesh=...)`.
 """
 
 from __future__ import annotations
@@ -28,10 +30,11 @@ from flax import nnx  # noqa: E402
 import gptoss  # noqa: E402
 from gptoss.engine import generate  # noqa: E402
 from gptoss.engine.generate import _prefill_jit, bucket, init_cache, prepare  # noqa: E402
-from gptoss.kernels import use_kernel  # noqa: E402
 from gptoss.sharding import MEGATRON_RULES, Layout, device_bytes, plan  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from parity_models import grad_errors, hf_nll_grads, load_hf, our_nll_grads  # noqa: E402
 from sharding_tiny import CFG, random_model  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -63,22 +66,22 @@ def cache_bytes_device0(cache) -> int:
 def check_mesh(path, mesh, ref, tokens, prompts, kernel=True, impls=("auto",), gen=True, engine_cache=False):
     """Loads the checkpoint onto `mesh` (a dict, a jax Mesh or a Layout) and compares with the reference."""
     t0 = time.perf_counter()
-    model = gptoss.from_pretrained(path, dtype="float32", mesh=mesh, progress=False)
-    layout = model.shard_layout
+    model = gptoss.from_pretrained(path, dtype="float32", mesh=mesh, progress=False,
+                                   kernels="auto" if kernel else "xla")
+    layout = model.layout
     sizes = dict(layout.mesh.shape)
     out = {"mesh": sizes, "notes": list(layout.notes)}
     toks, pos, lens, cache_len = prepare(model, prompts, NEW)
-    with use_kernel(kernel):
-        out["logits_max_abs_err"] = {
-            impl: float(np.abs(np.asarray(model(tokens, moe_impl=impl)) - ref["logits"]).max()) for impl in impls}
-        if gen:
-            out["tokens"] = generate(model, prompts, max_new_tokens=NEW).tokens
-            out["tokens_equal"] = out["tokens"] == ref["tokens"]
-        if engine_cache:  # the cache the engine's prefill returns (one more compile)
-            graphdef, state = nnx.split(model)
-            cache = _prefill_jit(graphdef, state, toks, pos, lens, cache_len)[1]
-        else:  # what the engine builds its cache with
-            cache = jax.jit(lambda: init_cache(CFG, len(prompts), cache_len, jnp.float32, layout))()
+    out["logits_max_abs_err"] = {
+        impl: float(np.abs(np.asarray(model(tokens, moe_impl=impl)) - ref["logits"]).max()) for impl in impls}
+    if gen:
+        out["tokens"] = generate(model, prompts, max_new_tokens=NEW).tokens
+        out["tokens_equal"] = out["tokens"] == ref["tokens"]
+    if engine_cache:  # the cache the engine's prefill returns (one more compile)
+        graphdef, state = nnx.split(model)
+        cache = _prefill_jit(graphdef, state, toks, pos, lens, cache_len)[1]
+    else:  # what the engine builds its cache with
+        cache = jax.jit(lambda: init_cache(CFG, len(prompts), cache_len, jnp.float32, layout))()
     out["cache_spec_full"] = str(cache[1].k_BSKH.sharding.spec)
     out["cache_spec_ring"] = str(cache[0].k_BSKH.sharding.spec)
     total = sum(w.nbytes for b in model.layers for w in (b.mlp.gate_up_EFD[...], b.mlp.down_EDI[...]))
@@ -98,6 +101,64 @@ def check_mesh(path, mesh, ref, tokens, prompts, kernel=True, impls=("auto",), g
     return out
 
 
+GRAD_MESHES = {"2x2x2": {"data": 2, "expert": 2, "tensor": 2}, "1x8x1": {"expert": 8}}
+# strategies checked per expert format and mesh (each case is one 8-device gradient compile: ~10 s on 2 cores)
+GRAD_CASES = {"mxfp4": {"2x2x2": ("dense", "gather", "grouped"), "1x8x1": ("gather", "grouped")},
+              "dense": {"2x2x2": ("grouped",), "1x8x1": ("gather",)}}
+
+
+def gradient_checks(folder: str, tokens) -> dict:
+    """jax.grad of the mean token NLL on 8 devices vs one device vs torch autograd through transformers, for every
+    strategy, with packed experts (frozen) and with dense ones (trained): worst per-parameter relative errors."""
+    out = {}
+    dense_folder = folder + "-dense"
+    t0 = time.perf_counter()
+    single = gptoss.from_pretrained(folder, dtype="float32", progress=False)
+    gptoss.save_pretrained(single, dense_folder, experts="dense")
+    for experts, path, mxfp4 in (("mxfp4", folder, True), ("dense", dense_folder, False)):
+        _, torch_grads = hf_nll_grads(load_hf(path, mxfp4=mxfp4), tokens)
+        model = gptoss.from_pretrained(path, dtype="float32", progress=False)
+        impls = sorted({i for case in GRAD_CASES[experts].values() for i in case})
+        ref = {impl: our_nll_grads(model, tokens, impl)[1] for impl in impls}
+        rows = {}
+        for name, strategies in GRAD_CASES[experts].items():
+            sharded = gptoss.from_pretrained(path, dtype="float32", mesh=GRAD_MESHES[name], progress=False)
+            for impl in strategies:
+                ours = our_nll_grads(sharded, tokens, impl)[1]
+                vs_single, vs_torch = grad_errors(ours, ref[impl]), grad_errors(ours, torch_grads, CFG.pad_token_id)
+                rows[f"{name}/{impl}"] = {
+                    "params": len(ours), "vs_single": max(vs_single.values()), "vs_torch": max(vs_torch.values()),
+                    "worst_vs_single": max(vs_single, key=vs_single.get),
+                    "expert_grads": any(n.endswith("experts.down_proj") for n in ours)}
+        rows["single/vs_torch"] = max(max(grad_errors(ref[i], torch_grads, CFG.pad_token_id).values())
+                                      for i in impls)
+        print(f"gradients, {experts}: {time.perf_counter() - t0:.0f} s", file=sys.stderr, flush=True)
+        out[experts] = rows
+    return out
+
+
+def moe_flops(model, impl: str, tokens: int) -> float:
+    """Per-device FLOPs of one MoE layer's compiled program (XLA's cost analysis), for `tokens` tokens."""
+    x = jnp.asarray(np.random.default_rng(9).normal(size=(1, tokens, CFG.hidden_size)), jnp.float32)
+    graphdef, state = nnx.split(model.layers[0].mlp)
+    rt = model.runtime(impl)
+    compiled = jax.jit(lambda s, x: nnx.merge(graphdef, s)(x, rt)[0]).lower(state, x).compile()
+    cost = compiled.cost_analysis()
+    return float((cost[0] if isinstance(cost, list) else cost)["flops"])
+
+
+def expert_parallel_flops(folder: str) -> dict:
+    """MoE FLOPs per device with expert=8 vs one device, for the strategies whose work XLA's cost analysis sees
+    (the grouped loop's trip counts are data-dependent, so it counts one tile of one expert there)."""
+    single = gptoss.from_pretrained(folder, dtype="float32", progress=False, kernels="xla")
+    ep = gptoss.from_pretrained(folder, dtype="float32", mesh={"expert": 8}, progress=False, kernels="xla")
+    out = {}
+    for impl in ("gather", "dense"):
+        one, eight = moe_flops(single, impl, 64), moe_flops(ep, impl, 64)
+        out[impl] = {"single": one, "per_device": eight, "ratio": eight / one}
+    return out
+
+
 def config_run(tmp: str) -> dict:
     """configs/inference/tiny-8dev.yaml end to end (gptoss run), and the same config on one device."""
     from gptoss.apps.runner import run_config
@@ -112,14 +173,21 @@ def config_run(tmp: str) -> dict:
             "tokens_single_device": [r["token_ids"] for r in single["results"]]}
 
 
-def main(report_path: str) -> None:
+def main(report_path: str, part: str = "inference") -> None:
     t_start = time.perf_counter()
-    report: dict = {"devices": jax.device_count(), "meshes": {}}
+    report: dict = {"devices": jax.device_count(), "meshes": {}, "part": part}
     rng = np.random.default_rng(3)
     tokens = rng.integers(0, CFG.vocab_size, (3, T)).astype(np.int32)  # 36 tokens: 8 does not divide
     prompts = [rng.integers(0, CFG.vocab_size, n).tolist() for n in PROMPT_LENS]
     with tempfile.TemporaryDirectory(prefix="gptoss-sharded-") as folder:
         gptoss.save_pretrained(random_model(CFG), folder)
+        if part == "training":
+            report["grads"] = gradient_checks(folder, rng.integers(0, CFG.vocab_size, (4, 10)).astype(np.int32))
+            report["ep_flops"] = expert_parallel_flops(folder)
+            report["seconds"] = time.perf_counter() - t_start
+            with open(report_path, "w") as f:
+                json.dump(report, f, indent=1, default=str)
+            return
         ref = gptoss.from_pretrained(folder, dtype="float32", progress=False)
         ref_logits = np.asarray(ref(tokens))
         ref_tokens = generate(ref, prompts, max_new_tokens=NEW).tokens
@@ -132,10 +200,11 @@ def main(report_path: str) -> None:
             report["meshes"][name] = check_mesh(folder, mesh, ref, tokens, prompts, engine_cache=name == "2x2x2")
         # the tensor-parallel expert FFN on the pure-XLA path (no MXFP4 CPU kernel), both local strategies
         report["meshes"]["2x2x2-xla"] = check_mesh(folder, MESHES["2x2x2"], ref, tokens, prompts, kernel=False,
-                                                   impls=("gather", "dense"))
+                                                   impls=("gather", "grouped", "dense"))
         # down projection split on its reduction blocks (one psum), where the blocks divide: I/32 = 2
         report["meshes"]["megatron-1x1x2"] = check_mesh(folder, Layout.create({"tensor": 2}, CFG, MEGATRON_RULES),
-                                                        ref, tokens, prompts, impls=("auto", "dense"), gen=False)
+                                                        ref, tokens, prompts, impls=("gather", "grouped", "dense"),
+                                                        gen=False)
         # fsdp (reserved for training) acts as extra data parallelism in inference
         report["meshes"]["fsdp2-expert4"] = check_mesh(folder, {"fsdp": 2, "expert": 4}, ref, tokens, prompts,
                                                        gen=False)
@@ -162,4 +231,4 @@ def main(report_path: str) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1])
+    main(*sys.argv[1:3])

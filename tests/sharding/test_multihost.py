@@ -1,5 +1,6 @@
 """Two processes on localhost (JAX distributed runtime, gloo CPU collectives), 2 virtual CPU devices each,
-give the same logits and greedy tokens as one process, and each process holds only its own expert shards."""
+give the same logits (every process reads all of them from `model(tokens)`) and greedy tokens (`generate` and
+`generate_stream`) as one process, and each process holds only its own expert shards."""
 
 from __future__ import annotations
 
@@ -70,7 +71,9 @@ def test_two_processes_match_one(tmp_path):
         assert (r["local_devices"], r["global_devices"]) == (2, 4)
         assert r["mesh"] == {"data": 1, "expert": 2, "tensor": 2}
         assert r["tokens"] == ref_tokens, f"process {i}: greedy tokens differ from one process"
+        assert r["streamed"] == ref_tokens, f"process {i}: generate_stream's tokens differ from one process"
         # expert axis spans the processes: each holds exactly half of the packed expert bytes
         assert r["expert_bytes"]["addressable"] * 2 == r["expert_bytes"]["global"]
-    logits = np.load(tmp_path / "out.logits.npy")
-    np.testing.assert_allclose(logits, ref_logits, rtol=0, atol=1e-5)
+    for i in range(2):
+        logits = np.load(tmp_path / f"out.logits.{i}.npy")
+        np.testing.assert_allclose(logits, ref_logits, rtol=0, atol=1e-5, err_msg=f"process {i}")

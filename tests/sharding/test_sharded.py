@@ -23,16 +23,20 @@ ALL_MESHES = MAIN_MESHES + ["2x2x2-xla", "megatron-1x1x2", "fsdp2-expert4"]
 pytestmark = pytest.mark.slow
 
 
-@pytest.fixture(scope="module")
-def report(tmp_path_factory):
-    out = tmp_path_factory.mktemp("sharded") / "report.json"
+def run_checks(tmp_path_factory, part: str) -> dict:
+    out = tmp_path_factory.mktemp("sharded") / f"{part}.json"
     env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""), JAX_PLATFORMS="cpu")
     env.pop("XLA_FLAGS", None)
-    proc = subprocess.run([sys.executable, os.path.join(HERE, "sharded_checks.py"), str(out)], env=env,
+    proc = subprocess.run([sys.executable, os.path.join(HERE, "sharded_checks.py"), str(out), part], env=env,
                           capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, f"sharded_checks.py failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
+    assert proc.returncode == 0, f"sharded_checks.py {part} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
     with open(out) as f:
         return json.load(f)
+
+
+@pytest.fixture(scope="module")
+def report(tmp_path_factory):
+    return run_checks(tmp_path_factory, "inference")
 
 
 def test_eight_devices(report):
@@ -107,3 +111,4 @@ def test_tiny_8dev_config_runs(report):
     r = report["config_run"]
     assert r["mesh"] == {"data": 4, "expert": 1, "tensor": 2}
     assert r["tokens"] == r["tokens_single_device"] and all(len(t) > 0 for t in r["tokens"])
+
