@@ -28,8 +28,9 @@ install-test: $(TEST_STAMP)
 lint: $(TEST_STAMP)
 	$(PY) -m ruff check .
 
+# Two workers, one test file each at a time: most of the suite is XLA compiling, one core per program.
 test: $(TEST_STAMP) lint
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n 2 --dist loadfile
 
 demo: $(STAMP)
 	$(VENV)/bin/gptoss run configs/inference/tiny.yaml

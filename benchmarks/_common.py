@@ -181,13 +181,14 @@ def code_state() -> dict[str, Any]:
 
 
 def kernel_state() -> dict[str, Any]:
-    """Whether gptoss's MXFP4 CPU kernel (XLA FFI) would be used by code traced now, if gptoss has one."""
+    """Whether a gptoss model built now (kernels from $GPTOSS_KERNELS) would run gptoss's CPU kernels (XLA FFI)."""
     try:
-        from gptoss.kernels import mxfp4_cpu
+        from gptoss.kernels import mxfp4_cpu, select
     except ImportError:
         return {"present": False}
-    return {"present": True, "mode": mxfp4_cpu.kernel_mode(), "enabled": mxfp4_cpu.kernel_enabled(),
-            "load_error": mxfp4_cpu.load_error(), "env": os.environ.get("GPTOSS_MXFP4_KERNEL")}
+    mode = select.default_kernels()
+    return {"present": True, "mode": mode, "enabled": select.cpu_kernels(mode), "isa": mxfp4_cpu.isa(),
+            "load_error": mxfp4_cpu.load_error(), "env": os.environ.get(select.ENV)}
 
 
 def print_table(title: str, headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> None:
@@ -298,7 +299,7 @@ def checkpoint_tensors(cfg) -> list[tuple[str, str, tuple[int, ...]]]:
     from gptoss.io.keymap import hf_entries
 
     out = []
-    for e in hf_entries(cfg, packed_experts=True):
+    for e in hf_entries(cfg, "mxfp4"):
         for name, shape in zip(e.names, e.shapes):
             out.append((name, "U8" if e.kind == "mxfp4" else "BF16", tuple(shape)))
     return out

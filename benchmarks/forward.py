@@ -9,7 +9,7 @@ greedy top-1 tokens with transformers' bf16 logits (same checkpoint, same tokens
     .venv/bin/python benchmarks/forward.py --quick            # 2 layers, T=64: a cheap smoke run
     .venv/bin/python benchmarks/forward.py                    # 6 layers, T=128 and T=512
     .venv/bin/python benchmarks/forward.py --experts dense    # also ours with experts dequantized at load
-    .venv/bin/python benchmarks/forward.py --xla              # also ours with GPTOSS_MXFP4_KERNEL=0 (pure XLA)
+    .venv/bin/python benchmarks/forward.py --xla              # also ours with GPTOSS_KERNELS=xla (pure XLA)
 
 Runs: ours_{fp32,bf16} (from_pretrained dtype, experts mxfp4, moe_impl grouped = the prefill choice of auto),
 [ours_*_xla], [ours_*_dense], hf_bf16 (transformers, MXFP4 dequantized to bf16 at load; timed with its default
@@ -97,7 +97,7 @@ def child_ours(spec: dict) -> dict:
     import jax
 
     import gptoss
-    from gptoss.layers.dispatch import choose_impl
+    from gptoss.layers.experts import choose_strategy
 
     compile_events: list[float] = []
     jax.monitoring.register_event_duration_secs_listener(
@@ -124,7 +124,7 @@ def child_ours(spec: dict) -> dict:
             logits_np = np.asarray(logits[0], np.float32)
             entry = {"first_call_s": first, "compile_s": compile_s, **timing,
                      "tok_s": T / timing["median_s"], "top1": logits_np.argmax(-1).tolist(),
-                     "auto_resolves_to": choose_impl("auto", T, cfg.experts_per_token, cfg.num_experts),
+                     "auto_resolves_to": choose_strategy("auto", T, cfg.experts_per_token, cfg.num_experts),
                      "finite": bool(np.isfinite(logits_np).all()), "rss_after_bytes": rss_bytes()}
             res["seq"][f"{impl}/{T}"] = entry
             if impl == spec["impls"][0] and T == spec["save_logits_T"]:
@@ -238,7 +238,7 @@ def main() -> None:
     ap.add_argument("--runs", type=int, default=3, help="timed runs per measurement (median reported)")
     ap.add_argument("--experts", choices=["mxfp4", "dense"], default="mxfp4",
                     help="'dense': ALSO measure ours with experts dequantized at load (isolates the dequant cost)")
-    ap.add_argument("--xla", action="store_true", help="also measure ours with GPTOSS_MXFP4_KERNEL=0 (the "
+    ap.add_argument("--xla", action="store_true", help="also measure ours with GPTOSS_KERNELS=xla (the "
                     "pure-XLA MXFP4 path) when gptoss has the MXFP4 CPU kernel")
     ap.add_argument("--impls", default="grouped", help="comma list of our moe_impl values to time (auto=grouped "
                     "for prefill; 'dense' runs every expert on every token)")
@@ -285,7 +285,7 @@ def main() -> None:
         logits_dir = os.path.join(work, "logits")
         os.makedirs(logits_dir)
         impls = [s for s in args.impls.split(",") if s]
-        xla_off = {"GPTOSS_MXFP4_KERNEL": "0"}  # gptoss's pure-XLA dequantize-then-matmul path
+        xla_off = {"GPTOSS_KERNELS": "xla"}  # gptoss's pure-XLA dequantize-then-matmul path
         plan = [("ours_fp32", "ours", "float32", "mxfp4", {}), ("ours_bf16", "ours", "bfloat16", "mxfp4", {})]
         if args.xla:
             plan += [("ours_fp32_xla", "ours", "float32", "mxfp4", xla_off),
@@ -399,7 +399,7 @@ def report(out: dict, args, impls: list[str]) -> None:
             summary[f"{rn} peak RSS (ours/hf)"] = r["peak_rss_bytes"] / ref["peak_rss_bytes"]
         if r.get("kernel", {}).get("present"):
             k = r["kernel"]
-            notes.append(f"{rn}: MXFP4 CPU kernel {'ON' if k['enabled'] else 'off'} (GPTOSS_MXFP4_KERNEL="
+            notes.append(f"{rn}: CPU kernels {'ON' if k['enabled'] else 'off'} (GPTOSS_KERNELS="
                          f"{k['env'] or 'unset'}, mode {k['mode']})")
         if "dequant_microbench" in r:
             d = r["dequant_microbench"]

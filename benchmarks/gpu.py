@@ -1,7 +1,7 @@
 """GPU check for a lent accelerator: pure-XLA dequantize-in-jit decode and prefill vs the HBM roofline.
 
 gpt-oss-20b shapes (24 layers, 32 experts top-4, vocab 201088) with synthetic weights generated on the device
-(random MXFP4 bytes, scales 118..122, bf16 rest), so nothing is read from disk. Reports: device memory
+(gptoss.random_model: random MXFP4 bytes, bf16 rest), so nothing is read from disk. Reports: device memory
 bandwidth measured in the same run (a large on-device reduction), batch-1 decode step time through the
 engine (`generate`, gather MoE path, XLA dequantization), the weight bytes one step reads (packed experts +
 bf16 rest), the roofline fraction, and prefill tokens/s (grouped MoE path). One short prepared script:
@@ -16,48 +16,25 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
 from pathlib import Path
 
-os.environ.setdefault("GPTOSS_MXFP4_KERNEL", "0")  # measure the pure-XLA path (the CPU kernel is CPU-only anyway)
-
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import machine_info, print_table, write_json  # noqa: E402
 
-from gptoss import GptOss, ModelConfig  # noqa: E402
+from gptoss import ModelConfig, random_model  # noqa: E402
 from gptoss.config import default_layer_types  # noqa: E402
 from gptoss.engine import generate  # noqa: E402
-from gptoss.quant import MXFP4Array  # noqa: E402
 
 
-def synthetic_model(cfg: ModelConfig, seed: int = 0) -> GptOss:
-    """A GptOss with random weights made directly on the default device, leaf by leaf (no host copy)."""
-    abstract = nnx.eval_shape(lambda: GptOss(cfg, dtype=jnp.bfloat16, experts="mxfp4"))
-    graphdef, state = nnx.split(abstract)
-    key = jax.random.key(seed)
-
-    @jax.jit
-    def floats(key, shape_dtype):
-        return (jax.random.normal(key, shape_dtype.shape, jnp.float32) * 0.02).astype(shape_dtype.dtype)
-
-    for i, (_path, var) in enumerate(nnx.to_flat_state(state)):
-        value, k = var.get_value(), jax.random.fold_in(key, i)
-        if isinstance(value, MXFP4Array):
-            blocks = jax.random.bits(k, value.blocks.shape, jnp.uint8)
-            scales = jax.random.randint(jax.random.fold_in(k, 1), value.scales.shape, 118, 123).astype(jnp.uint8)
-            var.set_value(MXFP4Array(blocks, scales, value.dtype))
-        elif "scale_D" in str(_path):
-            var.set_value(jnp.ones(value.shape, value.dtype))
-        else:
-            var.set_value(jax.jit(floats, static_argnums=1)(k, jax.ShapeDtypeStruct(value.shape, value.dtype)))
-    return nnx.merge(graphdef, state)
+def synthetic_model(cfg: ModelConfig, seed: int = 0):
+    """Random weights made on the default device leaf by leaf; the pure-XLA paths (the CPU kernels are CPU-only)."""
+    return random_model(cfg, dtype=jnp.bfloat16, experts="mxfp4", seed=seed, kernels="xla")
 
 
 def device_bandwidth(gib: float) -> float:
