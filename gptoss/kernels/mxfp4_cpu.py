@@ -17,7 +17,8 @@ Differentiation: reverse mode only, with respect to x (the packed weights are fr
 gradient dx[m] = sum_s W[idx[m, s]]^T dy[m, s] is the same custom call in its transposed mode
 (`mx_gather_matmul_t`, with the forward's `grouped`), which also reads the packed bytes in place and touches only
 the experts that some pair uses.
-Forward mode (jax.jvp / jacfwd) is not supported through the kernel; use GPTOSS_MXFP4_KERNEL=0 for it.
+Forward mode (jax.jvp / jacfwd) is not supported through the kernel (nor through `grouped_matmul`, also a custom
+VJP); `kernels="xla"` with `moe_impl="dense"` or `"gather"` supports it.
 """
 
 from __future__ import annotations
