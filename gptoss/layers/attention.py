@@ -10,6 +10,7 @@ from flax import nnx
 from gptoss.config import ModelConfig
 from gptoss.layers.kv_cache import LayerCache
 from gptoss.layers.linear import project
+from gptoss.layers.lora import AttentionLoRA
 from gptoss.layers.rope import apply_rope
 from gptoss.layers.runtime import DEFAULT, Runtime
 
@@ -95,17 +96,32 @@ class Attention(nnx.Module):
         self.sinks_N = param((N,), zeros)
         self.window = cfg.sliding_window if cfg.is_sliding(layer) else None
         self.scale = H**-0.5
+        self.adapters: AttentionLoRA | None = nnx.data(None)
+
+    def adapter_shapes(self) -> dict[str, tuple[tuple[int, ...], tuple[int, ...]]]:
+        """(input dims, output dims) of each projection's weight, for its LoRA."""
+        D, (N, H), K = self.wq_DNH.shape[0], self.bq_NH.shape, self.bk_KH.shape[0]
+        return {"q": ((D,), (N, H)), "k": ((D,), (K, H)), "v": ((D,), (K, H)), "o": ((N, H), (D,))}
+
+    def add_adapters(self, targets, rank: int, alpha: float, *, rngs: nnx.Rngs) -> None:
+        self.adapters = AttentionLoRA(self.adapter_shapes(), targets, rank, alpha, dtype=self.wq_DNH.dtype,
+                                      rngs=rngs)
 
     def qkv(self, x_BTD, cos, sin, rt: Runtime = DEFAULT):
         kw = dict(precision=rt.precision, kernels=rt.cpu_kernels)
         q = project("btd,dnh->btnh", x_BTD, self.wq_DNH[...], **kw) + self.bq_NH[...]
         k = project("btd,dkh->btkh", x_BTD, self.wk_DKH[...], **kw) + self.bk_KH[...]
         v = project("btd,dkh->btkh", x_BTD, self.wv_DKH[...], **kw) + self.bv_KH[...]
+        if self.adapters is not None:
+            q, k, v = (self.adapters.apply(n, x_BTD, y, rt.precision) for n, y in zip("qkv", (q, k, v)))
         return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
 
     def output(self, o_BTNH, rt: Runtime = DEFAULT):
-        return project("btnh,nhd->btd", o_BTNH.astype(self.wo_NHD.dtype), self.wo_NHD[...], precision=rt.precision,
-                       kernels=rt.cpu_kernels) + self.bo_D[...]
+        o_BTNH = o_BTNH.astype(self.wo_NHD.dtype)
+        y = project("btnh,nhd->btd", o_BTNH, self.wo_NHD[...], precision=rt.precision, kernels=rt.cpu_kernels)
+        if self.adapters is not None:
+            y = self.adapters.apply("o", o_BTNH, y, rt.precision)
+        return y + self.bo_D[...]
 
     def __call__(self, x_BTD, positions_BT, cos, sin, cache: LayerCache | None = None, *, in_order: bool = False,
                  rt: Runtime = DEFAULT):

@@ -9,6 +9,7 @@ from flax import nnx
 
 from gptoss.config import ModelConfig
 from gptoss.layers.experts import ExpertAdapters, ExpertWeights, moe_ffn
+from gptoss.layers.lora import check_rank
 from gptoss.layers.runtime import DEFAULT, Runtime
 from gptoss.quant import QuantWeight, quantize
 
@@ -32,12 +33,17 @@ def route(x_TD, w_ED, b_E, top_k: int):
 
 class ExpertLoRA(nnx.Module):
     """Per-expert LoRA on gate_up and down: W_e + (alpha / rank) B_e A_e. A is random, B zero, so a fresh adapter
-    changes nothing. Parameters are `nnx.LoRAParam`s (an optimizer can train them alone)."""
+    changes nothing. Parameters are `nnx.LoRAParam`s (an optimizer can train them alone). `experts`: the experts
+    that are adapted (default all); the others' B is masked to zero, so they get no update."""
 
-    def __init__(self, cfg: ModelConfig, rank: int, alpha: float, *, dtype, rngs: nnx.Rngs):
-        if not isinstance(rank, int) or rank < 1:
-            raise ValueError(f"adapter rank must be a positive integer, got {rank!r}")
+    def __init__(self, cfg: ModelConfig, rank: int, alpha: float, *, dtype, rngs: nnx.Rngs,
+                 experts: tuple[int, ...] | None = None):
+        check_rank(rank)
         D, I, E = cfg.hidden_size, cfg.intermediate_size, cfg.num_experts
+        if experts is not None:
+            experts = tuple(sorted({int(e) for e in experts}))
+            if not experts or experts[0] < 0 or experts[-1] >= E:
+                raise ValueError(f"adapted experts must be a non-empty subset of 0..{E - 1}, got {experts}")
         a_init = nnx.initializers.normal(1.0)
 
         def a(shape, fan_in):
@@ -48,10 +54,23 @@ class ExpertLoRA(nnx.Module):
         self.down_a_ERI = a((E, rank, I), I)
         self.down_b_EDR = nnx.LoRAParam(jnp.zeros((E, D, rank), dtype))
         self.scale = float(alpha) / rank
+        self.experts = experts
 
     def weights(self) -> ExpertAdapters:
-        return ExpertAdapters(self.gate_up_a_ERD[...], self.gate_up_b_EFR[...], self.down_a_ERI[...],
-                              self.down_b_EDR[...], self.scale)
+        gate_up_b, down_b = self.gate_up_b_EFR[...], self.down_b_EDR[...]
+        if self.experts is not None:
+            keep_E = jnp.zeros((gate_up_b.shape[0],), gate_up_b.dtype).at[jnp.asarray(self.experts)].set(1)
+            gate_up_b, down_b = gate_up_b * keep_E[:, None, None], down_b * keep_E[:, None, None]
+        return ExpertAdapters(self.gate_up_a_ERD[...], gate_up_b, self.down_a_ERI[...], down_b, self.scale)
+
+    def deltas(self):
+        """scale * B_e A_e for gate_up [E, 2I, D] and down [E, D, I], fp32 (merging)."""
+        ad = self.weights()
+        hi = jax.lax.Precision.HIGHEST
+        f32 = jnp.float32
+        gate_up = jnp.einsum("efr,erd->efd", ad.gate_up_b_EFR.astype(f32), ad.gate_up_a_ERD.astype(f32), precision=hi)
+        down = jnp.einsum("edr,eri->edi", ad.down_b_EDR.astype(f32), ad.down_a_ERI.astype(f32), precision=hi)
+        return ad.scale * gate_up, ad.scale * down
 
 
 class MoE(nnx.Module):

@@ -22,12 +22,13 @@ class Runtime:
     """moe_impl: MoE strategy ("auto", "dense", "gather", "grouped"); kernels: "auto" | "xla" | "cpu"
     (gptoss.kernels.select); dtype: the model's dtype (float32 models ask every matmul for full precision, since
     XLA's default lets GPUs and TPUs run fp32 matmuls in TF32/bf16 passes); layout: a gptoss.sharding.Layout when
-    the model lives on a mesh."""
+    the model lives on a mesh; remat: recompute each block's activations in the backward pass (training memory)."""
 
     moe_impl: str = "auto"
     kernels: str = "auto"
     dtype: Any = jnp.float32
     layout: Any = None
+    remat: bool = False
 
     def __post_init__(self):
         check_moe_impl(self.moe_impl)

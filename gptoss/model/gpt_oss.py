@@ -40,11 +40,13 @@ class GptOss(nnx.Module):
     How it runs (static options, shown when the model is printed, changeable between calls): `moe_impl` ("auto",
     "dense", "gather", "grouped": gptoss.layers.experts), `kernels` ("auto", "xla", "cpu": gptoss.kernels.select;
     None takes $GPTOSS_KERNELS or "auto"), `layout` (a gptoss.sharding.Layout when the model lives on a mesh, set
-    by `from_pretrained(..., mesh=)` or `gptoss.sharding.shard_model`).
+    by `from_pretrained(..., mesh=)` or `gptoss.sharding.shard_model`), `remat` (recompute each block in the
+    backward pass: activation memory of one block instead of all; training).
     """
 
     def __init__(self, cfg: ModelConfig, *, dtype: Any = jnp.bfloat16, experts: str = "mxfp4",
-                 moe_impl: str = "auto", kernels: str | None = None, layout: Any = None, rngs: nnx.Rngs | None = None):
+                 moe_impl: str = "auto", kernels: str | None = None, layout: Any = None, remat: bool = False,
+                 rngs: nnx.Rngs | None = None):
         rngs = rngs or nnx.Rngs(0)
         dtype = jnp.dtype(dtype)
         self.config = cfg
@@ -53,6 +55,7 @@ class GptOss(nnx.Module):
         self.moe_impl = check_moe_impl(moe_impl)
         self.kernels = check_kernels(kernels or default_kernels())
         self.layout = layout
+        self.remat = bool(remat)
         D, V = cfg.hidden_size, cfg.vocab_size
         self.embed_VD = nnx.Param(jax.random.normal(rngs.params(), (V, D), jnp.float32).astype(dtype))
         self.layers = nnx.List(
@@ -63,7 +66,7 @@ class GptOss(nnx.Module):
 
     def runtime(self, moe_impl: str | None = None) -> Runtime:
         """This model's run options as one hashable value, handed to every layer."""
-        return Runtime(moe_impl or self.moe_impl, self.kernels, self.dtype, self.layout)
+        return Runtime(moe_impl or self.moe_impl, self.kernels, self.dtype, self.layout, self.remat)
 
     def add_expert_adapters(self, rank: int, alpha: float | None = None, *, seed: int = 0) -> GptOss:
         """Gives every MoE layer per-expert low-rank adapters (gptoss.layers.moe.ExpertLoRA; alpha defaults to
@@ -98,9 +101,10 @@ class GptOss(nnx.Module):
         cos, sin = rope_tables(self.config, positions_BT)
         x = jnp.take(self.embed_VD[...], tokens_BT, axis=0)
         router_logits, new_cache = [], []
+        run_block = _block_remat if rt.remat else _block
         for i, block in enumerate(self.layers):
             graphdef, state = nnx.split(block)
-            x, logits, layer_cache = _block(graphdef, state, x, positions_BT, cos, sin, rt,
+            x, logits, layer_cache = run_block(graphdef, state, x, positions_BT, cos, sin, rt,
                                             None if cache is None else cache[i], in_order)
             router_logits.append(logits)
             new_cache.append(layer_cache)
@@ -153,6 +157,9 @@ def _block(graphdef, state, x, positions, cos, sin, rt, cache, in_order):
     """One block as its own jitted function: every layer of a type shares one trace (the jaxpr calls it per layer),
     which keeps tracing time flat in depth. Inside an outer jit it is inlined like any call."""
     return nnx.merge(graphdef, state)(x, positions, cos, sin, rt, cache, in_order=in_order)
+
+
+_block_remat = jax.checkpoint(_block, static_argnums=(0, 6, 8))
 
 
 @functools.partial(jax.jit, static_argnums=(0, 4, 5))

@@ -74,6 +74,15 @@ PARAM_AXES: dict[str, tuple[str, ...]] = {
     "gate_up_b_EFR": ("experts", "expert_ffn", "lora_rank"),
     "down_a_ERI": ("experts", "lora_rank", "expert_ffn_in"),
     "down_b_EDR": ("experts", "expert_embed_out", "lora_rank"),
+    # attention adapters (gptoss.layers.lora.AttentionLoRA)
+    "q_a_DR": ("embed", "lora_rank"),
+    "q_b_RNH": ("lora_rank", "heads", "head_dim"),
+    "k_a_DR": ("embed", "lora_rank"),
+    "k_b_RKH": ("lora_rank", "kv_heads", "head_dim"),
+    "v_a_DR": ("embed", "lora_rank"),
+    "v_b_RKH": ("lora_rank", "kv_heads", "head_dim"),
+    "o_a_NHR": ("heads", "head_dim", "lora_rank"),
+    "o_b_RD": ("lora_rank", "embed"),
 }
 PACKED = frozenset({"gate_up_EFD", "down_EDI"})
 CACHE_AXES: dict[str, tuple[str, ...]] = {
