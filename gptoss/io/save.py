@@ -33,6 +33,10 @@ def save_pretrained(model, path: str | os.PathLike, *, experts: str = "mxfp4",
     cfg = model.config
     if experts == "mxfp4":
         cfg.check_mxfp4()
+    adapters = [".".join(map(str, k)) for k, _ in nnx.to_flat_state(nnx.state(model, nnx.LoRAParam))]
+    if adapters:  # the HF layout has no place for them: saving would silently drop the training
+        raise ValueError(f"the model has {len(adapters)} adapter tensors ({adapters[0]}, ...): merge them with "
+                         "gptoss.train.export_pretrained (or merge_lora), or save them with gptoss.train.save_adapters")
     path = os.fspath(path)
     os.makedirs(path, exist_ok=True)
     flat = dict(nnx.to_flat_state(nnx.state(model)))
