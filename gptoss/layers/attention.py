@@ -16,12 +16,13 @@ from gptoss.layers.runtime import DEFAULT, Runtime
 
 
 def attend(q_BTNH, k_BSKH, v_BSKH, sinks_N, q_pos_BT, k_pos_BS, *, window: int | None, scale: float,
-           precision=None):
+           precision=None, q_seg_BT=None, k_seg_BS=None):
     """Softmax attention where each head's sink is one extra logit with no value, in fp32 (`precision`: the
     matmuls' precision; HIGHEST for float32 models).
 
     Keys are allowed when 0 <= k_pos <= q_pos and, with a window W, k_pos > q_pos - W (W keys including
-    the query's own). Negative key positions mark empty cache slots or padding. Returns [B, T, N, H].
+    the query's own). Negative key positions mark empty cache slots or padding. With segment ids (packed
+    training rows, positions restarting per segment) a key must also be in the query's segment. Returns [B, T, N, H].
     """
     B, T, N, H = q_BTNH.shape
     S, K = k_BSKH.shape[1], k_BSKH.shape[2]
@@ -36,6 +37,8 @@ def attend(q_BTNH, k_BSKH, v_BSKH, sinks_N, q_pos_BT, k_pos_BS, *, window: int |
     allowed_BTS = (kp <= qp) & (kp >= 0)
     if window is not None:
         allowed_BTS &= kp > qp - window
+    if q_seg_BT is not None:
+        allowed_BTS &= q_seg_BT[:, :, None] == k_seg_BS[:, None, :]
     logits_BKGTS = jnp.where(allowed_BTS[:, None, None], logits_BKGTS, -jnp.inf)
     sink_KG = sinks_N.astype(jnp.float32).reshape(K, G)[None, :, :, None, None]  # not scaled
     m = jnp.maximum(jnp.max(logits_BKGTS, axis=-1, keepdims=True), sink_KG)
@@ -124,7 +127,7 @@ class Attention(nnx.Module):
         return y + self.bo_D[...]
 
     def __call__(self, x_BTD, positions_BT, cos, sin, cache: LayerCache | None = None, *, in_order: bool = False,
-                 rt: Runtime = DEFAULT):
+                 rt: Runtime = DEFAULT, segments_BT=None):
         """Returns (output, updated cache). With a cache, new tokens attend to it and are written into it.
         `in_order`: each row's non-negative positions are its indices plus a constant, which lets a prefill
         attend block by block (attend_blocked). `rt`: precision and kernels (gptoss.layers.runtime)."""
@@ -132,6 +135,12 @@ class Attention(nnx.Module):
         sinks = self.sinks_N[...]
         attend_ = functools.partial(attend, precision=rt.precision)
         run = functools.partial(attend_blocked, n_prefix=0, precision=rt.precision) if in_order else attend_
+        if segments_BT is not None:  # packed rows (training): no cache, positions restart per segment
+            if cache is not None:
+                raise ValueError("segment ids are for packed training rows; they cannot be used with a KV cache")
+            o = attend_(q, k, v, sinks, positions_BT, positions_BT, window=self.window, scale=self.scale,
+                        q_seg_BT=segments_BT, k_seg_BS=segments_BT)
+            return self.output(o, rt), None
         if cache is None:
             o = run(q, k, v, sinks, positions_BT, positions_BT, window=self.window, scale=self.scale)
             return self.output(o, rt), None

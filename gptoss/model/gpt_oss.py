@@ -25,8 +25,10 @@ class Block(nnx.Module):
         self.mlp_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = MoE(cfg, dtype=dtype, experts=experts, rngs=rngs)
 
-    def __call__(self, x_BTD, positions_BT, cos, sin, rt: Runtime, cache=None, *, in_order: bool = False):
-        h_BTD, cache = self.attn(self.attn_norm(x_BTD), positions_BT, cos, sin, cache, in_order=in_order, rt=rt)
+    def __call__(self, x_BTD, positions_BT, cos, sin, rt: Runtime, cache=None, *, in_order: bool = False,
+                 segments_BT=None):
+        h_BTD, cache = self.attn(self.attn_norm(x_BTD), positions_BT, cos, sin, cache, in_order=in_order, rt=rt,
+                                 segments_BT=segments_BT)
         x_BTD = x_BTD + h_BTD
         y_BTD, router_logits = self.mlp(self.mlp_norm(x_BTD), rt)
         return x_BTD + y_BTD, router_logits, cache
@@ -93,10 +95,12 @@ class GptOss(nnx.Module):
             return logits_BTV, router_logits
         return logits_BTV
 
-    def hidden_states(self, tokens_BT, positions_BT, cache, moe_impl: str | None = None, *, in_order: bool = False):
+    def hidden_states(self, tokens_BT, positions_BT, cache, moe_impl: str | None = None, *, in_order: bool = False,
+                      segments_BT=None):
         """Final-normed hidden states [B, T, D], router logits [layers, B, T, E] and the updated cache
         (a list of per-layer LayerCache, or None). Positions < 0 mark padding. `in_order`: the caller promises that
-        each row's non-negative positions are its indices plus a constant (attention then goes block by block)."""
+        each row's non-negative positions are its indices plus a constant (attention then goes block by block).
+        `segments_BT`: packed rows (training, no cache): attention stays inside each segment id."""
         rt = self.runtime(moe_impl)
         cos, sin = rope_tables(self.config, positions_BT)
         x = jnp.take(self.embed_VD[...], tokens_BT, axis=0)
@@ -105,7 +109,7 @@ class GptOss(nnx.Module):
         for i, block in enumerate(self.layers):
             graphdef, state = nnx.split(block)
             x, logits, layer_cache = run_block(graphdef, state, x, positions_BT, cos, sin, rt,
-                                            None if cache is None else cache[i], in_order)
+                                               None if cache is None else cache[i], in_order, segments_BT)
             router_logits.append(logits)
             new_cache.append(layer_cache)
         return self.norm(x), jnp.stack(router_logits), (None if cache is None else new_cache)
@@ -153,10 +157,10 @@ class GptOss(nnx.Module):
 
 
 @functools.partial(jax.jit, static_argnums=(0, 6, 8))
-def _block(graphdef, state, x, positions, cos, sin, rt, cache, in_order):
+def _block(graphdef, state, x, positions, cos, sin, rt, cache, in_order, segments):
     """One block as its own jitted function: every layer of a type shares one trace (the jaxpr calls it per layer),
     which keeps tracing time flat in depth. Inside an outer jit it is inlined like any call."""
-    return nnx.merge(graphdef, state)(x, positions, cos, sin, rt, cache, in_order=in_order)
+    return nnx.merge(graphdef, state)(x, positions, cos, sin, rt, cache, in_order=in_order, segments_BT=segments)
 
 
 _block_remat = jax.checkpoint(_block, static_argnums=(0, 6, 8))

@@ -61,13 +61,14 @@ def trainable_filter(method: str):
 
 def loss_and_metrics(model, batch: dict, cfg: LossConfig):
     """Mean masked token NLL (+ weighted auxiliary losses) and metrics. `batch`: `inputs` int [B, T], `targets`
-    int [B, T], `weights` float [B, T] (0 where no loss), optional `positions` int [B, T] (default 0..T-1)."""
+    int [B, T], `weights` float [B, T] (0 where no loss), optional `positions` int [B, T] (default 0..T-1; -1 on
+    padding) and `segments` int [B, T] (packed rows: attention stays inside a segment; gptoss.train.data.pack)."""
     inputs = batch["inputs"]
-    positions = batch.get("positions")
-    in_order = positions is None
-    if in_order:
+    positions, segments = batch.get("positions"), batch.get("segments")
+    in_order = positions is None and segments is None
+    if positions is None:
         positions = jnp.broadcast_to(jnp.arange(inputs.shape[1], dtype=jnp.int32), inputs.shape)
-    x, router_logits, _ = model.hidden_states(inputs, positions, None, in_order=in_order)
+    x, router_logits, _ = model.hidden_states(inputs, positions, None, in_order=in_order, segments_BT=segments)
     total, count = cross_entropy_sum(x, model.unembed_VD[...], batch["targets"], batch["weights"], chunk=cfg.chunk,
                                      precision=model.runtime().precision)
     nll = total / jnp.maximum(count, 1.0)
