@@ -21,6 +21,7 @@ BYTES_VOCAB = 272
 class ModelSpec:
     path: str | None = None  # checkpoint folder or hub id
     preset: str | None = None  # "tiny": a random model written to a temporary checkpoint and loaded back
+    config: dict | None = None  # with a preset: ModelConfig fields that replace the tiny preset's
     dtype: str = "bfloat16"
     experts: str = "auto"  # keep the checkpoint's format; "mxfp4" / "dense" convert
     moe_impl: str = "auto"
@@ -35,10 +36,16 @@ class ModelSpec:
             raise ValueError(f"model.preset: only 'tiny' can be built at random, got {self.preset!r}")
 
 
-def random_tiny_checkpoint(folder: str, seed: int = 0) -> str:
+def tiny_config(**overrides) -> ModelConfig:
+    """The random preset's architecture (byte-level harmony vocabulary), with `overrides` of ModelConfig fields."""
+    base = dict(vocab_size=BYTES_VOCAB, hidden_size=128, intermediate_size=96, num_hidden_layers=4, sliding_window=16,
+                max_position_embeddings=1024, eos_token_id=None, pad_token_id=None)
+    return ModelConfig.tiny(**{**base, **overrides})
+
+
+def random_tiny_checkpoint(folder: str, seed: int = 0, config: dict | None = None) -> str:
     """Writes a random tiny gpt-oss (byte-level harmony vocabulary) in HF layout and records its tokenizer."""
-    cfg = ModelConfig.tiny(vocab_size=BYTES_VOCAB, hidden_size=128, intermediate_size=96, num_hidden_layers=4,
-                           sliding_window=16, max_position_embeddings=1024, eos_token_id=None, pad_token_id=None)
+    cfg = tiny_config(**(config or {}))
     save_pretrained(random_model(cfg, dtype=jnp.float32, experts="mxfp4", seed=seed), folder)
     save_tokenizer_info("harmony_bytes", folder)
     return folder
@@ -51,7 +58,7 @@ def load_model_and_tokenizer(spec: ModelSpec, progress: bool = True):
         init_distributed()
     if spec.preset is not None:
         with tempfile.TemporaryDirectory(prefix="gptoss-tiny-") as folder:
-            random_tiny_checkpoint(folder, spec.seed)
+            random_tiny_checkpoint(folder, spec.seed, spec.config)
             return _load(folder, spec, progress=False)
     return _load(spec.path, spec, progress)
 

@@ -14,7 +14,9 @@ from gptoss.apps import inference
 
 
 def _tasks():
-    return {"generate": (inference.InferenceConfig, inference.run)}
+    from gptoss.apps import train
+
+    return {"generate": (inference.InferenceConfig, inference.run), "train": (train.TrainJobConfig, train.run)}
 
 
 def run_config(path: str, overrides: list[str] = ()) -> tuple[str, dict]:

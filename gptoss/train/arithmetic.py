@@ -1,0 +1,70 @@
+"""Synthetic harmony task for the demo model: addition (and subtraction) of numbers of 1 to 5 digits, asked as a
+user would, with the column-by-column work on the analysis channel and the answer on the final channel."""
+
+from __future__ import annotations
+
+import json
+import random
+
+ADD_WORDINGS = ("What is {a} + {b}?", "What's {a} plus {b}?", "Compute {a} + {b}.", "{a} + {b} = ?",
+                "Add {a} and {b}.", "what is {a}+{b}", "Please calculate {a} + {b}.", "How much is {a} plus {b}?")
+SUB_WORDINGS = ("What is {a} - {b}?", "What's {a} minus {b}?", "Compute {a} - {b}.", "{a} - {b} = ?",
+                "Subtract {b} from {a}.", "what is {a}-{b}", "How much is {a} minus {b}?")
+
+
+def add_work(a: int, b: int) -> str:
+    """Column addition from the units up: 'd1+d2(+carry)=s' per column, carries noted, then the sum."""
+    xs, ys = str(a)[::-1], str(b)[::-1]
+    lines, carry = [], 0
+    for i in range(max(len(xs), len(ys))):
+        x, y = int(xs[i]) if i < len(xs) else 0, int(ys[i]) if i < len(ys) else 0
+        s = x + y + carry
+        terms = f"{x}+{y}" + ("+1" if carry else "")
+        carry = s // 10
+        lines.append(f"{terms}={s}" + (" carry 1" if carry else ""))
+    if carry:
+        lines.append("carry 1")
+    return "\n".join(lines) + f"\nso {a}+{b}={a + b}"
+
+
+def sub_work(a: int, b: int) -> str:
+    """Column subtraction (a >= b) from the units up, with borrows."""
+    xs, ys = str(a)[::-1], str(b)[::-1]
+    lines, borrow = [], 0
+    for i in range(len(xs)):
+        x, y = int(xs[i]), int(ys[i]) if i < len(ys) else 0
+        top = x - borrow
+        borrow = 1 if top < y else 0
+        lines.append(f"{top + 10 * borrow}-{y}={top + 10 * borrow - y}" + (" borrow 1" if borrow else ""))
+    return "\n".join(lines) + f"\nso {a}-{b}={a - b}"
+
+
+def _number(rng: random.Random, max_digits: int) -> int:
+    digits = rng.randint(1, max_digits)
+    return rng.randint(0 if digits == 1 else 10 ** (digits - 1), 10**digits - 1)
+
+
+def problem(rng: random.Random, *, max_digits: int = 5, subtraction: bool = True) -> tuple[str, str, int]:
+    """(question, analysis, answer) of one random problem."""
+    a, b = _number(rng, max_digits), _number(rng, max_digits)
+    if subtraction and rng.random() < 0.3:
+        a, b = max(a, b), min(a, b)
+        return rng.choice(SUB_WORDINGS).format(a=a, b=b), sub_work(a, b), a - b
+    return rng.choice(ADD_WORDINGS).format(a=a, b=b), add_work(a, b), a + b
+
+
+def conversation(question: str, analysis: str, answer: int) -> dict:
+    """openai-harmony JSON of one solved problem (no system message: the demo model is trained without one)."""
+    return {"messages": [
+        {"role": "user", "content": [{"type": "text", "text": question}]},
+        {"role": "assistant", "channel": "analysis", "content": [{"type": "text", "text": analysis}]},
+        {"role": "assistant", "channel": "final", "content": [{"type": "text", "text": str(answer)}]},
+    ]}
+
+
+def write_jsonl(path, n: int, *, seed: int = 0, max_digits: int = 5, subtraction: bool = True) -> str:
+    rng = random.Random(seed)
+    with open(path, "w", encoding="utf-8") as f:
+        for _ in range(n):
+            f.write(json.dumps(conversation(*problem(rng, max_digits=max_digits, subtraction=subtraction))) + "\n")
+    return str(path)
