@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import random
 import time
 
 import jax
@@ -16,22 +17,26 @@ from gptoss.apps.loading import ModelSpec, load_model_and_tokenizer
 from gptoss.io import save_pretrained
 from gptoss.tokenizer import save_tokenizer_info
 from gptoss.train import LoraConfig, LossConfig, OptimConfig, Trainer, add_lora, export_pretrained, save_adapters
+from gptoss.train.arithmetic import conversation, problem
 from gptoss.train.checkpoint import Checkpoints
-from gptoss.train.data import Batches, sft_examples, text_file_examples
+from gptoss.train.data import Batches, sft_example, sft_examples, text_file_examples
 
 
 @dataclasses.dataclass
 class DataSpec:
-    format: str = "sft"  # "sft": harmony conversations (JSONL); "text": plain text or JSONL {"text": ...}
+    format: str = "sft"  # "sft": harmony conversations (JSONL); "text": plain text or JSONL {"text": ...};
+    # "arithmetic": `count` generated addition/subtraction conversations (gptoss.train.arithmetic)
     path: str = ""
+    count: int = 10000
+    max_digits: int = 5
     loss_on: list[str] = dataclasses.field(default_factory=lambda: ["final"])  # sft: trained assistant channels
     seq_len: int = 256
     batch_size: int = 8
     seed: int = 0
 
     def __post_init__(self):
-        if self.format not in ("sft", "text"):
-            raise ValueError(f"data.format must be 'sft' or 'text', got {self.format!r}")
+        if self.format not in ("sft", "text", "arithmetic"):
+            raise ValueError(f"data.format must be 'sft', 'text' or 'arithmetic', got {self.format!r}")
         if self.seq_len < 2 or self.batch_size < 1:
             raise ValueError("data.seq_len must be >= 2 and data.batch_size >= 1")
 
@@ -70,6 +75,10 @@ class TrainJobConfig:
 
 
 def _examples(spec: DataSpec, tokenizer):
+    if spec.format == "arithmetic":
+        rng = random.Random(spec.seed)
+        return [sft_example(conversation(*problem(rng, max_digits=spec.max_digits)), tokenizer,
+                            spec.loss_on) for _ in range(spec.count)]
     if not os.path.isfile(spec.path):
         raise FileNotFoundError(f"data.path: no such file {spec.path!r}")
     if spec.format == "sft":

@@ -68,3 +68,35 @@ def write_jsonl(path, n: int, *, seed: int = 0, max_digits: int = 5, subtraction
         for _ in range(n):
             f.write(json.dumps(conversation(*problem(rng, max_digits=max_digits, subtraction=subtraction))) + "\n")
     return str(path)
+
+
+def ask(model, tokenizer, questions: list[str], *, max_new_tokens: int = 160, batch_size: int = 64) -> list[dict]:
+    """Greedy harmony answers: per question {"analysis", "final", "problems"} (the final channel's text)."""
+    from gptoss.engine import generate
+    from gptoss.harmony import message, parse_completion, render_conversation_for_completion
+
+    out = []
+    for i in range(0, len(questions), batch_size):
+        chunk = questions[i:i + batch_size]
+        prompts = [render_conversation_for_completion([message("user", q)], tokenizer=tokenizer) for q in chunk]
+        gen = generate(model, prompts, max_new_tokens=max_new_tokens,
+                       stop_tokens=list(tokenizer.stop_tokens_for_assistant_actions))
+        for new in gen.tokens:
+            messages, problems = parse_completion(new, "assistant", tokenizer=tokenizer)
+            by_channel = {m.channel: m.text for m in messages}
+            out.append({"analysis": by_channel.get("analysis"), "final": by_channel.get("final"),
+                        "problems": problems})
+    return out
+
+
+def accuracy(model, tokenizer, n: int = 1000, *, seed: int = 12345, max_digits: int = 5,
+             subtraction: bool = True, batch_size: int = 64) -> dict:
+    """Exact-match accuracy of the final answer on `n` problems drawn with `seed` (training uses other seeds)."""
+    rng = random.Random(seed)
+    items = [problem(rng, max_digits=max_digits, subtraction=subtraction) for _ in range(n)]
+    answers = ask(model, tokenizer, [q for q, _, _ in items], batch_size=batch_size,
+                  max_new_tokens=40 * max_digits + 40)
+    right = [a["final"] is not None and a["final"].strip() == str(want) for a, (_, _, want) in zip(answers, items)]
+    return {"n": n, "max_digits": max_digits, "accuracy": sum(right) / n,
+            "wrong": [{"question": q, "want": w, "got": a["final"]} for (q, _, w), a, ok in zip(items, answers, right)
+                      if not ok][:10]}

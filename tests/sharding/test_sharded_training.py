@@ -33,3 +33,11 @@ def test_expert_parallel_flops_are_an_eighth(report):
     cost analysis of the compiled layer) are about 1/8 of one device's."""
     for impl, r in report["ep_flops"].items():
         assert r["ratio"] <= 0.16, f"{impl}: per-device MoE FLOPs are {r['ratio']:.3f} of one device's"
+
+
+@pytest.mark.parametrize("method", ["lora", "full"])
+def test_train_steps_match_one_device(report, method):
+    """Five optimizer steps on the mesh data 2 x fsdp 2 x expert 2 give the same losses as one device (1e-5)."""
+    r = report["train_steps"][method]
+    assert len(r["single"]) == len(r["2x2x2"]) == 5
+    assert r["max_rel"] <= 1e-5, r

@@ -1,0 +1,47 @@
+"""The demo task's worked solutions are right (Python integers are the oracle) and render as harmony."""
+
+from __future__ import annotations
+
+import random
+import re
+
+from gptoss.harmony import render_conversation_for_training
+from gptoss.tokenizer import load_tokenizer
+from gptoss.train.arithmetic import add_work, conversation, problem, sub_work
+
+
+def _column_digits(work: str) -> str:
+    """The written digit of each column (units first), read back from the work lines."""
+    digits = []
+    for line in work.splitlines()[:-1]:
+        m = re.fullmatch(r"[\d+\-]+=(\d+)( carry 1| borrow 1)?", line)
+        if m:
+            digits.append(m.group(1)[-1])
+        else:
+            assert line == "carry 1"
+            digits.append("1")
+    return "".join(reversed(digits))
+
+
+def test_column_work_is_right():
+    rng = random.Random(0)
+    for _ in range(2000):
+        a, b = rng.randint(0, 99999), rng.randint(0, 99999)
+        work = add_work(a, b)
+        assert work.endswith(f"so {a}+{b}={a + b}") and int(_column_digits(work)) == a + b
+        hi, lo = max(a, b), min(a, b)
+        work = sub_work(hi, lo)
+        assert work.endswith(f"so {hi}-{lo}={hi - lo}") and int(_column_digits(work)) == hi - lo
+    assert add_work(99998, 7).splitlines()[:5] == ["8+7=15 carry 1", "9+0+1=10 carry 1", "9+0+1=10 carry 1",
+                                                   "9+0+1=10 carry 1", "9+0+1=10 carry 1"]
+
+
+def test_problems_render_as_harmony():
+    rng = random.Random(1)
+    tok = load_tokenizer("harmony_bytes")
+    for _ in range(50):
+        q, work, answer = problem(rng)
+        a, b = map(int, re.findall(r"\d+", q))
+        assert answer in (a + b, a - b) and 0 <= answer
+        text = tok.decode(render_conversation_for_training(conversation(q, work, answer), tokenizer=tok))
+        assert text.endswith(f"<|start|>assistant<|channel|>final<|message|>{answer}<|return|>")
