@@ -33,7 +33,7 @@ test: $(TEST_STAMP) lint
 	$(PY) -m pytest -q -n 2 --dist loadfile
 
 demo: $(STAMP)
-	$(VENV)/bin/gptoss run configs/inference/tiny.yaml
+	$(VENV)/bin/gptoss run configs/inference/demo.yaml
 
 clean:
 	rm -rf $(VENV) .pytest_cache build *.egg-info

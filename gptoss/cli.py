@@ -7,7 +7,8 @@ import sys
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", required=True, help="checkpoint folder, hub id, or 'tiny' (random, on the fly)")
+    p.add_argument("--model", required=True, help="checkpoint folder, hub id, 'demo' (the packaged demo model) or "
+                   "'tiny' (random, on the fly)")
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
     p.add_argument("--experts", default="auto", choices=["auto", "mxfp4", "dense"],
                    help="auto keeps the checkpoint's format; mxfp4 / dense convert")
@@ -54,11 +55,13 @@ def cmd_generate(args) -> int:
 
 def cmd_chat(args, stdin=None, stdout=None) -> int:
     from gptoss.apps.chat import chat_loop
-    from gptoss.apps.loading import load_model_and_tokenizer
+    from gptoss.apps.loading import chat_defaults, load_model_and_tokenizer
 
-    model, tokenizer = load_model_and_tokenizer(_model_spec(args), progress=True)
+    spec = _model_spec(args)
+    model, tokenizer = load_model_and_tokenizer(spec, progress=True)
+    system = chat_defaults(spec).get("system_message", True)
     return chat_loop(model, tokenizer, reasoning=args.reasoning, max_new_tokens=args.max_new_tokens,
-                     temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, seed=args.seed,
+                     temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, seed=args.seed, system=system,
                      stdin=stdin or sys.stdin, stdout=stdout or sys.stdout)
 
 
@@ -67,8 +70,14 @@ def cmd_run(args) -> int:
 
     out, results = run_config(args.config, args.overrides)
     for item in results.get("results", []):
-        shown = item.get("final") if item.get("final") is not None else item.get("completion", "")
-        print(f"> {item['prompt']}\n{shown}\n")
+        print(f"> {item['prompt']}")
+        if item.get("messages"):
+            for m in item["messages"]:
+                text = m["text"].replace("\n", "\n    ")
+                print(f"  [{m['channel'] or 'message'}] {text}")
+        else:
+            print(item.get("completion", ""))
+        print()
     print(f"resolved config and results written to {out}/")
     return 0
 

@@ -7,8 +7,8 @@ from gptoss.engine import generate_stream
 
 
 def chat_loop(model, tokenizer, *, reasoning: str = "medium", max_new_tokens: int = 512, temperature: float = 0.0,
-              top_p: float = 1.0, top_k: int = 0, seed: int = 0, stdin, stdout) -> int:
-    history = [harmony.system_message(reasoning_effort=reasoning)]
+              top_p: float = 1.0, top_k: int = 0, seed: int = 0, system: bool = True, stdin, stdout) -> int:
+    history = [harmony.system_message(reasoning_effort=reasoning)] if system else []
     stop = list(tokenizer.stop_tokens_for_assistant_actions)
     stdout.write("gptoss chat: empty line or Ctrl-D to quit\n")
     turn = 0

@@ -6,7 +6,7 @@ import dataclasses
 import time
 
 from gptoss import harmony
-from gptoss.apps.loading import ModelSpec, load_model_and_tokenizer
+from gptoss.apps.loading import ModelSpec, chat_defaults, load_model_and_tokenizer
 from gptoss.engine import generate
 
 
@@ -22,6 +22,7 @@ class SamplingSpec:
 @dataclasses.dataclass
 class ChatSpec:
     harmony: bool = True  # render prompts as harmony user turns; False = raw text continuation
+    system: bool | None = None  # a system message first (None: the checkpoint's default, else yes)
     reasoning: str = "medium"
     instructions: str | None = None  # developer instructions
     conversation_start_date: str | None = None
@@ -40,8 +41,10 @@ class InferenceConfig:
 
 
 def conversation_for(prompt: str, chat: ChatSpec) -> list[harmony.Message]:
-    messages = [harmony.system_message(reasoning_effort=chat.reasoning,
-                                       conversation_start_date=chat.conversation_start_date)]
+    messages = []
+    if chat.system is not False:
+        messages.append(harmony.system_message(reasoning_effort=chat.reasoning,
+                                               conversation_start_date=chat.conversation_start_date))
     if chat.instructions:
         messages.append(harmony.developer_message(chat.instructions))
     messages.append(harmony.message("user", prompt))
@@ -57,6 +60,9 @@ def encode_prompt(prompt: str, tokenizer, chat: ChatSpec) -> list[int]:
 def run(cfg: InferenceConfig) -> dict:
     t0 = time.perf_counter()
     model, tokenizer = load_model_and_tokenizer(cfg.model, progress=cfg.progress)
+    if cfg.chat.system is None:
+        cfg = dataclasses.replace(cfg, chat=dataclasses.replace(
+            cfg.chat, system=chat_defaults(cfg.model).get("system_message", True)))
     load_s = time.perf_counter() - t0
     prompts = [encode_prompt(p, tokenizer, cfg.chat) for p in cfg.prompts]
     s = cfg.sampling

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import tempfile
 
 import jax.numpy as jnp
 
 from gptoss.config import ModelConfig
-from gptoss.io import from_pretrained, save_pretrained
+from gptoss.io import from_pretrained, local_folder, save_pretrained
 from gptoss.model import random_model
 from gptoss.tokenizer import load_tokenizer, save_tokenizer_info
 
@@ -51,6 +52,18 @@ def random_tiny_checkpoint(folder: str, seed: int = 0, config: dict | None = Non
     return folder
 
 
+CHAT_FILE = "gptoss_chat.json"  # a checkpoint's chat defaults, e.g. {"system_message": false}
+
+
+def chat_defaults(spec: ModelSpec) -> dict:
+    """The checkpoint's own chat defaults (the demo model was trained without a system message)."""
+    folder = local_folder(spec.path) if spec.path else None
+    if folder and os.path.isfile(os.path.join(folder, CHAT_FILE)):
+        with open(os.path.join(folder, CHAT_FILE)) as f:
+            return json.load(f)
+    return {}
+
+
 def load_model_and_tokenizer(spec: ModelSpec, progress: bool = True):
     if spec.mesh is not None:  # multi-host runs start from the JAX_*/GPTOSS_* environment (else a no-op)
         from gptoss.sharding import init_distributed
@@ -66,7 +79,8 @@ def load_model_and_tokenizer(spec: ModelSpec, progress: bool = True):
 def _load(path: str, spec: ModelSpec, progress: bool):
     model = from_pretrained(path, dtype=spec.dtype, experts=spec.experts, moe_impl=spec.moe_impl,
                             kernels=spec.kernels, progress=progress, mesh=spec.mesh)
-    tokenizer = load_tokenizer(path if os.path.isdir(path) else None)
+    folder = local_folder(path)
+    tokenizer = load_tokenizer(folder if folder and os.path.isdir(folder) else None)
     if tokenizer.vocab_size > model.config.vocab_size:
         raise ValueError(f"{path}: tokenizer {tokenizer.name} has {tokenizer.vocab_size} ids but the model only "
                          f"{model.config.vocab_size}")

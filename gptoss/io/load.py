@@ -224,9 +224,25 @@ def _convert(entry: Entry, arrays: list[np.ndarray], target: Any, index: TensorI
     return aligned(value.astype(target.dtype, copy=False))
 
 
-def _resolve(path: str, revision: str | None) -> str:
+# The embedded demo model (`from_pretrained("demo")`, `--model demo`): trained by configs/train/demo.yaml.
+DEMO_NAME = "demo"
+DEMO_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "demo_model")
+
+
+def local_folder(path: str | os.PathLike) -> str | None:
+    """The local folder a model name stands for ("demo": the packaged demo model), or None for a hub id."""
+    path = os.fspath(path)
     if os.path.exists(path):
         return path
+    if path == DEMO_NAME:
+        return DEMO_DIR
+    return None
+
+
+def _resolve(path: str, revision: str | None) -> str:
+    local = local_folder(path)
+    if local is not None:
+        return local
     looks_like_repo = path.count("/") == 1 and not path.startswith((".", "/", "~"))
     if not looks_like_repo:
         raise CheckpointError(f"{path}: no such folder")

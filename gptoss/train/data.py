@@ -31,21 +31,26 @@ class Example:
 
 def sft_example(conversation, tokenizer, loss_on: Sequence[str] = ("final",)) -> Example:
     """A harmony conversation (openai-harmony's JSON: {"messages": [...]}) rendered for training; the loss covers
-    the assistant messages selected by `loss_on` (see LOSS_ON) from after their role name (what a model writes
-    after a completion prompt's `<|start|>assistant`) through their terminator."""
+    the assistant messages selected by `loss_on` (see LOSS_ON) through their terminator, from after the role name
+    for the first assistant message of a turn (the completion prompt ends with `<|start|>assistant`) and from
+    `<|start|>` for the later ones (the model writes those headers itself)."""
     bad = set(loss_on) - set(LOSS_ON)
     if bad:
         raise ValueError(f"loss_on: unknown choice(s) {sorted(bad)}; choose from {LOSS_ON}")
     rendered = render_with_spans(conversation, mode="training", auto_drop_analysis=False, tokenizer=tokenizer)
     tokens = np.asarray(rendered.tokens, np.int32)
     weights = np.zeros(len(tokens), np.float32)
+    previous = None
     for span in rendered.spans:
-        if span.role != "assistant":
-            continue
         kind = "tool_calls" if span.recipient else span.channel
-        if kind in loss_on:
-            header = span.start + 1 + len(tokenizer.encode_ordinary(span.role))  # <|start|> assistant
-            weights[header:span.end] = 1.0
+        if span.role == "assistant" and kind in loss_on:
+            # The first assistant message of a turn starts after `<|start|>assistant` (the completion prompt ends
+            # there); a later one of the same turn (final after analysis) includes its `<|start|>assistant`,
+            # which the model must write itself after the previous message's <|end|>.
+            first_of_turn = previous is None or previous.role != "assistant"
+            start = span.start + 1 + len(tokenizer.encode_ordinary(span.role)) if first_of_turn else span.start
+            weights[start:span.end] = 1.0
+        previous = span
     if not weights.any():
         raise ValueError(f"conversation has no assistant message selected by loss_on={tuple(loss_on)}")
     return Example(tokens, weights)

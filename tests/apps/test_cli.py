@@ -21,6 +21,15 @@ def test_shipped_configs_parse(path):
     assert cfg.task == "generate" and cfg.prompts
 
 
+@pytest.mark.parametrize("path", sorted(glob.glob(os.path.join(ROOT, "configs", "finetune", "*.yaml"))
+                                         + glob.glob(os.path.join(ROOT, "configs", "train", "*.yaml"))))
+def test_shipped_training_configs_parse(path):
+    from gptoss.apps.train import TrainJobConfig
+
+    cfg = runconfig.load(path, TrainJobConfig)
+    assert cfg.task == "train" and cfg.steps >= 1
+
+
 def test_run_writes_resolved_config_and_results(tmp_path, capsys):
     out = tmp_path / "run"
     assert cli.main(["run", os.path.join(ROOT, "configs/inference/tiny.yaml"), f"output_dir={out}",

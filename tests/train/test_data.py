@@ -42,11 +42,14 @@ def _trained_text(ex):
 def test_loss_mask_by_channel():
     conv = _conv("What is 2 + 2?", "2 plus 2 is 4.", "4")
     final = sft_example(conv, TOK, ("final",))
-    assert _trained_text(final) == "<|channel|>final<|message|>4<|return|>"
+    assert _trained_text(final) == "<|start|>assistant<|channel|>final<|message|>4<|return|>"
     both = sft_example(conv, TOK, ("analysis", "final"))
-    assert _trained_text(both) == ("<|channel|>analysis<|message|>2 plus 2 is 4.<|end|>|"
-                                   "<|channel|>final<|message|>4<|return|>")
+    # the final message's own header is the model's to write after the analysis' <|end|>
+    assert _trained_text(both) == ("<|channel|>analysis<|message|>2 plus 2 is 4.<|end|>"
+                                   "<|start|>assistant<|channel|>final<|message|>4<|return|>")
     assert TOK.decode(final.tokens.tolist()).startswith("<|start|>user<|message|>What is 2 + 2?<|end|>")
+    answer_only = {"messages": [conv["messages"][0], conv["messages"][2]]}  # no analysis: the prompt has the header
+    assert _trained_text(sft_example(answer_only, TOK)) == "<|channel|>final<|message|>4<|return|>"
     with pytest.raises(ValueError, match="loss_on"):
         sft_example(conv, TOK, ("everything",))
     with pytest.raises(ValueError, match="no assistant message"):

@@ -31,14 +31,14 @@ def test_lora_on_mxfp4_base_learns_and_keeps_the_base():
                      for _, v in nnx.to_flat_state(nnx.state(model, QuantWeight))]
     params_before = {k: np.asarray(v.get_value()).copy() for k, v in nnx.to_flat_state(nnx.state(model, nnx.Param))
                      if not isinstance(v, nnx.LoRAParam)}
-    trainer = Trainer(model, "lora", OptimConfig(learning_rate=3e-3, total_steps=30, clip_norm=1.0),
+    trainer = Trainer(model, "lora", OptimConfig(learning_rate=5e-3, total_steps=16, clip_norm=1.0),
                       LossConfig(aux_loss_coef=0.01, z_loss_coef=1e-3))
     state, batch = trainer.init(), _batch()
     losses = []
-    for _ in range(30):
+    for _ in range(16):
         state, m = trainer.step(state, batch)
         losses.append(float(m["nll"]))
-    assert losses[-1] < 0.6 * losses[0], losses
+    assert losses[-1] < 0.7 * losses[0], losses
     assert np.isfinite(float(m["grad_norm"])) and m["expert_load"].shape == (2, CFG.num_experts)
     np.testing.assert_allclose(np.asarray(m["expert_load"]).sum(-1), 1.0, rtol=1e-6)
     trained = trainer.model(state)
@@ -54,14 +54,14 @@ def test_lora_on_mxfp4_base_learns_and_keeps_the_base():
 
 def test_full_training_learns_dense_experts():
     model = random_model(CFG, experts="dense", kernels="xla", remat=True)
-    trainer = Trainer(model, "full", OptimConfig(learning_rate=3e-3, warmup_steps=3, total_steps=20))
+    trainer = Trainer(model, "full", OptimConfig(learning_rate=3e-3, warmup_steps=3, total_steps=12))
     state, batch = trainer.init(), _batch(1)
     first = None
-    for _ in range(20):
+    for _ in range(12):
         before = np.asarray(state.params["layers"][0]["mlp"]["gate_up_EFD"].get_value())  # the step donates it
         state, m = trainer.step(state, batch)
         first = float(m["nll"]) if first is None else first
-    assert float(m["nll"]) < 0.6 * first
+    assert float(m["nll"]) < 0.7 * first
     assert not np.array_equal(np.asarray(before), np.asarray(state.params["layers"][0]["mlp"]["gate_up_EFD"]
                                                              .get_value()))
 

@@ -1,0 +1,58 @@
+"""The embedded demo model: it ships inside the package, loads by name, answers held-out arithmetic problems with its
+work on the analysis channel (Python's integers are the oracle), and `make demo`'s config shows it; a few dozen
+steps of its training config lower the loss."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+
+import pytest
+
+import gptoss
+from gptoss import cli
+from gptoss.io import DEMO_DIR
+from gptoss.train.arithmetic import accuracy
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+@pytest.fixture(scope="module")
+def demo():
+    return gptoss.from_pretrained("demo", dtype="float32", progress=False), gptoss.load_tokenizer(DEMO_DIR)
+
+
+def test_demo_ships_small_and_mxfp4(demo):
+    model, tok = demo
+    size = sum(os.path.getsize(os.path.join(DEMO_DIR, f)) for f in os.listdir(DEMO_DIR))
+    assert size <= 5 * 2**20 and model.experts == "mxfp4" and tok.name == "harmony_bytes"
+
+
+def test_demo_answers_held_out_problems(demo):
+    """Held-out problems (training draws with other seeds); README has the 1,000-problem figures."""
+    model, tok = demo
+    additions = accuracy(model, tok, 48, seed=2024, subtraction=False, batch_size=48)
+    assert additions["accuracy"] >= 0.9, additions["wrong"]
+    mixed = accuracy(model, tok, 48, seed=2025, batch_size=48)
+    assert mixed["accuracy"] >= 0.75, mixed["wrong"]
+
+
+def test_make_demo_config_shows_analysis_and_answer(tmp_path, capsys):
+    cli.main(["run", os.path.join(ROOT, "configs/inference/demo.yaml"), f"output_dir={tmp_path}"])
+    out = capsys.readouterr().out
+    assert "> What is 4821 + 377?" in out and "[analysis]" in out and "[final] 5198" in out
+    results = json.loads((tmp_path / "results.json").read_text())["results"]
+    for r in results:  # every answer is right (Python is the oracle)
+        a, op, b = re.search(r"(\d+) ?(\+|-|plus|minus) ?(\d+)", r["prompt"]).groups()
+        assert r["final"] == str(int(a) + int(b) if op in ("+", "plus") else int(a) - int(b)), r
+
+
+@pytest.mark.slow
+def test_demo_training_config_lowers_the_loss(tmp_path):
+    from gptoss.apps.runner import run_config
+
+    _, r = run_config(os.path.join(ROOT, "configs/train/demo.yaml"),
+                      [f"output_dir={tmp_path}", "steps=24", "optim.total_steps=24", "optim.warmup_steps=4",
+                       "data.count=300", "save_every=100", "export.model=false", "progress=false"])
+    assert r["final_loss"] < 0.7 * r["first_loss"]
