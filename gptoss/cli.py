@@ -83,9 +83,13 @@ def cmd_run(args) -> int:
 
 
 def cmd_info(args) -> int:
-    from gptoss.io import open_checkpoint
+    from gptoss.io import CheckpointError, open_checkpoint
 
-    kind, cfg, index, folder = open_checkpoint(args.path)
+    try:
+        kind, cfg, index, folder = open_checkpoint(args.path)
+    except CheckpointError as e:  # a user's mistake: one line, not a traceback
+        print(f"gptoss info: {e}", file=sys.stderr)
+        return 2
     size = sum(i.end - i.start for i in index.infos.values())
     print(f"{folder}: {kind} layout, {len(index.files)} file(s), {len(index.infos)} tensors, {size / 2**30:.2f} GiB")
     print(cfg)

@@ -96,11 +96,14 @@ def mx_gather_matmul(x_MK, w: MXFP4Array, idx_MS, *, grouped: bool = False) -> j
     if x_MK.ndim != 2 or idx_MS.ndim != 2 or x_MK.shape[0] != idx_MS.shape[0] or x_MK.shape[1] != w.shape[-1]:
         raise ValueError(f"mx_gather_matmul: x {x_MK.shape}, idx {idx_MS.shape} and w {w.shape} do not fit "
                          "x [M, K], idx [M, S], w [E, N, K]")
-    if x_MK.dtype not in (jnp.float32, jnp.bfloat16):
-        x_MK = x_MK.astype(jnp.float32)
+    return _matmul(_kernel_operand(x_MK), w.blocks, w.scales, idx_MS, bool(grouped))
+
+
+def _kernel_operand(a):
+    """bf16 and f32 go to the kernel as they are, other floats as f32; the library must be loaded."""
     if load_library() is None:
         raise RuntimeError(f"the MXFP4 CPU kernel is unavailable: {_state['error']}")
-    return _matmul(x_MK, w.blocks, w.scales, idx_MS, bool(grouped))
+    return a if a.dtype in (jnp.float32, jnp.bfloat16) else a.astype(jnp.float32)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
@@ -140,11 +143,7 @@ def mx_gather_matmul_t(dy_MSN, w: MXFP4Array, idx_MS, *, grouped: bool = False) 
     if dy_MSN.ndim != 3 or idx_MS.ndim != 2 or dy_MSN.shape[:2] != idx_MS.shape or dy_MSN.shape[2] != w.shape[1]:
         raise ValueError(f"mx_gather_matmul_t: dy {dy_MSN.shape}, idx {idx_MS.shape} and w {w.shape} do not fit "
                          "dy [M, S, N], idx [M, S], w [E, N, K]")
-    if dy_MSN.dtype not in (jnp.float32, jnp.bfloat16):
-        dy_MSN = dy_MSN.astype(jnp.float32)
-    if load_library() is None:
-        raise RuntimeError(f"the MXFP4 CPU kernel is unavailable: {_state['error']}")
-    return _matmul_t(dy_MSN, w.blocks, w.scales, idx_MS, bool(grouped))
+    return _matmul_t(_kernel_operand(dy_MSN), w.blocks, w.scales, idx_MS, bool(grouped))
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4,))

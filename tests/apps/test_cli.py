@@ -63,3 +63,9 @@ def test_chat_streams_and_quits():
     out = io.StringIO()
     assert cli.cmd_chat(args, stdin=io.StringIO("hello\nagain\n\n"), stdout=out) == 0
     assert out.getvalue().count("> ") >= 3
+
+
+def test_info_on_a_missing_folder_is_one_line(capsys):
+    assert cli.main(["info", "./no-such-folder"]) == 2
+    err = capsys.readouterr().err
+    assert err.strip().count("\n") == 0 and "no-such-folder" in err and "Traceback" not in err
