@@ -329,3 +329,19 @@ def _load_json(config: Mapping[str, Any] | str | os.PathLike) -> tuple[dict[str,
         raise ConfigError(f"config file not found: {path}") from None
     except json.JSONDecodeError as e:
         raise ConfigError(f"{path} is not valid JSON: {e}") from None
+
+
+# The embedded demo model (`from_pretrained("demo")`, `load_tokenizer("demo")`, `--model demo`), trained by
+# configs/train/demo.yaml.
+DEMO_NAME = "demo"
+DEMO_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "demo_model")
+
+
+def local_folder(path: str | os.PathLike) -> str | None:
+    """The local folder a model name stands for ("demo": the packaged demo model), or None for a hub id."""
+    path = os.fspath(path)
+    if os.path.exists(path):
+        return path
+    if path == DEMO_NAME:
+        return DEMO_DIR
+    return None

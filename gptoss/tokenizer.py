@@ -27,6 +27,8 @@ import re
 from collections.abc import Collection, Iterable
 from typing import Any, Literal
 
+from gptoss.config import local_folder
+
 O200K_HARMONY = "o200k_harmony"
 HARMONY_BYTES = "harmony_bytes"
 INFO_FILE = "gptoss_tokenizer.json"
@@ -394,9 +396,10 @@ def load_tokenizer(source: Any = None) -> HarmonyTokenizer:
     """Load a harmony tokenizer, offline.
 
     `source`: None (o200k_harmony from the bpe-openai package), a tokenizer name (``"o200k_harmony"``,
-    ``"harmony_bytes"``), a checkpoint folder, a ``.tiktoken`` / ``.tiktoken.gz`` ranks file or a ``tokenizer.json``,
-    or an already built tokenizer (returned as is). A folder's ``gptoss_tokenizer.json`` names its tokenizer; without
-    it, tokenizer files in the folder give o200k_harmony, and a folder with neither falls back to the packaged ranks.
+    ``"harmony_bytes"``), a checkpoint folder (``"demo"``: the embedded demo model), a ``.tiktoken`` /
+    ``.tiktoken.gz`` ranks file or a ``tokenizer.json``, or an already built tokenizer (returned as is). A folder's
+    ``gptoss_tokenizer.json`` names its tokenizer; without it, tokenizer files in the folder give o200k_harmony,
+    and a folder with neither falls back to the packaged ranks.
     """
     if source is None:
         return _by_name(O200K_HARMONY)
@@ -407,6 +410,7 @@ def load_tokenizer(source: Any = None) -> HarmonyTokenizer:
     source = os.fspath(source)
     if source in (O200K_HARMONY, HARMONY_BYTES):
         return _by_name(source)
+    source = local_folder(source) or source
     if os.path.isdir(source):
         info_path = os.path.join(source, INFO_FILE)
         if os.path.isfile(info_path):

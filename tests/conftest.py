@@ -1,11 +1,31 @@
+import atexit
 import os
+import shutil
 import sys
+import tempfile
 
 import pytest
 
 TESTS_DIR = os.path.dirname(os.path.abspath(__file__))
 if TESTS_DIR not in sys.path:
     sys.path.insert(0, TESTS_DIR)  # helper modules (parity_models) import as top-level modules
+
+
+# -------------------------------------------------------------------------------- compile time
+# The suite compiles hundreds of small programs and runs most of them once, so XLA's compile is most of its time.
+# Two things cut it without changing what is tested. (1) LLVM's optimisation passes are skipped: the HLO XLA
+# builds (fusions, layouts, precision) is the same, only the machine code is slower; GPTOSS_TEST_XLA_OPT=1 keeps
+# the default. (2) One persistent compilation cache for the run, shared by the xdist workers and every subprocess
+# (a restarted training job, the CLI tests), so a program compiled once is not compiled again. Both reach
+# subprocesses through the environment; tests that set XLA_FLAGS for a child start from GPTOSS_TEST_XLA_FLAGS.
+if "GPTOSS_TEST_XLA_FLAGS" not in os.environ:  # the first process of the run (xdist workers inherit this)
+    os.environ["GPTOSS_TEST_XLA_FLAGS"] = ("" if os.environ.get("GPTOSS_TEST_XLA_OPT") == "1"
+                                          else "--xla_backend_optimization_level=0")
+    os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {os.environ['GPTOSS_TEST_XLA_FLAGS']}".strip()
+    if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+        _cache = tempfile.mkdtemp(prefix="gptoss-test-jax-cache-")
+        os.environ["JAX_COMPILATION_CACHE_DIR"] = _cache
+        atexit.register(shutil.rmtree, _cache, ignore_errors=True)
 
 
 # -------------------------------------------------------------------------------- parity fixtures

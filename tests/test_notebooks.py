@@ -1,6 +1,7 @@
-"""Notebooks run top to bottom (nbclient) on the tiny random model."""
+"""Notebooks run top to bottom (nbclient): the quickstart on the tiny random model, fine-tuning on the demo model."""
 
 import os
+import re
 
 import nbformat
 import pytest
@@ -9,10 +10,20 @@ from nbclient import NotebookClient
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+def _quickstart(outputs: str) -> None:
+    assert "experts stay packed" in outputs and "share of routing slots" in outputs
+
+
+def _finetune(outputs: str) -> None:
+    first, last = map(float, re.search(r"loss ([\d.]+) -> ([\d.]+)", outputs).groups())
+    assert last < 0.5 * first, (first, last)
+    assert "MXFP4 base bit-identical after training: True" in outputs
+    assert "adapter_model.safetensors" in outputs
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("name", ["01_quickstart.ipynb"])
-def test_notebook_executes(name, tmp_path):
+@pytest.mark.parametrize("name,check", [("01_quickstart.ipynb", _quickstart), ("02_finetune.ipynb", _finetune)])
+def test_notebook_executes(name, check, tmp_path):
     nb = nbformat.read(os.path.join(ROOT, "notebooks", name), as_version=4)
     NotebookClient(nb, timeout=300, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}}).execute()
-    outputs = "".join(o.get("text", "") for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", []))
-    assert "experts stay packed" in outputs and "share of routing slots" in outputs
+    check("".join(o.get("text", "") for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", [])))

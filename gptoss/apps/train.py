@@ -4,6 +4,7 @@ exactly, metrics.jsonl, a loss curve and an export at the end."""
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
 import random
@@ -17,7 +18,7 @@ from gptoss.apps.loading import ModelSpec, load_model_and_tokenizer
 from gptoss.io import save_pretrained
 from gptoss.tokenizer import save_tokenizer_info
 from gptoss.train import LoraConfig, LossConfig, OptimConfig, Trainer, add_lora, export_pretrained, save_adapters
-from gptoss.train.arithmetic import conversation, problem
+from gptoss.train.arithmetic import CHAINS, SUBTRACTION, conversation, problem
 from gptoss.train.checkpoint import Checkpoints
 from gptoss.train.data import Batches, sft_example, sft_examples, text_file_examples
 
@@ -29,6 +30,8 @@ class DataSpec:
     path: str = ""
     count: int = 10000
     max_digits: int = 5
+    subtraction: float = SUBTRACTION  # arithmetic: share of subtractions
+    chains: float = CHAINS            # arithmetic: share of long carry/borrow chains
     loss_on: list[str] = dataclasses.field(default_factory=lambda: ["final"])  # sft: trained assistant channels
     seq_len: int = 256
     batch_size: int = 8
@@ -77,8 +80,9 @@ class TrainJobConfig:
 def _examples(spec: DataSpec, tokenizer):
     if spec.format == "arithmetic":
         rng = random.Random(spec.seed)
-        return [sft_example(conversation(*problem(rng, max_digits=spec.max_digits)), tokenizer,
-                            spec.loss_on) for _ in range(spec.count)]
+        draw = functools.partial(problem, rng, max_digits=spec.max_digits, subtraction=spec.subtraction,
+                                 chains=spec.chains)
+        return [sft_example(conversation(*draw()), tokenizer, spec.loss_on) for _ in range(spec.count)]
     if not os.path.isfile(spec.path):
         raise FileNotFoundError(f"data.path: no such file {spec.path!r}")
     if spec.format == "sft":
@@ -130,7 +134,7 @@ def run(cfg: TrainJobConfig) -> dict:
     if cfg.method == "lora":
         add_lora(model, cfg.lora, seed=cfg.data.seed)
     batches = Batches(_examples(cfg.data, tokenizer), cfg.data.seq_len, cfg.data.batch_size, seed=cfg.data.seed)
-    trainer = Trainer(model, cfg.method, cfg.optim, cfg.loss)
+    trainer = Trainer(model, cfg.method, cfg.optim, cfg.loss, seed=cfg.data.seed)
     ckpts = Checkpoints(os.path.join(cfg.output_dir, "checkpoints"), keep=cfg.keep)
     metrics_path = os.path.join(cfg.output_dir, "metrics.jsonl")
     state, start = trainer.init(), 0

@@ -1,6 +1,7 @@
 """Checkpoint I/O: key maps, tensor-by-tensor loading, streaming HF-layout saving."""
 
-from gptoss.io.load import DEMO_DIR, from_pretrained, local_folder, open_checkpoint
+from gptoss.config import DEMO_DIR, local_folder
+from gptoss.io.load import from_pretrained, open_checkpoint
 from gptoss.io.safetensors_io import CheckpointError
 from gptoss.io.save import save_pretrained
 

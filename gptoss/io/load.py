@@ -15,7 +15,7 @@ import numpy as np
 from flax import nnx
 from tqdm.auto import tqdm
 
-from gptoss.config import ConfigError, ModelConfig
+from gptoss.config import ConfigError, ModelConfig, local_folder
 from gptoss.io.keymap import HF_DENSE_MARKER, HF_PACKED_MARKER, Entry, hf_entries, original_entries
 from gptoss.io.safetensors_io import CheckpointError, TensorIndex, aligned, find_nonfinite
 from gptoss.layers import EXPERTS
@@ -224,19 +224,6 @@ def _convert(entry: Entry, arrays: list[np.ndarray], target: Any, index: TensorI
     return aligned(value.astype(target.dtype, copy=False))
 
 
-# The embedded demo model (`from_pretrained("demo")`, `--model demo`): trained by configs/train/demo.yaml.
-DEMO_NAME = "demo"
-DEMO_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "demo_model")
-
-
-def local_folder(path: str | os.PathLike) -> str | None:
-    """The local folder a model name stands for ("demo": the packaged demo model), or None for a hub id."""
-    path = os.fspath(path)
-    if os.path.exists(path):
-        return path
-    if path == DEMO_NAME:
-        return DEMO_DIR
-    return None
 
 
 def _resolve(path: str, revision: str | None) -> str:

@@ -106,9 +106,9 @@ class Attention(nnx.Module):
         D, (N, H), K = self.wq_DNH.shape[0], self.bq_NH.shape, self.bk_KH.shape[0]
         return {"q": ((D,), (N, H)), "k": ((D,), (K, H)), "v": ((D,), (K, H)), "o": ((N, H), (D,))}
 
-    def add_adapters(self, targets, rank: int, alpha: float, *, rngs: nnx.Rngs) -> None:
+    def add_adapters(self, targets, rank: int, alpha: float, *, rngs: nnx.Rngs, dropout: float = 0.0) -> None:
         self.adapters = AttentionLoRA(self.adapter_shapes(), targets, rank, alpha, dtype=self.wq_DNH.dtype,
-                                      rngs=rngs)
+                                      rngs=rngs, dropout=dropout)
 
     def qkv(self, x_BTD, cos, sin, rt: Runtime = DEFAULT):
         kw = dict(precision=rt.precision, kernels=rt.cpu_kernels)

@@ -23,6 +23,7 @@ import jax
 import jax.numpy as jnp
 
 from gptoss.layers.dispatch import make_rows
+from gptoss.layers.lora import lora_dropout
 
 STRATEGIES = ("dense", "gather", "grouped")
 MOE_IMPLS = ("auto", *STRATEGIES)
@@ -46,13 +47,20 @@ def choose_strategy(moe_impl: str, num_tokens: int, top_k: int, num_experts: int
 @dataclasses.dataclass(frozen=True)
 class ExpertAdapters:
     """Per-expert low-rank adapters (LoRA): W_e + scale * B_e A_e for gate_up [E, 2I, D] and down [E, D, I].
-    With B = 0 they change nothing (the usual initialization)."""
+    With B = 0 they change nothing (the usual initialization). With a `dropout_key` (training), each adapter's
+    input goes through inverted dropout at rate `dropout`."""
 
     gate_up_a_ERD: Any
     gate_up_b_EFR: Any
     down_a_ERI: Any
     down_b_EDR: Any
     scale: float = dataclasses.field(metadata=dict(static=True), default=1.0)
+    dropout_key: Any = None
+    dropout: float = dataclasses.field(metadata=dict(static=True), default=0.0)
+
+    def drop(self, x, which: int):
+        key = None if self.dropout_key is None else jax.random.fold_in(self.dropout_key, which)
+        return lora_dropout(x, self.dropout, key)
 
 
 @jax.tree_util.register_dataclass
@@ -108,10 +116,10 @@ def moe_ffn(x_TD, idx_TK, w_TK, ew: ExpertWeights, *, moe_impl: str = "auto", cp
 
     h = rows.matmul_in(x_TD, ew.gate_up_EFD) + rows.take(ew.gate_up_bias_EF)
     if ad is not None:
-        h = h + ad.scale * rows.matmul(rows.matmul_in(x_TD, ad.gate_up_a_ERD), ad.gate_up_b_EFR)
+        h = h + ad.scale * rows.matmul(rows.matmul_in(ad.drop(x_TD, 0), ad.gate_up_a_ERD), ad.gate_up_b_EFR)
     a = gather_mid(swiglu(h, ew.limit, ew.alpha).astype(x_TD.dtype))
     y = reduce(rows.matmul(a, ew.down_EDI))
     if ad is not None:
-        y = y + ad.scale * rows.matmul(reduce(rows.matmul(a, ad.down_a_ERI)), ad.down_b_EDR)
+        y = y + ad.scale * rows.matmul(reduce(rows.matmul(ad.drop(a, 1), ad.down_a_ERI)), ad.down_b_EDR)
     y = y + rows.take(ew.down_bias_ED)
     return rows.combine(y, w_TK)

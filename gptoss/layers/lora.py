@@ -16,6 +16,21 @@ PARAM_NAMES = {"q": ("q_a_DR", "q_b_RNH"), "k": ("k_a_DR", "k_b_RKH"), "v": ("v_
                "o": ("o_a_NHR", "o_b_RD")}
 
 
+def check_dropout(rate) -> float:
+    rate = float(rate)
+    if not 0.0 <= rate < 1.0:
+        raise ValueError(f"adapter dropout must be in [0, 1), got {rate}")
+    return rate
+
+
+def lora_dropout(x, rate: float, key):
+    """Inverted dropout of an adapter's input (training only): the identity when `key` is None or rate is 0."""
+    if key is None or rate == 0.0:
+        return x
+    keep = jax.random.bernoulli(key, 1.0 - rate, x.shape)
+    return jnp.where(keep, x / (1.0 - rate), 0).astype(x.dtype)
+
+
 def check_rank(rank) -> int:
     if not isinstance(rank, int) or isinstance(rank, bool) or rank < 1:
         raise ValueError(f"adapter rank must be a positive integer, got {rank!r}")
@@ -25,10 +40,11 @@ def check_rank(rank) -> int:
 class AttentionLoRA(nnx.Module):
     """Adapters on some of the q, k, v, o projections of one attention layer. `shapes` gives each projection's
     weight as (input dims, output dims). A is random (std 1/sqrt(fan_in)), B zero, so a fresh adapter changes
-    nothing; both are `nnx.LoRAParam`s. Targets without an adapter hold None."""
+    nothing; both are `nnx.LoRAParam`s. Targets without an adapter hold None. `dropout` applies to each adapter's
+    input while a training step has set `dropout_key` (gptoss.train.step)."""
 
     def __init__(self, shapes: dict[str, tuple[tuple[int, ...], tuple[int, ...]]], targets, rank: int,
-                 alpha: float, *, dtype, rngs: nnx.Rngs):
+                 alpha: float, *, dtype, rngs: nnx.Rngs, dropout: float = 0.0):
         bad = set(targets) - set(ATTENTION_TARGETS)
         if bad:
             raise ValueError(f"unknown attention adapter target(s) {sorted(bad)}; choose from {ATTENTION_TARGETS}")
@@ -44,6 +60,8 @@ class AttentionLoRA(nnx.Module):
             setattr(self, a_name, nnx.data(a))
             setattr(self, b_name, nnx.data(b))
         self.scale = float(alpha) / rank
+        self.dropout = check_dropout(dropout)
+        self.dropout_key = nnx.data(None)
 
     def targets(self) -> tuple[str, ...]:
         return tuple(n for n in ATTENTION_TARGETS if getattr(self, PARAM_NAMES[n][0]) is not None)
@@ -55,6 +73,8 @@ class AttentionLoRA(nnx.Module):
         if a is None:
             return y
         n_in = a.ndim - 1
+        key = None if self.dropout_key is None else jax.random.fold_in(self.dropout_key, ATTENTION_TARGETS.index(name))
+        x = lora_dropout(x, self.dropout, key)
         h = jnp.tensordot(x, a[...].astype(x.dtype), axes=n_in, precision=precision)
         return y + (self.scale * jnp.tensordot(h, b[...].astype(x.dtype), axes=1, precision=precision)).astype(y.dtype)
 

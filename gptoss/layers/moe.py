@@ -9,7 +9,7 @@ from flax import nnx
 
 from gptoss.config import ModelConfig
 from gptoss.layers.experts import ExpertAdapters, ExpertWeights, moe_ffn
-from gptoss.layers.lora import check_rank
+from gptoss.layers.lora import check_dropout, check_rank
 from gptoss.layers.runtime import DEFAULT, Runtime
 from gptoss.quant import QuantWeight, quantize
 
@@ -37,7 +37,7 @@ class ExpertLoRA(nnx.Module):
     that are adapted (default all); the others' B is masked to zero, so they get no update."""
 
     def __init__(self, cfg: ModelConfig, rank: int, alpha: float, *, dtype, rngs: nnx.Rngs,
-                 experts: tuple[int, ...] | None = None):
+                 experts: tuple[int, ...] | None = None, dropout: float = 0.0):
         check_rank(rank)
         D, I, E = cfg.hidden_size, cfg.intermediate_size, cfg.num_experts
         if experts is not None:
@@ -55,13 +55,16 @@ class ExpertLoRA(nnx.Module):
         self.down_b_EDR = nnx.LoRAParam(jnp.zeros((E, D, rank), dtype))
         self.scale = float(alpha) / rank
         self.experts = experts
+        self.dropout = check_dropout(dropout)
+        self.dropout_key = nnx.data(None)  # set by a training step (gptoss.train.step), never stored
 
     def weights(self) -> ExpertAdapters:
         gate_up_b, down_b = self.gate_up_b_EFR[...], self.down_b_EDR[...]
         if self.experts is not None:
             keep_E = jnp.zeros((gate_up_b.shape[0],), gate_up_b.dtype).at[jnp.asarray(self.experts)].set(1)
             gate_up_b, down_b = gate_up_b * keep_E[:, None, None], down_b * keep_E[:, None, None]
-        return ExpertAdapters(self.gate_up_a_ERD[...], gate_up_b, self.down_a_ERI[...], down_b, self.scale)
+        return ExpertAdapters(self.gate_up_a_ERD[...], gate_up_b, self.down_a_ERI[...], down_b, self.scale,
+                              self.dropout_key, self.dropout)
 
     def deltas(self):
         """scale * B_e A_e for gate_up [E, 2I, D] and down [E, D, I], fp32 (merging)."""

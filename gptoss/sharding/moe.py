@@ -19,6 +19,7 @@ Everything is differentiable (shard_map transposes the collectives), so training
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import jax
@@ -41,7 +42,8 @@ def _specs(layout, ew: ExpertWeights) -> ExpertWeights:
     ad = ew.adapters
     adapters = None if ad is None else ExpertAdapters(
         spec("gate_up_a_ERD", ad.gate_up_a_ERD), spec("gate_up_b_EFR", ad.gate_up_b_EFR),
-        spec("down_a_ERI", ad.down_a_ERI), spec("down_b_EDR", ad.down_b_EDR), ad.scale)
+        spec("down_a_ERI", ad.down_a_ERI), spec("down_b_EDR", ad.down_b_EDR), ad.scale,
+        None if ad.dropout_key is None else P(), ad.dropout)
     return ExpertWeights(spec("gate_up_EFD", ew.gate_up_EFD), spec("gate_up_bias_EF", ew.gate_up_bias_EF),
                          spec("down_EDI", ew.down_EDI), spec("down_bias_ED", ew.down_bias_ED), adapters,
                          ew.limit, ew.alpha)
@@ -70,6 +72,7 @@ def sharded_moe(layout, x_TD, idx_TK, w_TK, ew: ExpertWeights, rt):
 
     def body(x, idx, w, local_ew):
         E_l = local_ew.num_experts
+        local_ew = _shard_dropout_key(local_ew, tuple(layout.mesh.axis_names))
         if gather_axes:  # every expert shard sees all of its data shard's tokens
             x, idx, w = (jax.lax.all_gather(v, gather_axes, axis=0, tiled=True) for v in (x, idx, w))
         if e_axes:  # pairs routed to another shard's experts are skipped
@@ -92,6 +95,15 @@ def sharded_moe(layout, x_TD, idx_TK, w_TK, ew: ExpertWeights, rt):
     fn = jax.shard_map(body, mesh=layout.mesh, in_specs=(tok_spec, tok_spec, tok_spec, _specs(layout, ew)),
                        out_specs=tok_spec)
     return fn(x_TD, idx_TK, w_TK, ew)
+
+
+def _shard_dropout_key(ew: ExpertWeights, axes, salt=None) -> ExpertWeights:
+    """Adapter dropout draws its own mask on each shard (and chunk): the replicated key folded with the index."""
+    ad = ew.adapters
+    if ad is None or ad.dropout_key is None:
+        return ew
+    key = jax.random.fold_in(ad.dropout_key, jax.lax.axis_index(axes) if salt is None else salt)
+    return dataclasses.replace(ew, adapters=dataclasses.replace(ad, dropout_key=key))
 
 
 def local_pairs_in_chunks(x_TD, idx_TK, w_TK, ew: ExpertWeights, n_shards: int, **run):
@@ -124,7 +136,7 @@ def local_pairs_in_chunks(x_TD, idx_TK, w_TK, ew: ExpertWeights, n_shards: int, 
         i, rows_c, e_c, w_c = c
 
         def compute():  # each pair is its own one-expert "token"
-            return moe_ffn(rows_c, e_c, w_c, ew, moe_impl="gather", **run)
+            return moe_ffn(rows_c, e_c, w_c, _shard_dropout_key(ew, (), salt=i), moe_impl="gather", **run)
 
         return None, jax.lax.cond(i * C < n_local, compute, lambda: _zeros_like_result(compute))
 

@@ -8,6 +8,9 @@ import random
 
 ADD_WORDINGS = ("What is {a} + {b}?", "What's {a} plus {b}?", "Compute {a} + {b}.", "{a} + {b} = ?",
                 "Add {a} and {b}.", "what is {a}+{b}", "Please calculate {a} + {b}.", "How much is {a} plus {b}?")
+# The task's share of subtractions (the held-out distribution); training may oversample them.
+SUBTRACTION = 0.3
+CHAINS = 0.1  # share of problems built for long carry/borrow chains (99998 + 7)
 SUB_WORDINGS = ("What is {a} - {b}?", "What's {a} minus {b}?", "Compute {a} - {b}.", "{a} - {b} = ?",
                 "Subtract {b} from {a}.", "what is {a}-{b}", "How much is {a} minus {b}?")
 
@@ -28,14 +31,16 @@ def add_work(a: int, b: int) -> str:
 
 
 def sub_work(a: int, b: int) -> str:
-    """Column subtraction (a >= b) from the units up, with borrows."""
+    """Column subtraction (a >= b) from the units up, written like the addition: 'd1-d2(-1)=d' per column, where
+    '-1' is the borrow taken by the column below and d the column's digit, then the difference."""
     xs, ys = str(a)[::-1], str(b)[::-1]
     lines, borrow = [], 0
     for i in range(len(xs)):
         x, y = int(xs[i]), int(ys[i]) if i < len(ys) else 0
-        top = x - borrow
-        borrow = 1 if top < y else 0
-        lines.append(f"{top + 10 * borrow}-{y}={top + 10 * borrow - y}" + (" borrow 1" if borrow else ""))
+        d = x - y - borrow
+        terms = f"{x}-{y}" + ("-1" if borrow else "")
+        borrow = int(d < 0)
+        lines.append(f"{terms}={d % 10}" + (" borrow 1" if borrow else ""))
     return "\n".join(lines) + f"\nso {a}-{b}={a - b}"
 
 
@@ -44,10 +49,28 @@ def _number(rng: random.Random, max_digits: int) -> int:
     return rng.randint(0 if digits == 1 else 10 ** (digits - 1), 10**digits - 1)
 
 
-def problem(rng: random.Random, *, max_digits: int = 5, subtraction: bool = True) -> tuple[str, str, int]:
-    """(question, analysis, answer) of one random problem."""
-    a, b = _number(rng, max_digits), _number(rng, max_digits)
-    if subtraction and rng.random() < 0.3:
+def _chain(rng: random.Random, max_digits: int, sub: bool) -> tuple[int, int]:
+    """A pair whose carries (borrows) run through most columns: 99998 + 7, 10003 - 7, 9950 + 87."""
+    digits = rng.randint(2, max_digits)
+    small = rng.randint(1, 10 ** rng.randint(1, digits - 1) - 1)
+    if sub:
+        a = 10 ** (digits - 1) + rng.randint(0, small - 1)
+        return a, rng.randint(a - 10 ** (digits - 1) + 1, min(a, 10 ** len(str(small)) - 1))
+    return 10**digits - small, rng.randint(small, 10 ** len(str(small)) - 1)
+
+
+def problem(rng: random.Random, *, max_digits: int = 5, subtraction: float = SUBTRACTION,
+            chains: float = CHAINS) -> tuple[str, str, int]:
+    """(question, analysis, answer) of one random problem: a subtraction with probability `subtraction`, operands
+    built for a long carry/borrow chain with probability `chains`, otherwise uniform digit counts then digits."""
+    sub = rng.random() < subtraction
+    if max_digits >= 2 and rng.random() < chains:
+        a, b = _chain(rng, max_digits, sub)
+    else:
+        a, b = _number(rng, max_digits), _number(rng, max_digits)
+    if rng.random() < 0.5:
+        a, b = b, a
+    if sub:
         a, b = max(a, b), min(a, b)
         return rng.choice(SUB_WORDINGS).format(a=a, b=b), sub_work(a, b), a - b
     return rng.choice(ADD_WORDINGS).format(a=a, b=b), add_work(a, b), a + b
@@ -62,11 +85,13 @@ def conversation(question: str, analysis: str, answer: int) -> dict:
     ]}
 
 
-def write_jsonl(path, n: int, *, seed: int = 0, max_digits: int = 5, subtraction: bool = True) -> str:
+def write_jsonl(path, n: int, *, seed: int = 0, max_digits: int = 5, subtraction: float = SUBTRACTION,
+                chains: float = CHAINS) -> str:
     rng = random.Random(seed)
     with open(path, "w", encoding="utf-8") as f:
         for _ in range(n):
-            f.write(json.dumps(conversation(*problem(rng, max_digits=max_digits, subtraction=subtraction))) + "\n")
+            item = problem(rng, max_digits=max_digits, subtraction=subtraction, chains=chains)
+            f.write(json.dumps(conversation(*item)) + "\n")
     return str(path)
 
 
@@ -89,11 +114,11 @@ def ask(model, tokenizer, questions: list[str], *, max_new_tokens: int = 160, ba
     return out
 
 
-def accuracy(model, tokenizer, n: int = 1000, *, seed: int = 12345, max_digits: int = 5,
-             subtraction: bool = True, batch_size: int = 64) -> dict:
+def accuracy(model, tokenizer, n: int = 1000, *, seed: int = 12345, max_digits: int = 5, chains: float = CHAINS,
+             subtraction: float = SUBTRACTION, batch_size: int = 64) -> dict:
     """Exact-match accuracy of the final answer on `n` problems drawn with `seed` (training uses other seeds)."""
     rng = random.Random(seed)
-    items = [problem(rng, max_digits=max_digits, subtraction=subtraction) for _ in range(n)]
+    items = [problem(rng, max_digits=max_digits, subtraction=subtraction, chains=chains) for _ in range(n)]
     answers = ask(model, tokenizer, [q for q, _, _ in items], batch_size=batch_size,
                   max_new_tokens=40 * max_digits + 40)
     right = [a["final"] is not None and a["final"].strip() == str(want) for a, (_, _, want) in zip(answers, items)]

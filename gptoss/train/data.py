@@ -103,22 +103,28 @@ def text_file_examples(path, tokenizer, seq_len: int, *, field: str = "text") ->
     return text_examples(texts, tokenizer, seq_len)
 
 
-def pack(examples: Sequence[Example], seq_len: int, *, pad_id: int = 0) -> dict[str, np.ndarray]:
-    """Packs examples in order into rows of seq_len next-token pairs (an example of n tokens takes n - 1 slots;
-    one that does not fit in the current row starts the next; one longer than a row is cut to seq_len + 1 tokens).
-    Returns arrays [rows, seq_len]."""
-    rows: list[list[tuple[np.ndarray, np.ndarray]]] = [[]]
-    used = 0
+def pack(examples: Sequence[Example], seq_len: int, *, pad_id: int = 0, open_rows: int = 8) -> dict[str, np.ndarray]:
+    """Packs examples into rows of seq_len next-token pairs (an example of n tokens takes n - 1 slots; one longer
+    than a row is cut to seq_len + 1 tokens). First fit over the `open_rows` newest rows: an example goes to the
+    first of them with room, else starts a new row (open_rows=1: strictly in order). Deterministic; returns arrays
+    [rows, seq_len], rows in the order they were started, examples in a row in input order."""
+    if open_rows < 1:
+        raise ValueError(f"open_rows must be >= 1, got {open_rows}")
+    rows: list[list[tuple[np.ndarray, np.ndarray]]] = []
+    used: list[int] = []
     for ex in examples:
         toks, w = ex.tokens[: seq_len + 1], ex.weights[: seq_len + 1]
-        if len(toks) < 2:
+        n = len(toks) - 1
+        if n < 1:
             continue
-        if used + len(toks) - 1 > seq_len:
+        start = max(0, len(rows) - open_rows)
+        r = next((i for i in range(start, len(rows)) if used[i] + n <= seq_len), None)
+        if r is None:
             rows.append([])
-            used = 0
-        rows[-1].append((toks, w))
-        used += len(toks) - 1
-    rows = [r for r in rows if r]
+            used.append(0)
+            r = len(rows) - 1
+        rows[r].append((toks, w))
+        used[r] += n
     out = {k: np.zeros((len(rows), seq_len), dt) for k, dt in
            (("inputs", np.int32), ("targets", np.int32), ("weights", np.float32), ("positions", np.int32),
             ("segments", np.int32))}

@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from gptoss.layers.lora import ATTENTION_TARGETS, check_rank
+from gptoss.layers.lora import ATTENTION_TARGETS, check_dropout, check_rank
 from gptoss.layers.moe import ExpertLoRA
 from gptoss.quant import MXFP4Array
 
@@ -26,17 +26,19 @@ ADAPTER_WEIGHTS = "adapter_model.safetensors"
 
 @dataclasses.dataclass(frozen=True)
 class LoraConfig:
-    """rank, alpha (scale = alpha / rank); targets among q, k, v, o, experts; layers (default all) and experts
-    (default all) that get adapters."""
+    """rank, alpha (scale = alpha / rank), dropout on each adapter's input while training; targets among q, k, v,
+    o, experts; layers (default all) and experts (default all) that get adapters."""
 
     rank: int = 8
     alpha: float = 16.0
+    dropout: float = 0.0
     targets: tuple[str, ...] = TARGETS
     layers: tuple[int, ...] | None = None
     experts: tuple[int, ...] | None = None
 
     def __post_init__(self):
         check_rank(self.rank)
+        object.__setattr__(self, "dropout", check_dropout(self.dropout))
         object.__setattr__(self, "targets", tuple(self.targets))
         bad = set(self.targets) - set(TARGETS)
         if bad or not self.targets:
@@ -59,14 +61,26 @@ def add_lora(model, cfg: LoraConfig, *, seed: int = 0):
     for i in layers:
         block = model.layers[i]
         if attn_targets:
-            block.attn.add_adapters(attn_targets, cfg.rank, cfg.alpha, rngs=rngs)
+            block.attn.add_adapters(attn_targets, cfg.rank, cfg.alpha, rngs=rngs, dropout=cfg.dropout)
         if "experts" in cfg.targets:
             block.mlp.adapters = ExpertLoRA(model.config, cfg.rank, cfg.alpha, dtype=model.dtype, rngs=rngs,
-                                            experts=cfg.experts)
+                                            experts=cfg.experts, dropout=cfg.dropout)
     if model.layout is not None:
         for path, var in nnx.to_flat_state(nnx.state(model, nnx.LoRAParam)):
             var.set_value(model.layout.place_value(var.get_value(), path))
     return model
+
+
+def set_dropout_keys(model, key) -> bool:
+    """Gives every adapter with dropout its own key derived from `key` (inside a training step's trace, on the
+    model merged there); returns whether any adapter has dropout."""
+    any_dropout = False
+    for i, block in enumerate(model.layers):
+        for j, lora in enumerate((block.attn.adapters, block.mlp.adapters)):
+            if lora is not None and lora.dropout > 0.0:
+                lora.dropout_key = nnx.data(jax.random.fold_in(key, 2 * i + j))
+                any_dropout = True
+    return any_dropout
 
 
 def lora_params(model) -> nnx.State:

@@ -11,6 +11,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
+from gptoss.train.lora import set_dropout_keys
 from gptoss.train.loss import cross_entropy_sum, expert_load, load_balancing_loss, router_z_loss
 
 METHODS = ("lora", "full")
@@ -99,8 +100,9 @@ class Trainer:
         trainer.model(state)   # the model with the trained parameters
     """
 
-    def __init__(self, model, method: str, optim: OptimConfig, loss: LossConfig = LossConfig()):
+    def __init__(self, model, method: str, optim: OptimConfig, loss: LossConfig = LossConfig(), *, seed: int = 0):
         self.method = method
+        self.seed = seed  # adapter dropout: step n draws its masks from fold_in(key(seed), n), so a resume repeats them
         self.optim = optim
         self.loss = loss
         self.graphdef, self.params, self.rest = nnx.split(model, trainable_filter(method), ...)
@@ -123,7 +125,9 @@ class Trainer:
 
     def _step_impl(self, state: TrainState, rest, batch):
         def loss_fn(params):
-            return loss_and_metrics(nnx.merge(self.graphdef, params, rest), batch, self.loss)
+            model = nnx.merge(self.graphdef, params, rest)
+            set_dropout_keys(model, jax.random.fold_in(jax.random.key(self.seed), state.step))
+            return loss_and_metrics(model, batch, self.loss)
 
         (_, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
         updates, opt_state = self.tx.update(grads, state.opt_state, state.params)

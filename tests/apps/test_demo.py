@@ -20,7 +20,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 
 @pytest.fixture(scope="module")
 def demo():
-    return gptoss.from_pretrained("demo", dtype="float32", progress=False), gptoss.load_tokenizer(DEMO_DIR)
+    return gptoss.from_pretrained("demo", dtype="float32", progress=False), gptoss.load_tokenizer("demo")
 
 
 def test_demo_ships_small_and_mxfp4(demo):
@@ -33,7 +33,7 @@ def test_demo_answers_held_out_problems(demo):
     """Held-out problems (training draws with other seeds); README has the 1,000-problem figures."""
     model, tok = demo
     mixed = accuracy(model, tok, 40, seed=2025, batch_size=40)
-    assert mixed["accuracy"] >= 0.75, mixed["wrong"]
+    assert mixed["accuracy"] >= 0.85, mixed["wrong"]
 
 
 def test_make_demo_config_shows_analysis_and_answer(tmp_path, capsys):
@@ -42,7 +42,9 @@ def test_make_demo_config_shows_analysis_and_answer(tmp_path, capsys):
     assert "> What is 4821 + 377?" in out and "[analysis]" in out and "[final] 5198" in out
     results = json.loads((tmp_path / "results.json").read_text())["results"]
     for r in results:  # every answer is right (Python is the oracle)
-        a, op, b = re.search(r"(\d+) ?(\+|-|plus|minus) ?(\d+)", r["prompt"]).groups()
+        a, op, b = re.search(r"(\d+) ?(\+|-|plus|minus|from) ?(\d+)", r["prompt"]).groups()
+        if op == "from":  # "Subtract b from a."
+            a, op, b = b, "-", a
         assert r["final"] == str(int(a) + int(b) if op in ("+", "plus") else int(a) - int(b)), r
 
 

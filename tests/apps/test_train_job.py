@@ -30,7 +30,7 @@ def _cmd(out):
 
 def _env():
     env = dict(os.environ)
-    env.pop("XLA_FLAGS", None)
+    env["XLA_FLAGS"] = os.environ.get("GPTOSS_TEST_XLA_FLAGS", "")
     env["GPTOSS_KERNELS"] = "xla"
     return env
 

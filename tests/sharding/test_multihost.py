@@ -47,8 +47,9 @@ def test_two_processes_match_one(tmp_path):
     port = _free_port()
     procs = []
     for pid in range(2):
+        flags = "--xla_force_host_platform_device_count=2 " + os.environ.get("GPTOSS_TEST_XLA_FLAGS", "")
         env = dict(os.environ, JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}", JAX_NUM_PROCESSES="2",
-                   JAX_PROCESS_ID=str(pid), XLA_FLAGS="--xla_force_host_platform_device_count=2",
+                   JAX_PROCESS_ID=str(pid), XLA_FLAGS=flags,
                    JAX_PLATFORMS="cpu", PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
         procs.append(subprocess.Popen(
             [sys.executable, os.path.join(HERE, "multihost_worker.py"), str(ckpt), str(tmp_path / "in.npz"),

@@ -7,7 +7,7 @@ import re
 
 from gptoss.harmony import render_conversation_for_training
 from gptoss.tokenizer import load_tokenizer
-from gptoss.train.arithmetic import add_work, conversation, problem, sub_work
+from gptoss.train.arithmetic import _chain, add_work, conversation, problem, sub_work
 
 
 def _column_digits(work: str) -> str:
@@ -34,6 +34,20 @@ def test_column_work_is_right():
         assert work.endswith(f"so {hi}-{lo}={hi - lo}") and int(_column_digits(work)) == hi - lo
     assert add_work(99998, 7).splitlines()[:5] == ["8+7=15 carry 1", "9+0+1=10 carry 1", "9+0+1=10 carry 1",
                                                    "9+0+1=10 carry 1", "9+0+1=10 carry 1"]
+    assert sub_work(10003, 7).splitlines() == ["3-7=6 borrow 1", "0-0-1=9 borrow 1", "0-0-1=9 borrow 1",
+                                               "0-0-1=9 borrow 1", "1-0-1=0", "so 10003-7=9996"]
+
+
+def test_chain_problems_carry_through_the_top_column():
+    rng = random.Random(2)
+    for _ in range(2000):
+        a, b = _chain(rng, 5, sub=False)
+        assert len(str(a + b)) > max(len(str(a)), len(str(b))) and add_work(a, b).splitlines()[-2] == "carry 1"
+        a, b = _chain(rng, 5, sub=True)
+        assert a >= b and len(str(a - b)) < len(str(a))
+    shares = [problem(rng, subtraction=0.3, chains=0.1) for _ in range(4000)]
+    subs = sum("-" in work.splitlines()[0] for _, work, _ in shares) / len(shares)
+    assert 0.27 < subs < 0.33
 
 
 def test_problems_render_as_harmony():
@@ -42,6 +56,6 @@ def test_problems_render_as_harmony():
     for _ in range(50):
         q, work, answer = problem(rng)
         a, b = map(int, re.findall(r"\d+", q))
-        assert answer in (a + b, a - b) and 0 <= answer
+        assert answer in (a + b, abs(a - b))  # "Subtract {b} from {a}." names b first
         text = tok.decode(render_conversation_for_training(conversation(q, work, answer), tokenizer=tok))
         assert text.endswith(f"<|start|>assistant<|channel|>final<|message|>{answer}<|return|>")

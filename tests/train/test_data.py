@@ -95,12 +95,32 @@ def test_packed_row_equals_one_conversation_per_row():
 def test_pack_layout():
     exs = [Example(np.arange(1, n + 1, dtype=np.int32), np.ones(n, np.float32)) for n in (4, 6, 3)]
     out = pack(exs, seq_len=8)
-    # 3 + 5 pairs do not fit in 8 slots with the next 2: rows [3 | 5], [2]
+    # 3 + 5 pairs fill a row; the next 2 start a new one: rows [3 | 5], [2]
     np.testing.assert_array_equal(out["segments"], [[1, 1, 1, 2, 2, 2, 2, 2], [1, 1, 0, 0, 0, 0, 0, 0]])
     np.testing.assert_array_equal(out["positions"][1], [0, 1, -1, -1, -1, -1, -1, -1])
     np.testing.assert_array_equal(out["inputs"][0], [1, 2, 3, 1, 2, 3, 4, 5])
     np.testing.assert_array_equal(out["targets"][0], [2, 3, 4, 2, 3, 4, 5, 6])
     assert out["weights"][1, 2:].sum() == 0
+
+
+def test_pack_first_fit_fills_earlier_rows():
+    exs = [Example(np.arange(1, n + 2, dtype=np.int32), np.ones(n + 1, np.float32)) for n in (5, 6, 3, 2, 1)]
+    # pairs 5, 6, 3, 2, 1 in rows of 8: first fit gives [5 3], [6 2], [1]; strictly in order [5], [6], [3 2 1]
+    first_fit = pack(exs, seq_len=8)
+    np.testing.assert_array_equal((first_fit["segments"] > 0).sum(1), [8, 8, 1])
+    np.testing.assert_array_equal(first_fit["inputs"][0], [1, 2, 3, 4, 5, 1, 2, 3])
+    np.testing.assert_array_equal(first_fit["positions"][1], [0, 1, 2, 3, 4, 5, 0, 1])
+    in_order = pack(exs, seq_len=8, open_rows=1)
+    np.testing.assert_array_equal((in_order["segments"] > 0).sum(1), [5, 6, 6])
+    np.testing.assert_array_equal(in_order["segments"][2], [1, 1, 1, 2, 2, 3, 0, 0])
+    rng = np.random.default_rng(0)  # every token lands exactly once, in its example's order
+    many = [Example(rng.integers(1, 99, n).astype(np.int32), np.ones(n, np.float32)) for n in rng.integers(2, 40, 200)]
+    out = pack(many, seq_len=64)
+    got = sorted(tuple(out["inputs"][r][out["segments"][r] == s]) for r in range(len(out["inputs"]))
+                 for s in range(1, out["segments"][r].max() + 1))
+    assert got == sorted(tuple(e.tokens[:-1]) for e in many)
+    fill, fill_in_order = ((o["segments"] > 0).mean() for o in (out, pack(many, seq_len=64, open_rows=1)))
+    assert fill > 0.9 and fill > fill_in_order + 0.05, (fill, fill_in_order)
 
 
 def test_batches_are_deterministic_and_resume():

@@ -10,6 +10,7 @@ import pytest
 from flax import nnx
 
 from gptoss import ModelConfig, random_model
+from gptoss.layers.lora import lora_dropout
 from gptoss.train import LoraConfig, add_lora, load_adapters, lora_params, merge_lora, save_adapters
 
 CFG = ModelConfig.tiny(num_hidden_layers=2)
@@ -142,9 +143,21 @@ def test_save_and_load_adapters(tmp_path):
         load_adapters(random_model(other), tmp_path / "ad")
 
 
+def test_lora_dropout_drops_at_its_rate_and_rescales():
+    x = jnp.asarray(np.random.default_rng(0).normal(size=(200, 100)) + 5.0, jnp.float32)  # no zeros of its own
+    y = np.asarray(lora_dropout(x, 0.25, jax.random.key(1)))
+    dropped = y == 0
+    assert abs(dropped.mean() - 0.25) < 0.02
+    np.testing.assert_allclose(y[~dropped], np.asarray(x)[~dropped] / 0.75, rtol=1e-6)
+    assert (np.asarray(lora_dropout(x, 0.25, jax.random.key(2))) == 0).tolist() != dropped.tolist()
+    assert lora_dropout(x, 0.25, None) is x and lora_dropout(x, 0.0, jax.random.key(1)) is x
+
+
 def test_bad_lora_configs_are_named():
     with pytest.raises(ValueError, match="rank"):
         LoraConfig(rank=0)
+    with pytest.raises(ValueError, match="dropout"):
+        LoraConfig(dropout=1.0)
     with pytest.raises(ValueError, match="targets"):
         LoraConfig(targets=("q", "mlp"))
     with pytest.raises(ValueError, match=r"layers \[7\]"):

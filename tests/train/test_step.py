@@ -16,6 +16,7 @@ from gptoss.quant import QuantWeight
 from gptoss.train import LoraConfig, LossConfig, OptimConfig, Trainer, add_lora
 
 CFG = ModelConfig.tiny(num_hidden_layers=2)
+CFG1 = ModelConfig.tiny(num_hidden_layers=1)
 
 
 def _batch(seed=0, B=4, T=12):
@@ -67,7 +68,7 @@ def test_full_training_learns_dense_experts():
 
 
 def test_learning_rate_and_accumulation():
-    model = add_lora(random_model(CFG, kernels="xla"), LoraConfig(rank=2))
+    model = add_lora(random_model(CFG1, kernels="xla"), LoraConfig(rank=2))
     optim = OptimConfig(learning_rate=1e-3, warmup_steps=4, total_steps=10, min_lr_ratio=0.2)
     want = optax.warmup_cosine_decay_schedule(0.0, 1e-3, 4, 10, 2e-4)
     trainer = Trainer(model, "lora", optim)
@@ -87,6 +88,27 @@ def test_learning_rate_and_accumulation():
         s_accum, _ = accum.step(s_accum, h)
     for a, b in zip(jax.tree.leaves(s_plain.params), jax.tree.leaves(s_accum.params)):
         np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=0, atol=1e-6)
+
+
+def test_lora_dropout_acts_in_steps_only_and_repeats_per_seed():
+    def trainer(dropout, seed):
+        model = add_lora(random_model(CFG1, kernels="xla"), LoraConfig(rank=2, dropout=dropout))
+        return Trainer(model, "lora", OptimConfig(learning_rate=1e-2, total_steps=3), seed=seed)
+
+    def losses(t):
+        state, out = t.init(), []
+        for i in range(3):
+            state, m = t.step(state, _batch(i))
+            out.append(float(m["nll"]))
+        return out, t.model(state)
+
+    plain, _ = losses(trainer(0.0, 0))
+    dropping = trainer(0.5, 0)
+    (a, trained), (b, _), (c, _) = losses(dropping), losses(dropping), losses(trainer(0.5, 1))
+    assert a[0] == pytest.approx(plain[0], rel=1e-6)  # B starts at zero: adapters add nothing, dropped or not
+    assert a == b and a[1:] != pytest.approx(plain[1:], rel=1e-4) and a[1:] != pytest.approx(c[1:], rel=1e-4)
+    adapters = [m for blk in trained.layers for m in (blk.attn.adapters, blk.mlp.adapters)]
+    assert all(m.dropout == 0.5 and m.dropout_key is None for m in adapters)  # no dropout outside the step
 
 
 def test_nothing_to_train_is_named():
