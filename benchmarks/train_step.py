@@ -44,6 +44,7 @@ from _common import (
     param_bytes,
     peak_rss_bytes,
     print_table,
+    rss_bytes,
     run_child,
     write_json,
     write_synthetic_hf_mxfp4,
@@ -60,8 +61,6 @@ def batch_tokens(T: int, vocab: int) -> tuple[np.ndarray, np.ndarray]:
 
 def memory_guard(budget_bytes: int) -> None:
     """Ends this child (exit 3) when its RSS passes the budget, before the kernel's OOM killer picks a victim."""
-    from _common import rss_bytes
-
     def watch():
         while True:
             if rss_bytes() > budget_bytes:

@@ -59,8 +59,7 @@ class ExpertAdapters:
     dropout: float = dataclasses.field(metadata=dict(static=True), default=0.0)
 
     def drop(self, x, which: int):
-        key = None if self.dropout_key is None else jax.random.fold_in(self.dropout_key, which)
-        return lora_dropout(x, self.dropout, key)
+        return lora_dropout(x, self.dropout, self.dropout_key, which)
 
 
 @jax.tree_util.register_dataclass

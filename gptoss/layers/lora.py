@@ -23,10 +23,13 @@ def check_dropout(rate) -> float:
     return rate
 
 
-def lora_dropout(x, rate: float, key):
-    """Inverted dropout of an adapter's input (training only): the identity when `key` is None or rate is 0."""
+def lora_dropout(x, rate: float, key, salt: int | None = None):
+    """Inverted dropout of an adapter's input (training only): the identity when `key` is None or rate is 0.
+    `salt` (folded into the key) gives each adapter of one module its own mask."""
     if key is None or rate == 0.0:
         return x
+    if salt is not None:
+        key = jax.random.fold_in(key, salt)
     keep = jax.random.bernoulli(key, 1.0 - rate, x.shape)
     return jnp.where(keep, x / (1.0 - rate), 0).astype(x.dtype)
 
@@ -73,8 +76,7 @@ class AttentionLoRA(nnx.Module):
         if a is None:
             return y
         n_in = a.ndim - 1
-        key = None if self.dropout_key is None else jax.random.fold_in(self.dropout_key, ATTENTION_TARGETS.index(name))
-        x = lora_dropout(x, self.dropout, key)
+        x = lora_dropout(x, self.dropout, self.dropout_key, ATTENTION_TARGETS.index(name))
         h = jnp.tensordot(x, a[...].astype(x.dtype), axes=n_in, precision=precision)
         return y + (self.scale * jnp.tensordot(h, b[...].astype(x.dtype), axes=1, precision=precision)).astype(y.dtype)
 
