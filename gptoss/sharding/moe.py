@@ -70,9 +70,12 @@ def sharded_moe(layout, x_TD, idx_TK, w_TK, ew: ExpertWeights, rt):
         reduce = (lambda y: jax.lax.psum(y, fi_axes)) if fi_axes else None
         tp = TensorParallel(gather_mid, reduce)
 
+    # the axes over which shards hold different (token, expert) pairs: adapter dropout masks differ only over these
+    pair_axes = tuple(dict.fromkeys(tok_axes + tuple(e_axes)))
+
     def body(x, idx, w, local_ew):
         E_l = local_ew.num_experts
-        local_ew = _shard_dropout_key(local_ew, tuple(layout.mesh.axis_names))
+        local_ew = _shard_dropout_key(local_ew, pair_axes)
         if gather_axes:  # every expert shard sees all of its data shard's tokens
             x, idx, w = (jax.lax.all_gather(v, gather_axes, axis=0, tiled=True) for v in (x, idx, w))
         if e_axes:  # pairs routed to another shard's experts are skipped
@@ -100,7 +103,7 @@ def sharded_moe(layout, x_TD, idx_TK, w_TK, ew: ExpertWeights, rt):
 def _shard_dropout_key(ew: ExpertWeights, axes, salt=None) -> ExpertWeights:
     """Adapter dropout draws its own mask on each shard (and chunk): the replicated key folded with the index."""
     ad = ew.adapters
-    if ad is None or ad.dropout_key is None:
+    if ad is None or ad.dropout_key is None or (salt is None and not axes):
         return ew
     key = jax.random.fold_in(ad.dropout_key, jax.lax.axis_index(axes) if salt is None else salt)
     return dataclasses.replace(ew, adapters=dataclasses.replace(ad, dropout_key=key))

@@ -164,6 +164,14 @@ def train_step_checks(folder: str) -> dict:
                 losses[name].append(float(m["loss"]))
         out[method] = {**losses, "max_rel": max(abs(a - b) / abs(b) for a, b in zip(losses["2x2x2"],
                                                                                    losses["single"]))}
+    # adapter dropout inside the sharded MoE (each shard draws its own masks, so no equality with one device)
+    model = gptoss.from_pretrained(folder, dtype="float32", progress=False, mesh={"data": 2, "fsdp": 2, "expert": 2})
+    add_lora(model, LoraConfig(rank=2, alpha=4, dropout=0.3), seed=3)
+    trainer = Trainer(model, "lora", OptimConfig(learning_rate=1e-2, total_steps=3))
+    state, out["lora_dropout"] = trainer.init(), []
+    for _ in range(3):  # one batch again and again: its loss must fall
+        state, m = trainer.step(state, batches[0])
+        out["lora_dropout"].append(float(m["loss"]))
     return out
 
 
