@@ -1,4 +1,5 @@
-"""Notebooks run top to bottom (nbclient): the quickstart on the tiny random model, fine-tuning on the demo model."""
+"""Notebooks run top to bottom (nbclient), both on the demo model: the quickstart (also stored with its outputs, so
+it reads well on a code host) and fine-tuning."""
 
 import os
 import re
@@ -12,6 +13,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def _quickstart(outputs: str) -> None:
     assert "experts stay packed" in outputs and "share of routing slots" in outputs
+    assert "[final]\n5198" in outputs and "10000" in outputs and "4444" in outputs
 
 
 def _finetune(outputs: str) -> None:
@@ -27,3 +29,10 @@ def test_notebook_executes(name, check, tmp_path):
     nb = nbformat.read(os.path.join(ROOT, "notebooks", name), as_version=4)
     NotebookClient(nb, timeout=300, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}}).execute()
     check("".join(o.get("text", "") for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", [])))
+
+
+def test_quickstart_is_stored_with_its_outputs():
+    nb = nbformat.read(os.path.join(ROOT, "notebooks", "01_quickstart.ipynb"), as_version=4)
+    code = [c for c in nb.cells if c.cell_type == "code"]
+    assert code and all(c.get("outputs") for c in code[1:]), "run: jupyter nbconvert --execute --inplace"
+    _quickstart("".join(o.get("text", "") for c in code for o in c.get("outputs", [])))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import sys
 import time
 
 from gptoss import harmony
@@ -83,5 +84,8 @@ def run(cfg: InferenceConfig) -> dict:
             item["problems"] = problems
         results.append(item)
     total_new = sum(len(t) for t in out.tokens)
+    if cfg.progress and gen_s > 1.0:
+        print(f"generated {total_new} tokens for {len(prompts)} prompt(s) in {gen_s:.1f} s "
+              f"({total_new / gen_s:.1f} tokens/s, compile included)", file=sys.stderr)
     return {"model": model.config.to_hf(), "tokenizer": tokenizer.name, "load_seconds": load_s,
             "generate_seconds_incl_compile": gen_s, "new_tokens": total_new, "results": results}

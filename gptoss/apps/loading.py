@@ -11,9 +11,12 @@ import jax.numpy as jnp
 
 from gptoss.config import ModelConfig
 from gptoss.io import from_pretrained, local_folder, save_pretrained
+from gptoss.kernels.select import KERNELS
+from gptoss.layers import MOE_IMPLS
 from gptoss.model import random_model
 from gptoss.tokenizer import load_tokenizer, save_tokenizer_info
 
+DTYPES = ("bfloat16", "float32")  # what a model computes in (norm gains stay fp32 either way)
 # Random presets use the byte-level harmony tokenizer, so their vocabulary is small.
 BYTES_VOCAB = 272
 
@@ -34,7 +37,14 @@ class ModelSpec:
         if (self.path is None) == (self.preset is None):
             raise ValueError("model: set exactly one of 'path' (a checkpoint) or 'preset' (a random model)")
         if self.preset is not None and self.preset != "tiny":
-            raise ValueError(f"model.preset: only 'tiny' can be built at random, got {self.preset!r}")
+            raise ValueError(f"model.preset: only 'tiny' can be built at random, got {self.preset!r} (a real "
+                             "model is a checkpoint: model.path=FOLDER or a hub id)")
+        choices = {"dtype": DTYPES, "experts": ("auto", "mxfp4", "dense"), "moe_impl": MOE_IMPLS,
+                   "kernels": (None, *KERNELS)}
+        for key, allowed in choices.items():
+            value = getattr(self, key)
+            if value not in allowed:
+                raise ValueError(f"model.{key}: must be one of {[c for c in allowed if c is not None]}, got {value!r}")
 
 
 def tiny_config(**overrides) -> ModelConfig:

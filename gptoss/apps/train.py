@@ -14,7 +14,7 @@ import jax
 import numpy as np
 from tqdm.auto import tqdm
 
-from gptoss.apps.loading import ModelSpec, load_model_and_tokenizer
+from gptoss.apps.loading import CHAT_FILE, ModelSpec, load_model_and_tokenizer
 from gptoss.io import save_pretrained
 from gptoss.tokenizer import save_tokenizer_info
 from gptoss.train import LoraConfig, LossConfig, OptimConfig, Trainer, add_lora, export_pretrained, save_adapters
@@ -172,5 +172,8 @@ def run(cfg: TrainJobConfig) -> dict:
         folder = os.path.join(cfg.output_dir, "model")
         (export_pretrained if cfg.method == "lora" else save_pretrained)(trained, folder, experts=cfg.export.experts)
         save_tokenizer_info(tokenizer, folder)
+        if cfg.data.format == "arithmetic":  # trained without a system message: chat must not add one
+            with open(os.path.join(folder, CHAT_FILE), "w") as f:
+                json.dump({"system_message": False}, f)
         out["model_dir"] = folder
     return out

@@ -13,7 +13,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from tqdm.auto import tqdm
 
 from gptoss.config import ConfigError, ModelConfig, local_folder
 from gptoss.io.keymap import HF_DENSE_MARKER, HF_PACKED_MARKER, Entry, hf_entries, original_entries
@@ -74,6 +73,11 @@ def from_pretrained(path: str | os.PathLike, *, dtype: Any = "bfloat16", experts
     targets = dict(nnx.to_flat_state(state))
     place = place or (lambda x, _path: jax.device_put(x))
     total = sum(index.info(n).end - index.info(n).start for e in entries for n in set(e.names))
+    if progress:  # (tqdm.auto warns in a notebook without ipywidgets: only when a bar is wanted)
+        from tqdm.auto import tqdm
+    else:
+        from tqdm import tqdm
+
     with tqdm(total=total, unit="B", unit_scale=True, desc="loading", disable=not progress) as bar:
         for entry in entries:
             var = targets[entry.path]

@@ -13,6 +13,7 @@ import functools
 import math
 from typing import NamedTuple
 
+import jax
 import jax.numpy as jnp
 
 from gptoss.kernels import dense_cpu
@@ -56,11 +57,36 @@ def project(spec: str, x, w, *, preferred_element_type=None, precision=None, ker
         if kernels and dense_cpu.serves(math.prod(x.shape[: p.batch]), w, xla_bf16_gemm=bf16, w_nk=p.w_nk,
                                         amx_rows=bf16 and p.w_nk and K % 32 == 0):
             return _kernel(p, x, w, out_dtype)
-    if bf16 and out_dtype == jnp.bfloat16:
-        # the same fp32-accumulated product, but XLA:CPU runs bf16 x bf16 -> fp32 as a native bf16 GEMM, while a
-        # bf16 result makes it convert the whole weight to fp32 first (~4x slower at prefill sizes)
-        return jnp.einsum(spec, x, w, preferred_element_type=jnp.float32, precision=precision).astype(out_dtype)
+    if bf16 and p is not None and out_dtype in (jnp.bfloat16, jnp.float32):
+        # XLA:CPU runs bf16 x bf16 -> fp32 as a native bf16 GEMM, while a bf16 result (or an fp32 operand) makes it
+        # convert the whole weight to fp32 first (~4x slower at prefill sizes); _bf16_einsum keeps its backward so
+        return _bf16_einsum(spec, x, w, precision).astype(out_dtype)
     return jnp.einsum(spec, x, w, preferred_element_type=preferred_element_type, precision=precision)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 3))
+def _bf16_einsum(spec: str, x, w, precision):
+    """bf16 x bf16 -> fp32 einsum whose backward is two more bf16 x bf16 -> fp32 einsums. Plain autodiff would
+    multiply the fp32 cotangent by the bf16 weight: an fp32 copy of every weight, kept from the forward to the
+    backward of a training step (~0.1 GiB a layer at gpt-oss-20b widths), and fp32 GEMMs. The cotangent is
+    rounded to bf16 instead, as bf16 mixed-precision training does everywhere."""
+    return jnp.einsum(spec, x, w, preferred_element_type=jnp.float32, precision=precision)
+
+
+def _bf16_einsum_fwd(spec, x, w, precision):
+    return _bf16_einsum(spec, x, w, precision), (x, w)
+
+
+def _bf16_einsum_bwd(spec, precision, res, ct):
+    x, w = res
+    (a, b), out = spec.replace(" ", "").split("->")[0].split(","), spec.replace(" ", "").split("->")[1]
+    ct = ct.astype(jnp.bfloat16)
+    dx = jnp.einsum(f"{out},{b}->{a}", ct, w, preferred_element_type=jnp.float32, precision=precision)
+    dw = jnp.einsum(f"{a},{out}->{b}", x, ct, preferred_element_type=jnp.float32, precision=precision)
+    return dx.astype(x.dtype), dw.astype(w.dtype)
+
+
+_bf16_einsum.defvjp(_bf16_einsum_fwd, _bf16_einsum_bwd)
 
 
 def _kernel(p: Plan, x, w, out_dtype):

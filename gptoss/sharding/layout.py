@@ -28,6 +28,7 @@ from gptoss.sharding.rules import (
     PARAM_AXES,
     Rules,
     ShardingError,
+    param_spec_for,
     resolve,
     spec_for,
 )
@@ -135,8 +136,8 @@ class Layout:
     def place(self, value: Any, path: tuple) -> jax.Array:
         """Loader hook: a host array (numpy, possibly an mmap) -> a global jax.Array; every addressable device
         receives a copy of only its own slice, so no process ever holds a full copy per device."""
-        logical = self.param_axes(path)
-        sharding = self.sharding(logical, value.shape, ".".join(map(str, path)))
+        logical, name = self.param_axes(path), ".".join(map(str, path))
+        sharding = NamedSharding(self.mesh, param_spec_for(logical, tuple(value.shape), self.sizes, self.rules, name))
         if isinstance(value, jax.Array):
             return jax.device_put(value, sharding)
         return jax.make_array_from_callback(tuple(value.shape), sharding, lambda idx: np.array(value[idx]),

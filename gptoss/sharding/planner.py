@@ -17,7 +17,7 @@ from collections.abc import Mapping
 import numpy as np
 
 from gptoss.config import ModelConfig
-from gptoss.sharding.rules import CACHE_AXES, PACKED, PARAM_AXES, Rules, resolve, spec_for
+from gptoss.sharding.rules import CACHE_AXES, PACKED, PARAM_AXES, Rules, param_spec_for, resolve, spec_for
 
 GiB = 1024**3
 MiB = 1024**2
@@ -93,8 +93,9 @@ class Plan:
                 (f"activations, prefill {self.prefill}", self.prefill_activation_bytes),
                 ("total", self.total_bytes)]
         mesh = " x ".join(f"{a}={n}" for a, n in self.mesh.items()) or "1 device"
-        lines = [f"{self.model} on {mesh} ({self.devices} device(s)), batch {self.batch}, context {self.context}, "
-                 f"prefill {self.prefill}: per device",
+        lines = [f"{self.model} on {mesh} ({self.devices} device(s)), per device",
+                 f"  assumed: batch {self.batch} row(s) (--batch), KV cache for {self.context:,} tokens per row "
+                 f"(--context), prompts prefilled {self.prefill:,} tokens per forward (--prefill)",
                  *(f"  {name:<26} {n / GiB:10.2f} GiB" for name, n in rows)]
         for dev in devices or sorted(DEVICES, key=DEVICES.get):
             cap = device_memory(dev)
@@ -177,8 +178,10 @@ def plan(model: str | ModelConfig = "gpt-oss-120b", mesh=None, *, context: int =
     prefill = min(context, DEFAULT_PREFILL) if prefill is None else prefill
     rules, notes = resolve(cfg, sizes, rules, experts)
     expert_b = dense_b = 0
+    replicated: dict[str, set] = {}
     for path, shape, dt, count in param_shapes(cfg, np.dtype(dtype).name, experts):
-        spec = spec_for(PARAM_AXES[path[-1]], shape, sizes, rules, ".".join(map(str, path)))
+        spec = param_spec_for(PARAM_AXES[path[-1]], shape, sizes, rules, ".".join(map(str, path)))
+        _note_replicated(replicated, path[-1], PARAM_AXES[path[-1]], shape, spec, sizes, rules)
         b = count * shard_bytes(shape, dt, spec, sizes)
         if path[-1] in PACKED:
             expert_b += b
@@ -190,16 +193,32 @@ def plan(model: str | ModelConfig = "gpt-oss-120b", mesh=None, *, context: int =
         slots = cfg.sliding_window if cfg.is_sliding(layer) else context
         kv = (batch, slots, cfg.num_key_value_heads, cfg.head_dim)
         for key, shape, dt in (("k_BSKH", kv, cache_dt), ("v_BSKH", kv, cache_dt), ("pos_BS", kv[:2], np.int32)):
-            cache_b += shard_bytes(shape, dt, spec_for(CACHE_AXES[key], shape, sizes, rules, key), sizes)
+            spec = spec_for(CACHE_AXES[key], shape, sizes, rules, key)
+            _note_replicated(replicated, "KV cache", CACHE_AXES[key], shape, spec, sizes, rules)
+            cache_b += shard_bytes(shape, dt, spec, sizes)
     pre = activation_estimate(cfg, sizes, rules, batch, context, prefill, np.dtype(dtype).itemsize)
     dec = activation_estimate(cfg, sizes, rules, batch, context, 1, np.dtype(dtype).itemsize)
     notes = list(notes)
+    for (logical, n, axes), names in sorted(replicated.items()):
+        notes.append(f"warning: {logical} = {n} does not divide over mesh axes {axes}: "
+                     f"{', '.join(sorted(names))} replicated over them (more memory per device)")
     if pre > 4 * (expert_b + dense_b):
         notes.append(f"the prefill estimate is dominated by attention scores: the XLA attention path holds fp32 "
                      f"scores over all {context} cache slots per prefill token; prefill in shorter chunks "
                      "(--prefill), or split heads over 'tensor'")
     return Plan(name, sizes, batch, context, prefill, expert_b, dense_b, cache_b, max(pre, dec), pre, dec,
                 tuple(notes))
+
+
+def _note_replicated(out: dict, name: str, logical, shape, spec, sizes, rules: Rules) -> None:
+    """Records the dims that the rules would shard but that fall back to replication (they do not divide)."""
+    parts = tuple(spec) + (None,) * (len(shape) - len(spec))
+    for ax, n, part in zip(logical, shape, parts):
+        want = tuple(a for a in rules.axes(ax) if sizes.get(a, 1) > 1)
+        got = () if part is None else (part,) if isinstance(part, str) else tuple(part)
+        missing = tuple(a for a in want if a not in got)
+        if missing:
+            out.setdefault((ax, n, missing), set()).add(name)
 
 
 def activation_estimate(cfg: ModelConfig, sizes, rules: Rules, batch: int, context: int, prefill: int,

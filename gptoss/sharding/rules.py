@@ -3,7 +3,9 @@
 Every parameter, KV-cache and activation tensor names its dimensions with logical axes (`PARAM_AXES`,
 `CACHE_AXES`, `ACTIVATION_AXES`); `DEFAULT_RULES` maps each logical axis to mesh axes. A rule set that would
 put one mesh axis on two dimensions of one tensor is refused. Mesh axes are `data`, `expert`, `tensor`
-(plus `fsdp`, reserved for training; inference only splits the batch over it). Outside the MoE the `expert`
+(plus `fsdp`: it splits the batch like `data`, and parameters are *stored* split over it as well, each on its
+largest dimension that no other axis shards and that fsdp's size divides; `param_spec_for`. Computation
+all-gathers them where they are used: fully sharded data parallelism). Outside the MoE the `expert`
 axis also splits the batch (attention, KV cache), so expert parallelism does not replicate the cache.
 
 Packed MXFP4 experts ([E, N, K/32, 16] blocks + [E, N, K/32] scales) shard along E, N or the K/32 block
@@ -190,6 +192,25 @@ def spec_for(logical: tuple[str | None, ...], shape: tuple[int, ...], sizes: Map
                 f"(sizes {[sizes[a] for a in want]})")
         parts.append(None if not got else got[0] if len(got) == 1 else got)
     parts += [None] * (len(shape) - len(logical))
+    while parts and parts[-1] is None:
+        parts.pop()
+    return P(*parts)
+
+
+def param_spec_for(logical: tuple[str | None, ...], shape: tuple[int, ...], sizes: Mapping[str, int], rules: Rules,
+                   name: str = "tensor") -> P:
+    """How a parameter is stored: `spec_for`, plus `fsdp` on the largest of its logical dims that is not sharded
+    yet and that fsdp's size divides (MXFP4 blocks and scales get the same dim: only logical dims count). The spec
+    computation uses inside shard_map stays `spec_for`; XLA all-gathers over fsdp on the way in."""
+    spec = spec_for(logical, shape, sizes, rules, name)
+    n = sizes.get("fsdp", 1)
+    if n <= 1:
+        return spec
+    parts = list(spec) + [None] * (len(shape) - len(spec))
+    free = [d for d in range(len(logical)) if parts[d] is None and shape[d] % n == 0]
+    if not free:
+        return spec
+    parts[max(free, key=lambda d: (shape[d], -d))] = "fsdp"
     while parts and parts[-1] is None:
         parts.pop()
     return P(*parts)

@@ -16,31 +16,34 @@ SUB_WORDINGS = ("What is {a} - {b}?", "What's {a} minus {b}?", "Compute {a} - {b
 
 
 def add_work(a: int, b: int) -> str:
-    """Column addition from the units up: 'd1+d2(+carry)=s' per column, carries noted, then the sum."""
+    """Column addition from the units up: 'd1+d2(+1)=s carry 1 -> digits so far' per column, then the sum.
+
+    Each line repeats the result's digits so far: the answer is then a copy of the last line, where a summary
+    gathered from the column lines had to count identical lines (99998 + 7 has four '9+0+1=10 carry 1')."""
     xs, ys = str(a)[::-1], str(b)[::-1]
-    lines, carry = [], 0
+    lines, carry, digits = [], 0, ""
     for i in range(max(len(xs), len(ys))):
         x, y = int(xs[i]) if i < len(xs) else 0, int(ys[i]) if i < len(ys) else 0
         s = x + y + carry
         terms = f"{x}+{y}" + ("+1" if carry else "")
-        carry = s // 10
-        lines.append(f"{terms}={s}" + (" carry 1" if carry else ""))
+        carry, digits = s // 10, str(s % 10) + digits
+        lines.append(f"{terms}={s}" + (" carry 1" if carry else "") + f" -> {digits}")
     if carry:
-        lines.append("carry 1")
+        lines.append(f"carry 1 -> 1{digits}")
     return "\n".join(lines) + f"\nso {a}+{b}={a + b}"
 
 
 def sub_work(a: int, b: int) -> str:
-    """Column subtraction (a >= b) from the units up, written like the addition: 'd1-d2(-1)=d' per column, where
-    '-1' is the borrow taken by the column below and d the column's digit, then the difference."""
+    """Column subtraction (a >= b) from the units up, written like the addition: 'd1-d2(-1)=d borrow 1 -> digits so
+    far' per column, where '-1' is the borrow taken by the column below, then the difference (leading zeros gone)."""
     xs, ys = str(a)[::-1], str(b)[::-1]
-    lines, borrow = [], 0
+    lines, borrow, digits = [], 0, ""
     for i in range(len(xs)):
         x, y = int(xs[i]), int(ys[i]) if i < len(ys) else 0
         d = x - y - borrow
         terms = f"{x}-{y}" + ("-1" if borrow else "")
-        borrow = int(d < 0)
-        lines.append(f"{terms}={d % 10}" + (" borrow 1" if borrow else ""))
+        borrow, digits = int(d < 0), str(d % 10) + digits
+        lines.append(f"{terms}={d % 10}" + (" borrow 1" if borrow else "") + f" -> {digits}")
     return "\n".join(lines) + f"\nso {a}-{b}={a - b}"
 
 
@@ -95,7 +98,7 @@ def write_jsonl(path, n: int, *, seed: int = 0, max_digits: int = 5, subtraction
     return str(path)
 
 
-def ask(model, tokenizer, questions: list[str], *, max_new_tokens: int = 160, batch_size: int = 64) -> list[dict]:
+def ask(model, tokenizer, questions: list[str], *, max_new_tokens: int = 256, batch_size: int = 64) -> list[dict]:
     """Greedy harmony answers: per question {"analysis", "final", "problems"} (the final channel's text)."""
     from gptoss.engine import generate
     from gptoss.harmony import message, parse_completion, render_conversation_for_completion

@@ -43,11 +43,15 @@ def test_run_writes_resolved_config_and_results(tmp_path, capsys):
     assert "written to" in capsys.readouterr().out
 
 
-def test_run_rejects_a_mistyped_key(tmp_path):
+def test_run_rejects_a_mistyped_key(tmp_path, capsys):
     bad = tmp_path / "bad.yaml"
     bad.write_text("task: generate\nmodel:\n  preset: tiny\nsampling:\n  max_new_tokn: 3\n")
     with pytest.raises(runconfig.RunConfigError, match=r"bad\.yaml.*sampling\.max_new_tokn"):
-        cli.main(["run", str(bad)])
+        runconfig.load(str(bad), InferenceConfig)
+    assert cli.main(["run", str(bad)]) == 2
+    assert "bad.yaml: unknown key 'sampling.max_new_tokn'" in capsys.readouterr().err
+    with pytest.raises(runconfig.RunConfigError):
+        cli.main(["--debug", "run", str(bad)])
 
 
 def test_generate_raw(capsys):
@@ -68,4 +72,25 @@ def test_chat_streams_and_quits():
 def test_info_on_a_missing_folder_is_one_line(capsys):
     assert cli.main(["info", "./no-such-folder"]) == 2
     err = capsys.readouterr().err
-    assert err.strip().count("\n") == 0 and "no-such-folder" in err and "Traceback" not in err
+    assert err.strip().count("\n") <= 1 and "no-such-folder" in err and "Traceback" not in err
+
+
+def test_info_is_a_table_and_version_is_printed(capsys):
+    import gptoss
+    from gptoss.io import DEMO_DIR
+
+    assert cli.main(["info", DEMO_DIR]) == 0
+    out = capsys.readouterr().out
+    assert "MXFP4 (packed)" in out and "8 (2 per token)" in out and "sliding, full alternating" in out
+    assert "ModelConfig(" not in out
+    with pytest.raises(SystemExit) as e:
+        cli.main(["--version"])
+    assert e.value.code == 0 and capsys.readouterr().out.strip() == f"gptoss {gptoss.__version__}"
+
+
+def test_generate_shows_what_a_random_model_produced(capsys):
+    """A random model's completion is not harmony: generate says so and shows the (escaped) bytes, not nothing."""
+    assert cli.main(["generate", "--model", "tiny", "--prompt", "hi", "--max-new-tokens", "12"]) == 0
+    cap = capsys.readouterr()
+    assert "random, untrained model" in cap.err and "(harmony:" in cap.err
+    assert cap.out.startswith("[raw] ") and not any(ord(c) < 32 and c not in "\n\t" for c in cap.out)

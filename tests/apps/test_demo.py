@@ -13,7 +13,7 @@ import pytest
 import gptoss
 from gptoss import cli
 from gptoss.io import DEMO_DIR
-from gptoss.train.arithmetic import accuracy
+from gptoss.train.arithmetic import accuracy, ask
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -34,6 +34,8 @@ def test_demo_answers_held_out_problems(demo):
     model, tok = demo
     mixed = accuracy(model, tok, 40, seed=2025, batch_size=40)
     assert mixed["accuracy"] >= 0.85, mixed["wrong"]
+    chains = ask(model, tok, ["What is 99998 + 7?", "What is 10003 - 7?", "What's 99999 plus 1?"])
+    assert [a["final"] for a in chains] == ["100005", "9996", "100000"], chains
 
 
 def test_make_demo_config_shows_analysis_and_answer(tmp_path, capsys):
@@ -54,5 +56,8 @@ def test_demo_training_config_lowers_the_loss(tmp_path):
 
     _, r = run_config(os.path.join(ROOT, "configs/train/demo.yaml"),
                       [f"output_dir={tmp_path}", "steps=12", "optim.total_steps=12", "optim.warmup_steps=2",
-                       "data.count=120", "data.batch_size=8", "save_every=100", "export.model=false", "progress=false"])
+                       "data.count=120", "data.batch_size=8", "save_every=100", "export.experts=mxfp4",
+                       "progress=false"])
     assert r["final_loss"] < 0.7 * r["first_loss"]
+    with open(os.path.join(r["model_dir"], "gptoss_chat.json")) as f:  # trained without a system message
+        assert json.load(f) == {"system_message": False}

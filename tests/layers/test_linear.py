@@ -125,3 +125,32 @@ def test_attention_with_kernel_on_and_off():
     assert on.dtype == off.dtype == jnp.bfloat16
     np.testing.assert_allclose(np.asarray(on, np.float32), np.asarray(off, np.float32), rtol=2e-2,
                                atol=2e-2 * float(jnp.abs(off.astype(jnp.float32)).max()))
+
+
+@pytest.mark.parametrize("spec, x_shape, w_shape", [("btd,dnh->btnh", (2, 5, 24), (24, 3, 8)),
+                                                    ("btnh,nhd->btd", (2, 5, 3, 8), (3, 8, 24)),
+                                                    ("td,fd->tf", (7, 24), (10, 24))])
+def test_bf16_projection_backward_is_bf16_gemms(spec, x_shape, w_shape):
+    """The backward of a bf16 projection multiplies bf16 operands (the cotangent rounded to bf16), never an fp32
+    copy of the weight; its gradients equal float64 numpy's on the same rounded cotangent."""
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.standard_normal(x_shape), jnp.bfloat16)
+    w = jnp.asarray(rng.standard_normal(w_shape), jnp.bfloat16)
+    out_shape = jax.eval_shape(lambda x, w: jnp.einsum(spec, x, w), x, w).shape
+    ct = jnp.asarray(rng.standard_normal(out_shape), jnp.float32)
+
+    def f(x, w):
+        return jnp.sum(project(spec, x, w, preferred_element_type=jnp.float32) * ct)
+
+    grad = jax.grad(f, argnums=(0, 1))
+    dx, dw = grad(x, w)
+    assert dx.dtype == x.dtype and dw.dtype == w.dtype
+    ins, out = spec.split("->")
+    a, b = ins.split(",")
+    c64 = np.asarray(ct.astype(jnp.bfloat16), np.float64)
+    x64, w64 = np.asarray(x, np.float64), np.asarray(w, np.float64)
+    np.testing.assert_allclose(np.asarray(dx, np.float64), np.einsum(f"{out},{b}->{a}", c64, w64), rtol=2e-2, atol=2e-2)
+    np.testing.assert_allclose(np.asarray(dw, np.float64), np.einsum(f"{a},{out}->{b}", x64, c64), rtol=2e-2, atol=2e-2)
+    dots = [line for line in jax.jit(grad).lower(x, w).as_text().splitlines() if "dot_general" in line]
+    operands = [line.rsplit(": (", 1)[1].split(") ->")[0] for line in dots]
+    assert len(dots) == 2 and not any("f32" in o for o in operands), operands  # dx and dw

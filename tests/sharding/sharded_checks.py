@@ -86,7 +86,7 @@ def check_mesh(path, mesh, ref, tokens, prompts, kernel=True, impls=("auto",), g
     out["cache_spec_ring"] = str(cache[0].k_BSKH.sharding.spec)
     total = sum(w.nbytes for b in model.layers for w in (b.mlp.gate_up_EFD[...], b.mlp.down_EDI[...]))
     per = expert_bytes_per_device(model)
-    share = sizes.get("expert", 1) * sizes.get("tensor", 1)
+    share = sizes.get("expert", 1) * sizes.get("tensor", 1) * sizes.get("fsdp", 1)  # fsdp stores a split too
     out["expert_bytes"] = {"total": total, "expected_per_device": total // share,
                            "per_device": sorted(per.values()), "devices": len(per)}
     for name, w in (("gate_up", model.layers[0].mlp.gate_up_EFD[...].blocks),
@@ -162,6 +162,12 @@ def train_step_checks(folder: str) -> dict:
             for b in batches:
                 state, m = trainer.step(state, b)
                 losses[name].append(float(m["loss"]))
+            if mesh is not None:  # how parameters, adapters and optimizer state are stored (fsdp: split over it)
+                tree = {"model": nnx.state(trainer.model(state)), "opt": state.opt_state}
+                out[f"{method}_specs"] = {
+                    jax.tree_util.keystr(path): str(leaf.sharding.spec)
+                    for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]
+                    if any(n in jax.tree_util.keystr(path) for n in ("unembed_VD", "gate_up_EFD", "wq_DNH", "q_a_DR"))}
         out[method] = {**losses, "max_rel": max(abs(a - b) / abs(b) for a, b in zip(losses["2x2x2"],
                                                                                    losses["single"]))}
     # adapter dropout inside the sharded MoE (each shard draws its own masks, so no equality with one device)

@@ -216,3 +216,20 @@ def test_init_distributed_is_a_noop_without_configuration(monkeypatch):
 def test_default_rules_cover_every_cache_and_param_axis():
     names = {ax for table in (PARAM_AXES, CACHE_AXES) for axes in table.values() for ax in axes}
     assert names <= set(DEFAULT_RULES)
+
+
+def test_readme_planner_table_is_what_the_planner_says():
+    """Every row of the README's planner table is reproduced by `plan` (totals within 0.05 GiB)."""
+    import os
+    import re
+
+    from gptoss.sharding import plan
+
+    readme = open(os.path.join(os.path.dirname(__file__), "..", "..", "README.md"), encoding="utf-8").read()
+    rows = re.findall(r"^\| (20b|120b) \| ([^|]+) \| (\d+) \| (\d+) \|.*\| \S+ / \S+ \((\d+)\) \| ([\d.]+) \|", readme,
+                      flags=re.M)
+    assert len(rows) >= 10
+    for model, mesh, batch, context, prefill, total in rows:
+        mesh = None if mesh.strip() == "1 device" else mesh.replace(" ", "")
+        p = plan(f"gpt-oss-{model}", mesh, context=int(context), batch=int(batch), prefill=int(prefill))
+        assert abs(p.total_bytes / 2**30 - float(total)) <= 0.05, (model, mesh, batch, context, p.total_bytes / 2**30)

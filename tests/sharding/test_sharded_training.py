@@ -45,6 +45,17 @@ def test_train_steps_match_one_device(report, method):
     assert r["max_rel"] <= 1e-5, r
 
 
+def test_fsdp_stores_parameters_split(report):
+    """On data 2 x fsdp 2 x expert 2, parameters, packed experts, adapters and their optimizer state are stored
+    split over fsdp (each device holds half of what the expert axis leaves it), not replicated."""
+    specs = report["train_steps"]["lora_specs"]
+    for kind in ("unembed_VD", "gate_up_EFD", "wq_DNH", "q_a_DR"):
+        mine = {k: v for k, v in specs.items() if kind in k}
+        assert mine and all("fsdp" in v for v in mine.values()), (kind, mine)
+    assert any("'opt'" in k and "q_a_DR" in k for k in specs), sorted(specs)
+    assert all("'expert'" in v for k, v in specs.items() if "gate_up_EFD" in k), specs
+
+
 def test_adapter_dropout_trains_on_the_mesh(report):
     """LoRA dropout on data 2 x fsdp 2 x expert 2 (masks drawn per shard inside the sharded MoE) runs and learns."""
     losses = report["train_steps"]["lora_dropout"]
