@@ -53,7 +53,8 @@ def cmd_generate(args) -> int:
     cfg = InferenceConfig(model=_model_spec(args), prompts=[args.prompt],
                           sampling=SamplingSpec(args.max_new_tokens, args.temperature, args.top_p, args.top_k,
                                                 args.seed),
-                          chat=ChatSpec(harmony=not args.raw, reasoning=args.reasoning), progress=False)
+                          chat=ChatSpec(harmony=not args.raw, reasoning=args.reasoning),
+                          progress=sys.stderr.isatty())  # loading and token bars (after a second) on a terminal
     _note_random(args)
     result = run(cfg)
     item = result["results"][0]

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import sys
 import time
 
 from gptoss import harmony
@@ -70,7 +69,7 @@ def run(cfg: InferenceConfig) -> dict:
     stop = list(tokenizer.stop_tokens_for_assistant_actions) if cfg.chat.harmony else [tokenizer.endoftext]
     t1 = time.perf_counter()
     out = generate(model, prompts, max_new_tokens=s.max_new_tokens, temperature=s.temperature, top_p=s.top_p,
-                   top_k=s.top_k, seed=s.seed, stop_tokens=stop, return_logprobs=True)
+                   top_k=s.top_k, seed=s.seed, stop_tokens=stop, return_logprobs=True, progress=cfg.progress)
     gen_s = time.perf_counter() - t1
     results = []
     for text, ids, new, lps, done in zip(cfg.prompts, prompts, out.tokens, out.logprobs, out.finished):
@@ -84,8 +83,5 @@ def run(cfg: InferenceConfig) -> dict:
             item["problems"] = problems
         results.append(item)
     total_new = sum(len(t) for t in out.tokens)
-    if cfg.progress and gen_s > 1.0:
-        print(f"generated {total_new} tokens for {len(prompts)} prompt(s) in {gen_s:.1f} s "
-              f"({total_new / gen_s:.1f} tokens/s, compile included)", file=sys.stderr)
     return {"model": model.config.to_hf(), "tokenizer": tokenizer.name, "load_seconds": load_s,
             "generate_seconds_incl_compile": gen_s, "new_tokens": total_new, "results": results}

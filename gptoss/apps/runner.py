@@ -14,9 +14,10 @@ from gptoss.apps import inference
 
 
 def _tasks():
-    from gptoss.apps import train
+    from gptoss.apps import evaluate, train
 
-    return {"generate": (inference.InferenceConfig, inference.run), "train": (train.TrainJobConfig, train.run)}
+    return {"generate": (inference.InferenceConfig, inference.run), "train": (train.TrainJobConfig, train.run),
+            "eval": (evaluate.EvalJobConfig, evaluate.run)}
 
 
 def run_config(path: str, overrides: list[str] = ()) -> tuple[str, dict]:

@@ -11,10 +11,19 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from gptoss.engine.sampling import SamplingParams, sample
+from gptoss.engine.sampling import SamplingParams, row_keys, sample
 from gptoss.layers.kv_cache import LayerCache
 
 MIN_BUCKET = 16
+# The progress bar of the generate() call in flight: the jitted decode loop reports each step to it through a host
+# callback (looked up at call time: a compiled loop outlives the bar it was first traced with).
+_PROGRESS: dict = {"bar": None}
+
+
+def _tick(tokens) -> None:
+    bar = _PROGRESS["bar"]
+    if bar is not None:
+        bar.update(int(tokens))
 
 
 @dataclasses.dataclass
@@ -81,17 +90,17 @@ def _decode_step(model, tok_B, pos_B, cache):
     return model.logits(x)[:, 0], cache
 
 
-@functools.partial(jax.jit, static_argnums=(0, 5, 6))
-def _generate_jit(graphdef, state, tokens, positions, lens, cache_len, buffer, max_new, params, stop_arr, seed):
+@functools.partial(jax.jit, static_argnums=(0, 5, 6, 11))
+def _generate_jit(graphdef, state, tokens, positions, lens, cache_len, buffer, max_new, params, stop_arr, seeds,
+                  progress=False):
     """`buffer` (static) bounds the output; max_new, sampling parameters, stop ids and seed are traced,
-    so changing them does not recompile."""
+    so changing them does not recompile. `progress` (static) reports each step's new tokens to the host."""
     model = nnx.merge(graphdef, state)
     B = tokens.shape[0]
-    key = jax.random.key(seed)
     logits, cache = _prefill(model, tokens, positions, lens, cache_len)
 
     def pick(logits, step):
-        tok = sample(logits, jax.random.fold_in(key, step), params)
+        tok = sample(logits, row_keys(seeds, step), params)
         lp = jnp.take_along_axis(jax.nn.log_softmax(logits, axis=-1), tok[:, None], axis=-1)[:, 0]
         return tok, lp
 
@@ -111,6 +120,8 @@ def _generate_jit(graphdef, state, tokens, positions, lens, cache_len, buffer, m
         out = out.at[:, step].set(jnp.where(live, tok, 0))
         out_lp = out_lp.at[:, step].set(jnp.where(live, lp, 0.0))
         n_out = n_out + live
+        if progress:
+            jax.debug.callback(_tick, jnp.sum(live))
         done = done | jnp.isin(tok, stop_arr)
         # The barrier ties the weights to the loop step: otherwise XLA:CPU hoists the bf16->f32 converts of
         # every weight out of the loop (loop-invariant code motion) and holds an f32 copy of the whole model.
@@ -129,14 +140,28 @@ def _for_every_host(model, tree):
     return tree if model.layout is None else model.layout.replicate(tree)
 
 
+def row_seeds(seed: int | Sequence[int], rows: int) -> np.ndarray:
+    """uint32 [rows]: `seed` + row index for an int, else one seed per row."""
+    if isinstance(seed, (int, np.integer)) and not isinstance(seed, bool):
+        return (np.uint64(seed) + np.arange(rows, dtype=np.uint64)).astype(np.uint32)
+    seeds = np.asarray(seed)
+    if seeds.shape != (rows,) or not np.issubdtype(seeds.dtype, np.integer):
+        raise ValueError(f"seed must be an int or one integer per prompt ({rows}), got {seed!r}")
+    return seeds.astype(np.uint32)
+
+
 def generate(model, prompts: Sequence[Sequence[int]], *, max_new_tokens: int, temperature: float = 0.0,
-             top_p: float = 1.0, top_k: int = 0, seed: int = 0, stop_tokens: Sequence[int] | None = None,
-             return_logprobs: bool = False) -> Generation:
+             top_p: float = 1.0, top_k: int = 0, seed: int | Sequence[int] = 0,
+             stop_tokens: Sequence[int] | None = None,
+             return_logprobs: bool = False, progress: bool = False) -> Generation:
     """Continues each prompt (a list of token ids; lengths may differ) by up to `max_new_tokens` tokens.
 
     Greedy when temperature is 0. Stops a row at any of `stop_tokens` (default: the model config's eos_token_id,
     e.g. harmony's <|return|>, <|endoftext|> and <|call|> for gpt-oss). Rows are independent: padding never leaks
-    into other rows.
+    into other rows, and a sampled row depends only on its prompt and its seed (`seed`: an int, row b then uses
+    seed + b, or one seed per row, e.g. n samples of one prompt for pass@k). `progress`: a tqdm bar of new tokens
+    and tokens/s on stderr, shown once a call takes more than a second (one model on one device; a sharded model
+    generates without it).
     """
     params = SamplingParams(float(temperature), float(top_p), int(top_k))
     tokens, positions, lens, cache_len = prepare(model, prompts, max_new_tokens)
@@ -144,10 +169,23 @@ def generate(model, prompts: Sequence[Sequence[int]], *, max_new_tokens: int, te
     stop_arr = np.full(bucket(len(stop) + 1), -1, np.int32)  # padded with -1, which no token equals
     stop_arr[: len(stop)] = stop
     graphdef, state = nnx.split(model)
-    out, out_lp, n_out, done = _generate_jit(graphdef, state, tokens, positions, lens, cache_len,
-                                             bucket(max_new_tokens), jnp.int32(max_new_tokens), params.arrays(),
-                                             stop_arr, jnp.uint32(seed))
-    out, out_lp, n_out, done = (np.asarray(a) for a in (out, out_lp, n_out, done))
+    progress = bool(progress) and model.layout is None
+    if progress:
+        from tqdm.auto import tqdm
+
+        _PROGRESS["bar"] = tqdm(total=len(prompts) * max_new_tokens, unit="tok", desc="generating", delay=1.0)
+    try:
+        out, out_lp, n_out, done = _generate_jit(graphdef, state, tokens, positions, lens, cache_len,
+                                                 bucket(max_new_tokens), jnp.int32(max_new_tokens), params.arrays(),
+                                                 stop_arr, row_seeds(seed, len(prompts)), progress)
+        out, out_lp, n_out, done = (np.asarray(a) for a in (out, out_lp, n_out, done))
+    finally:
+        if progress:
+            jax.effects_barrier()  # every step's report has arrived
+            bar = _PROGRESS["bar"]
+            bar.total = bar.n  # rows that stopped early: the bar ends full
+            bar.close()
+            _PROGRESS["bar"] = None
     toks = [out[i, : n_out[i]].tolist() for i in range(len(prompts))]
     lps = [out_lp[i, : n_out[i]].tolist() for i in range(len(prompts))] if return_logprobs else None
     return Generation(toks, lps, done.tolist())
@@ -171,7 +209,7 @@ def _step_jit(graphdef, state, tok, pos, cache):
 
 
 def generate_stream(model, prompts: Sequence[Sequence[int]], *, max_new_tokens: int, temperature: float = 0.0,
-                    top_p: float = 1.0, top_k: int = 0, seed: int = 0,
+                    top_p: float = 1.0, top_k: int = 0, seed: int | Sequence[int] = 0,
                     stop_tokens: Sequence[int] | None = None) -> Iterator[list[int | None]]:
     """Yields, step by step, one new token per prompt (None once that row has stopped): for UIs and CLIs.
 
@@ -181,11 +219,11 @@ def generate_stream(model, prompts: Sequence[Sequence[int]], *, max_new_tokens: 
     tokens, positions, lens, cache_len = prepare(model, prompts, max_new_tokens)
     stop = set(model.config.stop_token_ids if stop_tokens is None else stop_tokens)
     graphdef, state = nnx.split(model)
-    key = jax.random.key(jnp.uint32(seed))
+    seeds = row_seeds(seed, len(prompts))
     logits, cache = _prefill_jit(graphdef, state, tokens, positions, lens, cache_len)
     done = np.zeros(len(prompts), bool)
     for step in range(max_new_tokens):
-        tok = np.asarray(_sample_jit(logits, jax.random.fold_in(key, step), params.arrays()))
+        tok = np.asarray(_sample_jit(logits, row_keys(seeds, step), params.arrays()))
         yield [None if d else int(t) for t, d in zip(tok, done)]
         done |= np.isin(tok, list(stop))
         if done.all() or step + 1 == max_new_tokens:

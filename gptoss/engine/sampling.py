@@ -43,11 +43,17 @@ def filter_logits(logits_BV, params: SamplingParams | tuple):
     return jnp.where((top_p < 1.0) & (logits < threshold), -jnp.inf, logits)
 
 
-def sample(logits_BV, key, params: SamplingParams | tuple):
-    """One token per row (int32 [B]); greedy when the temperature is 0."""
+def row_keys(seeds_B, step):
+    """One PRNG key per row for decode step `step`: a row's draws depend on its own seed only, never on which other
+    rows share its batch."""
+    return jax.vmap(lambda s: jax.random.fold_in(jax.random.key(s), step))(seeds_B)
+
+
+def sample(logits_BV, keys_B, params: SamplingParams | tuple):
+    """One token per row (int32 [B]), row b drawn with keys_B[b]; greedy when the temperature is 0."""
     temperature = params.arrays()[0] if isinstance(params, SamplingParams) else params[0]
     return jax.lax.cond(
         temperature == 0.0,
         lambda: jnp.argmax(logits_BV, axis=-1).astype(jnp.int32),
-        lambda: jax.random.categorical(key, filter_logits(logits_BV, params), axis=-1).astype(jnp.int32),
+        lambda: jax.vmap(jax.random.categorical)(keys_B, filter_logits(logits_BV, params)).astype(jnp.int32),
     )

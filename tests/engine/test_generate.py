@@ -100,6 +100,48 @@ def test_seeded_sampling_is_reproducible(ours, prompts):
     assert a == b and a != c
 
 
+def test_a_sampled_row_depends_on_its_own_seed_only(ours, prompts):
+    """Per-row seeds: each row samples what it samples alone with its seed, whatever else is in the batch (an int
+    seed gives row b the seed seed + b)."""
+    kw = dict(max_new_tokens=NEW, temperature=1.0, top_k=20, top_p=0.9)
+    batch = generate(ours, prompts, seed=[5, 9, 2][: len(prompts)], **kw).tokens
+    for row, s in zip(range(len(prompts)), [5, 9, 2]):
+        assert generate(ours, [prompts[row]], seed=[s], **kw).tokens[0] == batch[row]
+    by_int = generate(ours, prompts, seed=40, **kw).tokens
+    assert generate(ours, [prompts[1]], seed=41, **kw).tokens[0] == by_int[1]
+    same = generate(ours, [prompts[0]] * 3, seed=[7, 7, 8], **kw).tokens  # n samples of one prompt
+    assert same[0] == same[1] and same[0] != same[2]
+    with pytest.raises(ValueError, match="one integer per prompt"):
+        generate(ours, prompts, seed=[1], **kw)
+
+
+def _kept_reference(logits: np.ndarray, temperature: float, top_k: int, top_p: float) -> np.ndarray:
+    """numpy: the tokens sampling may draw: the top-k by probability, then the smallest prefix of them (sorted,
+    renormalised over the top-k) whose mass reaches top_p."""
+    p = np.exp((logits - logits.max()) / temperature)
+    p /= p.sum()
+    order = np.argsort(-p)
+    top = order[:top_k] if top_k else order
+    q = p[top] / p[top].sum()
+    n = int(np.searchsorted(np.cumsum(q), top_p - 1e-12) + 1) if top_p < 1 else len(top)
+    keep = np.zeros(len(p), bool)
+    keep[top[:n]] = True
+    return keep
+
+
+@pytest.mark.parametrize("temperature, top_k, top_p", [(1.0, 5, 0.6), (0.7, 12, 0.9), (1.3, 3, 0.99),
+                                                       (1.0, 0, 0.5), (1.0, 8, 1.0), (0.5, 30, 0.8)])
+def test_top_k_then_top_p_over_the_renormalised_top_k(temperature, top_k, top_p):
+    """Combined filters keep exactly numpy's set (top-p after top-k, over the top-k mass renormalised), rows
+    independent; the kept logits are the temperature-scaled ones."""
+    logits = np.random.default_rng(top_k).normal(size=(4, 40)).astype(np.float32) * 2
+    got = np.asarray(filter_logits(jnp.asarray(logits), SamplingParams(temperature, top_p, top_k)))
+    for row, g in zip(logits, got):
+        keep = _kept_reference(row.astype(np.float64), temperature, top_k, top_p)
+        np.testing.assert_array_equal(np.isfinite(g), keep)
+        np.testing.assert_allclose(g[keep], row[keep] / temperature, rtol=1e-6)
+
+
 def _frequencies(logits, params, n=20000):
     keys = jax.random.split(jax.random.key(0), n)
     draws = jax.vmap(lambda k: jax.random.categorical(k, filter_logits(logits[None], params)[0]))(keys)
@@ -139,3 +181,30 @@ def test_bad_prompts_are_errors(ours):
         generate(ours, [[1, 2, 331]], max_new_tokens=2)
     with pytest.raises(TypeError, match="list of token-id lists"):
         generate(ours, [1, 2, 3], max_new_tokens=2)
+
+
+def test_progress_counts_every_new_token(ours, prompts, monkeypatch):
+    """progress=True: the jitted decode loop reports each step's new tokens to a tqdm bar on the host; the tokens
+    and logprobs are the same as without it."""
+    import tqdm.auto
+
+    seen = []
+
+    class Bar:
+        def __init__(self, total, **kw):
+            seen.append(("total", total))
+            self.n = 0
+
+        def update(self, n):
+            seen.append(("update", n))
+            self.n += n
+
+        def close(self):
+            seen.append(("close", None))
+
+    monkeypatch.setattr(tqdm.auto, "tqdm", Bar)
+    plain = generate(ours, prompts, max_new_tokens=9, return_logprobs=True)
+    shown = generate(ours, prompts, max_new_tokens=9, return_logprobs=True, progress=True)
+    assert shown.tokens == plain.tokens and shown.logprobs == plain.logprobs
+    assert seen[0] == ("total", 9 * len(prompts)) and seen[-1] == ("close", None)
+    assert sum(n for kind, n in seen if kind == "update") == sum(len(t) for t in shown.tokens) > 0

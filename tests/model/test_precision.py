@@ -13,7 +13,7 @@ import pytest
 from flax import nnx
 
 from gptoss import ModelConfig, random_model
-from gptoss.engine.generate import _generate_jit, bucket, prepare
+from gptoss.engine.generate import _generate_jit, bucket, prepare, row_seeds
 from gptoss.engine.sampling import SamplingParams
 
 HIGHEST = jax.lax.Precision.HIGHEST
@@ -66,7 +66,7 @@ def generate_jaxpr(model):
     graphdef, state = nnx.split(model)
     return jax.make_jaxpr(lambda s: _generate_jit(graphdef, s, toks, pos, lens, cache_len, bucket(4), jnp.int32(4),
                                                   SamplingParams().arrays(), np.full(16, -1, np.int32),
-                                                  jnp.uint32(0)))(state)
+                                                  row_seeds(0, len(prompts))))(state)
 
 
 def _assert_all_full(found, what):
