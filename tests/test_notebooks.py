@@ -1,5 +1,5 @@
-"""Notebooks run top to bottom (nbclient), both on the demo model: the quickstart (also stored with its outputs, so
-it reads well on a code host) and fine-tuning."""
+"""Notebooks run top to bottom (nbclient), all on the demo model: the quickstart (also stored with its outputs, so
+it reads well on a code host), fine-tuning and router analysis."""
 
 import os
 import re
@@ -23,8 +23,14 @@ def _finetune(outputs: str) -> None:
     assert "adapter_model.safetensors" in outputs
 
 
+def _router(outputs: str) -> None:
+    assert re.search(r"\d+ tokens", outputs) and outputs.count("router entropy") == 4
+    assert "adjacent layers choosing the same experts" in outputs and outputs.count("digits go first") == 4
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("name,check", [("01_quickstart.ipynb", _quickstart), ("02_finetune.ipynb", _finetune)])
+@pytest.mark.parametrize("name,check", [("01_quickstart.ipynb", _quickstart), ("02_finetune.ipynb", _finetune),
+                                        ("03_router_analysis.ipynb", _router)])
 def test_notebook_executes(name, check, tmp_path):
     nb = nbformat.read(os.path.join(ROOT, "notebooks", name), as_version=4)
     NotebookClient(nb, timeout=300, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}}).execute()
