@@ -8,6 +8,8 @@ import re
 
 import pytest
 
+import gptoss
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -29,4 +31,6 @@ def test_readme_python_examples_run(tmp_path, monkeypatch, capsys):
             raise AssertionError(f"README python block {i + 1} failed: {type(e).__name__}: {e}\n{code}") from e
     assert "final 5198" in capsys.readouterr().out   # the first example's printed answer
     assert (tmp_path / "out" / "demo-copy" / "config.json").exists()
+    # the copy names its tokenizer, so it loads as it was saved
+    assert gptoss.load_tokenizer(str(tmp_path / "out" / "demo-copy")).name == "harmony_bytes"
     assert (tmp_path / "out" / "tuned" / "config.json").exists()

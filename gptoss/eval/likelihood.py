@@ -26,7 +26,8 @@ NORMALIZATIONS = ("sum", "token", "byte")
 
 @functools.partial(jax.jit, static_argnums=(0, 5))
 def _window_logprobs(graphdef, state, tokens_BT, positions_BT, targets_BT, chunk):
-    """log p(targets[b, t] | tokens[b, :t+1]) [B, T], the logits made `chunk` rows at a time (never [B, T, V])."""
+    """log p(targets[b, t] | tokens[b, :t+1]) [B, T] and whether each target is the argmax, the logits made `chunk`
+    rows at a time (never [B, T, V])."""
     model = nnx.merge(graphdef, state)
     x_BTD, _, _ = model.hidden_states(tokens_BT, positions_BT, None, in_order=True)
     B, T, D = x_BTD.shape
@@ -39,10 +40,11 @@ def _window_logprobs(graphdef, state, tokens_BT, positions_BT, targets_BT, chunk
     def rows(args):
         x_CD, t_C = args
         logits_CV = model.logits(x_CD[None])[0]
-        return jnp.take_along_axis(jax.nn.log_softmax(logits_CV, axis=-1), t_C[:, None], axis=-1)[:, 0]
+        lp_C = jnp.take_along_axis(jax.nn.log_softmax(logits_CV, axis=-1), t_C[:, None], axis=-1)[:, 0]
+        return lp_C, jnp.argmax(logits_CV, axis=-1) == t_C
 
-    lp = jax.lax.map(rows, (x_ND.reshape(-1, C, D), t_N.reshape(-1, C)))
-    return lp.reshape(-1)[:N].reshape(B, T)
+    lp, greedy = jax.lax.map(rows, (x_ND.reshape(-1, C, D), t_N.reshape(-1, C)))
+    return lp.reshape(-1)[:N].reshape(B, T), greedy.reshape(-1)[:N].reshape(B, T)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -66,10 +68,10 @@ def _windows(lengths: Sequence[int], seq_len: int, stride: int) -> list[_Window]
 
 
 def token_logprobs(model, docs: Sequence[Sequence[int]], *, seq_len: int | None = None, stride: int | None = None,
-                   batch_size: int = 8, chunk: int = 512) -> list[np.ndarray]:
+                   batch_size: int = 8, chunk: int = 512, with_greedy: bool = False):
     """For each document (token ids), log p(doc[i] | doc[:i]) for i = 1..len-1 (float32 [len - 1]), each token
     scored once with up to `seq_len` tokens of context (default: the model's context), windows every `stride`
-    tokens (default seq_len // 2)."""
+    tokens (default seq_len // 2). `with_greedy`: also, per token, whether it is the model's argmax there."""
     cfg = model.config
     seq_len = min(seq_len or cfg.max_position_embeddings, cfg.max_position_embeddings)
     stride = stride or max(1, seq_len // 2)
@@ -84,6 +86,7 @@ def token_logprobs(model, docs: Sequence[Sequence[int]], *, seq_len: int | None 
             raise ValueError(f"document {i}: token id {int(d[bad[0]])} at index {int(bad[0])} is outside the "
                              f"vocabulary [0, {cfg.vocab_size})")
     out = [np.full(len(d) - 1, np.nan, np.float32) for d in docs]
+    greedy = [np.zeros(len(d) - 1, bool) for d in docs]
     windows = sorted(_windows([len(d) for d in docs], seq_len, stride), key=lambda w: -w.length)
     graphdef, state = nnx.split(model)
     for i in range(0, len(windows), batch_size):
@@ -97,14 +100,16 @@ def token_logprobs(model, docs: Sequence[Sequence[int]], *, seq_len: int | None 
             tokens[r, :w.length] = d[w.start:w.start + w.length]
             targets[r, :w.length] = d[w.start + 1:w.start + w.length + 1]
             positions[r, :w.length] = np.arange(w.length)
-        lp = np.asarray(_window_logprobs(graphdef, state, tokens, positions, targets, chunk))
+        lp, top = (np.asarray(a) for a in _window_logprobs(graphdef, state, tokens, positions, targets, chunk))
         for r, w in enumerate(group):
             k = w.first_scored
             out[w.doc][w.start + k:w.start + w.length] = lp[r, k:w.length]
-    return out
+            greedy[w.doc][w.start + k:w.start + w.length] = top[r, k:w.length]
+    return (out, greedy) if with_greedy else out
 
 
-def _prefix_id(tokenizer) -> int:
+def prefix_id(tokenizer) -> int:
+    """The token a document is scored after, so its first token is scored too (<|endoftext|>)."""
     for name in ("endoftext", "eot"):
         if getattr(tokenizer, name, None) is not None:
             return int(getattr(tokenizer, name))
@@ -118,7 +123,7 @@ def perplexity(model, tokenizer, texts: Iterable[str], *, seq_len: int | None = 
     texts = list(texts)
     if not texts:
         raise ValueError("perplexity: no texts")
-    prefix = _prefix_id(tokenizer)
+    prefix = prefix_id(tokenizer)
     docs = [[prefix, *tokenizer.encode_ordinary(t)] for t in texts]
     empty = [i for i, d in enumerate(docs) if len(d) < 2]
     if empty:

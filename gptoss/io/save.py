@@ -15,18 +15,21 @@ from flax import nnx
 from gptoss.io.keymap import QUANTIZATION_CONFIG, hf_entries
 from gptoss.io.safetensors_io import DTYPES, NAMES, write_file
 from gptoss.quant import MXFP4Array, quantize
+from gptoss.tokenizer import save_tokenizer_info
 
 DEFAULT_SHARD_BYTES = 5 * 1024**3
 _OUR_FILES = re.compile(r"^model(-\d{5}-of-\d{5})?\.safetensors$")
 
 
 def save_pretrained(model, path: str | os.PathLike, *, experts: str = "mxfp4",
-                    max_shard_bytes: int = DEFAULT_SHARD_BYTES) -> str:
+                    max_shard_bytes: int = DEFAULT_SHARD_BYTES, tokenizer=None) -> str:
     """Writes config.json and model*.safetensors (+ index when sharded) in the transformers layout.
 
     experts="mxfp4" writes `*_blocks`/`*_scales` (quantizing dense experts, lossy); "dense" writes
     transformers' dense [E, in, out] experts in the model dtype. Files are written under temporary names
-    and renamed at the end, so an interrupted save never leaves a half-written checkpoint behind.
+    and renamed at the end, so an interrupted save never leaves a half-written checkpoint behind. `tokenizer` (a
+    tokenizer or its name) is recorded in gptoss_tokenizer.json, so `load_tokenizer(path)` finds it (a model with
+    the byte-level vocabulary would otherwise get o200k).
     """
     if experts not in ("mxfp4", "dense"):
         raise ValueError(f"experts must be 'mxfp4' or 'dense', got {experts!r}")
@@ -90,6 +93,8 @@ def save_pretrained(model, path: str | os.PathLike, *, experts: str = "mxfp4",
                 os.remove(os.path.join(path, old))
         for name in staged:
             os.replace(os.path.join(tmp, name), os.path.join(path, name))
+    if tokenizer is not None:
+        save_tokenizer_info(tokenizer, path)
     return path
 
 

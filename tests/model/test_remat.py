@@ -34,7 +34,7 @@ def _trainer(layers: int, remat: bool, dtype=jnp.bfloat16) -> Trainer:
 def test_remat_gives_the_same_gradients():
     grads = []
     for remat in (False, True):
-        tr = _trainer(3, remat, jnp.float32)
+        tr = _trainer(2, remat, jnp.float32)
         batch = _batch(331)
 
         def loss(params, tr=tr, batch=batch):
@@ -51,6 +51,6 @@ def test_remat_gives_the_same_gradients():
 def test_remat_step_keeps_one_layer_of_activations():
     temps = {}
     for remat in (False, True):
-        tr = _trainer(6, remat)
+        tr = _trainer(4, remat)
         temps[remat] = tr._step.lower(tr.init(), tr.rest, _batch(331)).compile().memory_analysis().temp_size_in_bytes
     assert temps[True] < 0.5 * temps[False], temps
