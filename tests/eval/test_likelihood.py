@@ -46,7 +46,7 @@ def test_whole_documents_equal_transformers(ours, parity_hf):
         assert abs(lp.sum() - want.sum()) <= 1e-4 * abs(want.sum())
 
 
-@pytest.mark.parametrize("seq_len, stride", [(12, 5), (12, 12), (8, 1)])
+@pytest.mark.parametrize("seq_len, stride", [(12, 5), (8, 1)])
 def test_sliding_windows_score_each_token_once_with_the_promised_context(ours, parity_hf, seq_len, stride):
     """Token j is scored by the first window [k*stride, k*stride + seq_len) that reaches it: its context starts at
     that window's start. Checked token by token against transformers on exactly that context."""
