@@ -101,7 +101,7 @@ def run(cfg: EvalJobConfig) -> dict:
     os.makedirs(cfg.output_dir, exist_ok=True)
     if cfg.method == "perplexity":
         texts = read_texts(cfg.data.path, cfg.data.text_field) if cfg.data.path else \
-            [q for q in (i["question"] for i in _items(cfg.data))]
+            [i["question"] for i in _items(cfg.data)]
         return perplexity(model, tokenizer, texts, seq_len=cfg.seq_len, stride=cfg.stride, batch_size=cfg.batch_size)
     items = _items(cfg.data)
     if cfg.method == "multiple_choice":

@@ -3,10 +3,10 @@
 
 from __future__ import annotations
 
-import functools
-
 import jax
 import jax.numpy as jnp
+
+from gptoss.layers.linear import project
 
 
 def cross_entropy_sum(x_BTD, unembed_VD, targets_BT, weights_BT, *, chunk: int = 512, precision=None):
@@ -36,28 +36,12 @@ def cross_entropy_sum(x_BTD, unembed_VD, targets_BT, weights_BT, *, chunk: int =
     return total, jnp.sum(w_N)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
 def _logits(x_CD, unembed_VD, precision):
-    """fp32 logits x W^T, multiplied in the weight's dtype both ways: XLA on CPU turns a mixed fp32 x bf16 matmul into
-    an fp32 copy of the bf16 operand (2.2 GB for gpt-oss's unembedding, per use). fp32 models: unchanged."""
-    return jnp.einsum("cd,vd->cv", x_CD.astype(unembed_VD.dtype), unembed_VD, preferred_element_type=jnp.float32,
-                      precision=precision)
-
-
-def _logits_fwd(x_CD, unembed_VD, precision):
-    return _logits(x_CD, unembed_VD, precision), (x_CD, unembed_VD)
-
-
-def _logits_bwd(precision, res, g_CV):
-    x_CD, unembed_VD = res
-    g_CV = g_CV.astype(unembed_VD.dtype)
-    dx_CD = jnp.einsum("cv,vd->cd", g_CV, unembed_VD, preferred_element_type=jnp.float32, precision=precision)
-    dw_VD = jnp.einsum("cv,cd->vd", g_CV, x_CD.astype(unembed_VD.dtype), preferred_element_type=jnp.float32,
-                       precision=precision)
-    return dx_CD.astype(x_CD.dtype), dw_VD.astype(unembed_VD.dtype)
-
-
-_logits.defvjp(_logits_fwd, _logits_bwd)
+    """fp32 logits x W^T, multiplied in the weight's dtype both ways (`project`'s bf16 path has a bf16 backward):
+    XLA on CPU turns a mixed fp32 x bf16 matmul into an fp32 copy of the bf16 operand (2.2 GB for gpt-oss's
+    unembedding, per use). fp32 models: a plain fp32 einsum."""
+    return project("cd,vd->cv", x_CD.astype(unembed_VD.dtype), unembed_VD, preferred_element_type=jnp.float32,
+                   precision=precision)
 
 
 def load_balancing_loss(router_logits_LBTE, top_k: int, mask_BT=None):
