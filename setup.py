@@ -28,13 +28,15 @@ UNITS = {
     "mxfp4_avx2.cc": (["-mavx2", "-mfma"], "GPTOSS_HAVE_AVX2"),
     "mxfp4_avx512.cc": (["-mavx512f", "-mavx512bw", "-mavx512dq", "-mavx512vl", "-mfma"], "GPTOSS_HAVE_AVX512"),
     "dense_scalar.cc": ([], None),
+    "dense_avx2.cc": (["-mavx2", "-mfma"], "GPTOSS_HAVE_DENSE_AVX2"),
     "dense_avx512.cc": (["-mavx512f", "-mavx512bw", "-mfma"], "GPTOSS_HAVE_DENSE_AVX512"),
     "mxfp4_amx.cc": (["-mavx512f", "-mavx512bw", "-mavx512dq", "-mavx512vl", "-mavx512bf16", "-mfma", "-mamx-tile",
                       "-mamx-bf16"], "GPTOSS_HAVE_AMX"),
+    "mxfp4_amx_emulated.cc": ([], None),  # the AMX algorithm on emulated tile instructions, for tests on any CPU
 }
 DRIVER = "mxfp4_matmul.cc"
 COMMON = ["pool.cc", "dense_matmul.cc"]  # compiled without ISA flags, like the driver
-HEADERS = ["mxfp4_kernel.h", "mxfp4_tile_loop.h", "mxfp4_tile_t_loop.h", "pool.h", "dense_kernel.h"]
+HEADERS = ["mxfp4_kernel.h", "mxfp4_tile_loop.h", "mxfp4_tile_t_loop.h", "mxfp4_amx_loop.h", "pool.h", "dense_kernel.h"]
 BASE_FLAGS = ["-O3", "-std=c++17", "-fPIC", "-fvisibility=hidden", "-pthread"]
 
 

@@ -1,5 +1,5 @@
 // Dense matmul with bf16 (or fp32) weights, y [M, N] fp32 = x [M, K] . W: the interface shared by the
-// per-ISA translation units (dense_scalar.cc, dense_avx512.cc) and the driver (dense_matmul.cc).
+// per-ISA translation units (dense_scalar.cc, dense_avx2.cc, dense_avx512.cc) and the driver (dense_matmul.cc).
 //
 // Two weight layouts, both read in place:
 //   rows (w_nk = 1): W is [N, K], row n holds output n's weights (a dot product per output row);
@@ -32,7 +32,9 @@ using DenseFn = void (*)(const DenseTask&);
 
 void dense_rows_scalar(const DenseTask& t);
 void dense_cols_scalar(const DenseTask& t);
-// AVX-512 (F + BW) paths; the driver checks that they were linked in and that the CPU has the features.
+// AVX2 + FMA and AVX-512 (F + BW) paths; the driver checks that they were linked in and that the CPU has them.
+void dense_rows_avx2(const DenseTask& t);
+void dense_cols_avx2(const DenseTask& t);
 void dense_rows_avx512(const DenseTask& t);
 void dense_cols_avx512(const DenseTask& t);
 

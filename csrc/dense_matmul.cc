@@ -21,15 +21,18 @@
 namespace ffi = xla::ffi;
 
 namespace gptoss {
-// Weak: null when dense_avx512.cc was not built (no x86-64, or a compiler without AVX-512 support).
+// Weak: null when dense_avx{2,512}.cc were not built (no x86-64, or a compiler without the ISA's support).
+void dense_rows_avx2(const DenseTask& t) __attribute__((weak));
+void dense_cols_avx2(const DenseTask& t) __attribute__((weak));
 void dense_rows_avx512(const DenseTask& t) __attribute__((weak));
 void dense_cols_avx512(const DenseTask& t) __attribute__((weak));
 void tile_amx_bf16(const AmxTile& t) __attribute__((weak));  // mxfp4_amx.cc, when built
 
 namespace {
 
-// kAmx: the AVX-512 paths, plus AMX tiles for bf16 x, bf16 [N, K] weights and prefill-sized M.
-enum DenseIsa { kScalar = 0, kAvx512 = 1, kAmx = 2 };
+// kAmx: the AVX-512 paths, plus AMX tiles for bf16 x, bf16 [N, K] weights and prefill-sized M. kAmxEmulated
+// (outside the cap order; tests): the same tiles on tile_amx_bf16_emulated, the best vector path elsewhere.
+enum DenseIsa { kScalar = 0, kAvx2 = 1, kAvx512 = 2, kAmx = 3, kAmxEmulated = 4 };
 
 int BestIsa() {
 #if defined(__x86_64__) || defined(__i386__)
@@ -37,15 +40,27 @@ int BestIsa() {
   if (&dense_rows_avx512 != nullptr && &dense_cols_avx512 != nullptr && __builtin_cpu_supports("avx512f") &&
       __builtin_cpu_supports("avx512bw"))
     return &tile_amx_bf16 != nullptr && amx_usable() ? kAmx : kAvx512;
+  if (&dense_rows_avx2 != nullptr && &dense_cols_avx2 != nullptr && __builtin_cpu_supports("avx2") &&
+      __builtin_cpu_supports("fma"))
+    return kAvx2;
 #endif
   return kScalar;
 }
 
 int InitialIsa() {
-  const char* env = std::getenv("GPTOSS_MXFP4_ISA");  // the library-wide cap (for tests): scalar/avx2/avx512
-  if (env != nullptr && (std::string(env) == "scalar" || std::string(env) == "avx2")) return kScalar;
+  // the library-wide cap (for tests): scalar/avx2/avx512, or amx_emulated
+  const char* env = std::getenv("GPTOSS_MXFP4_ISA");
+  if (env != nullptr && std::string(env) == "scalar") return kScalar;
+  if (env != nullptr && std::string(env) == "avx2") return std::min(BestIsa(), static_cast<int>(kAvx2));
   if (env != nullptr && std::string(env) == "avx512") return std::min(BestIsa(), static_cast<int>(kAvx512));
+  if (env != nullptr && std::string(env) == "amx_emulated") return kAmxEmulated;
   return BestIsa();
+}
+
+// The vector path an ISA choice runs outside the AMX tiles.
+int VectorIsa(int isa) {
+  static const int best = BestIsa();
+  return isa == kAmxEmulated ? std::min(best, static_cast<int>(kAvx512)) : isa;
 }
 
 std::atomic<int> g_isa{InitialIsa()};
@@ -110,12 +125,19 @@ int64_t CeilDiv(int64_t a, int64_t b) { return (a + b - 1) / b; }
 constexpr int64_t kAmxMinTokens = 4;
 constexpr int64_t kAmxRows = 32, kAmxTokenBlock = 256;  // a block's packed inputs (<= 1.5 MB at K = 2880) stay in L2
 
-bool AmxServes(const Problem& pr) {
-  return g_isa.load() == kAmx && pr.x_bf16 && !pr.w_f32 && pr.w_nk && pr.K % 32 == 0 && pr.M >= kAmxMinTokens;
+// The tile function of the AMX path, or null where the ISA choice has none.
+AmxFn AmxFor(int isa) {
+  if (isa == kAmx) return tile_amx_bf16;
+  return isa == kAmxEmulated ? tile_amx_bf16_emulated : nullptr;
+}
+
+bool AmxServes(const Problem& pr, int isa) {
+  return AmxFor(isa) != nullptr && pr.x_bf16 && !pr.w_f32 && pr.w_nk && pr.K % 32 == 0 && pr.M >= kAmxMinTokens;
 }
 
 // One task per (32 weight rows, token block); the weight rows are the A tiles, read in place.
 struct AmxJob {
+  AmxFn fn;  // tile_amx_bf16, or its emulation
   const Problem* pr;
   int64_t G, blocks;
   std::vector<uint32_t> xb;  // token tiles of all M tokens, G * 256 words each
@@ -130,12 +152,12 @@ void AmxTask(void* ctx, int64_t i) {
   const AmxTile t{static_cast<const uint8_t*>(pr.w) + n0 * pr.K * 2, nullptr, j.G, std::min(kAmxRows, pr.N - n0),
                   j.xb.data() + (t0 / 16) * j.G * 256, std::min(kAmxTokenBlock, pr.M - t0), j.ys.data() + t0, n0,
                   nullptr, wbuf};
-  tile_amx_bf16(t);
+  j.fn(t);
 }
 
-void ComputeAmx(const Problem& pr) {
+void ComputeAmx(const Problem& pr, AmxFn fn) {
   AmxJob j;
-  j.pr = &pr, j.G = pr.K / 32, j.blocks = CeilDiv(pr.M, kAmxTokenBlock);
+  j.fn = fn, j.pr = &pr, j.G = pr.K / 32, j.blocks = CeilDiv(pr.M, kAmxTokenBlock);
   j.xb.assign(static_cast<size_t>(CeilDiv(pr.M, 16) * j.G * 256), 0u);
   j.ys.resize(pr.M);
   for (int64_t m = 0; m < pr.M; ++m) {
@@ -151,19 +173,26 @@ void Compute(const Problem& pr) {
     std::fill(pr.y, pr.y + pr.M * pr.N, 0.0f);
     return;
   }
-  if (AmxServes(pr)) {
-    ComputeAmx(pr);
+  const int isa = g_isa.load();
+  if (AmxServes(pr, isa)) {
+    ComputeAmx(pr, AmxFor(isa));
     return;
   }
-  const bool vec = g_isa.load() >= kAvx512;
+  const int vec_isa = VectorIsa(isa);
+  const bool vec = vec_isa >= kAvx2, avx512 = vec_isa >= kAvx512;
   Job j;
-  j.fn = vec ? (pr.w_nk ? dense_rows_avx512 : dense_cols_avx512) : (pr.w_nk ? dense_rows_scalar : dense_cols_scalar);
-  const bool pad = vec && pr.w_nk;  // the vector rows path reads x 32 elements at a time
+  if (avx512)
+    j.fn = pr.w_nk ? dense_rows_avx512 : dense_cols_avx512;
+  else if (vec)
+    j.fn = pr.w_nk ? dense_rows_avx2 : dense_cols_avx2;
+  else
+    j.fn = pr.w_nk ? dense_rows_scalar : dense_cols_scalar;
+  const bool pad = vec && pr.w_nk;  // the vector rows paths read x 16 or 32 elements at a time
   const int64_t ldx = pad ? CeilDiv(pr.K, 32) * 32 : pr.K;
   thread_local std::vector<float> xp;
   const float* x = static_cast<const float*>(pr.x);
   if (pr.x_bf16 || pad) {
-    PrepareInputs(pr, ldx, pad && !pr.w_f32, xp);
+    PrepareInputs(pr, ldx, avx512 && pr.w_nk && !pr.w_f32, xp);  // the AVX-512 bf16 rows path's order
     x = xp.data();
   }
   j.base = DenseTask{pr.w, pr.w_f32, x, ldx, pr.y, pr.M, pr.K, pr.N, 0, pr.N};
@@ -261,9 +290,10 @@ GPTOSS_EXPORT int gptoss_dense_matmul(const void* x, int x_bf16, const void* w, 
 GPTOSS_EXPORT int gptoss_dense_best_isa() { return gptoss::BestIsa(); }
 GPTOSS_EXPORT int gptoss_dense_isa() { return gptoss::g_isa.load(); }
 
-// 0 scalar, 1 AVX-512, 2 AMX (AVX-512 plus tiles for prefill-sized bf16 [N, K] products), capped at what the CPU and the build support; returns the ISA now in use.
+// 0 scalar, 1 AVX-512, 2 AMX (AVX-512 plus tiles for prefill-sized bf16 [N, K] products), capped at what the CPU
+// and the build support, or 3 the AMX path emulated (any CPU; tests); returns the ISA now in use.
 GPTOSS_EXPORT int gptoss_dense_set_isa(int isa) {
-  gptoss::g_isa.store(std::max(0, std::min(isa, gptoss::BestIsa())));
+  gptoss::g_isa.store(isa == gptoss::kAmxEmulated ? isa : std::max(0, std::min(isa, gptoss::BestIsa())));
   return gptoss::g_isa.load();
 }
 

@@ -66,6 +66,8 @@ struct AmxTile {
   uint16_t* wbuf;          // 64-byte aligned scratch of 2 * G * 512 bf16 (the dequantized rows)
 };
 
+using AmxFn = void (*)(const AmxTile&);
+
 void tile_scalar(const Tile& t);
 void tile_avx2(const Tile& t);    // linked in when GPTOSS_HAVE_AVX2 is defined
 void tile_avx512(const Tile& t);  // linked in when GPTOSS_HAVE_AVX512 is defined
@@ -76,6 +78,9 @@ void tile_t_avx2(const TTile& t);
 void tile_t_avx512(const TTile& t);
 // The same for dense bf16 rows: w points at `rows` rows of G * 32 bf16 (row r at w + r * G * 64 bytes).
 void tile_amx_bf16(const AmxTile& t);
+// The same two on a portable emulation of the tile instructions (mxfp4_amx_emulated.cc, every build; for tests).
+void tile_amx_emulated(const AmxTile& t);
+void tile_amx_bf16_emulated(const AmxTile& t);
 // This thread's 64-byte aligned AmxTile::wbuf for rows of G blocks (grown as needed, reused across calls).
 uint16_t* amx_scratch(int64_t G);
 // Writes token i's bf16 row (K elements, K % 32 == 0) into the AMX token tiles at `tiles` (zeroed beforehand).

@@ -14,6 +14,8 @@
 //                          and multiplies it with a block of that expert's inputs (register-tiled GEMM).
 //                          With bf16 inputs on a CPU with AMX (mxfp4_amx.cc), the chunk is dequantized to bf16
 //                          in L2 and multiplied on the tile unit instead: ~4x the FMA path's throughput.
+//                          The ISA "amx_emulated" runs the same algorithm on a portable emulation of the tile
+//                          instructions (mxfp4_amx_emulated.cc), on any CPU: how tests cover it without AMX.
 // The transposed product splits each expert's (or pair's) work over ranges of whole 32-blocks of K instead: each
 // weight block is decoded once per pass and multiplied into the accumulators of several tokens, and the packed
 // rows of an expert are streamed once for all of its pairs (grouped) or once per pair (gather). No AMX version:
@@ -77,8 +79,8 @@ void pack_token(const uint16_t* x_row, int64_t K, int64_t i, uint32_t* tiles) {
 namespace {
 
 // ------------------------------------------------------------------------------------------ ISA choice
-enum Isa { kScalar = 0, kAvx2 = 1, kAvx512 = 2, kAmx = 3 };
-
+// kAmxEmulated is outside the cap order: the AMX path on tile_amx_emulated, the best vector path elsewhere.
+enum Isa { kScalar = 0, kAvx2 = 1, kAvx512 = 2, kAmx = 3, kAmxEmulated = 4 };
 
 // The best path both compiled in and supported by this CPU.
 int best_isa() {
@@ -100,7 +102,22 @@ int best_isa() {
   return kScalar;
 }
 
+// The vector path an ISA choice runs outside the AMX tiles.
+int vector_isa(int isa) {
+  static const int best = best_isa();
+  return isa == kAmxEmulated ? std::min(best, static_cast<int>(kAvx512)) : isa;
+}
+
+// The tile function of the AMX path, or null where the ISA choice has none.
+AmxFn amx_fn(int isa) {
+#if defined(GPTOSS_HAVE_AMX)
+  if (isa == kAmx) return tile_amx;
+#endif
+  return isa == kAmxEmulated ? tile_amx_emulated : nullptr;
+}
+
 TileFn tile_fn(int isa) {
+  isa = vector_isa(isa);
 #if defined(GPTOSS_HAVE_AVX512)
   if (isa >= kAvx512) return tile_avx512;
 #endif
@@ -111,6 +128,7 @@ TileFn tile_fn(int isa) {
 }
 
 TTileFn tile_t_fn(int isa) {
+  isa = vector_isa(isa);
 #if defined(GPTOSS_HAVE_AVX512)
   if (isa >= kAvx512) return tile_t_avx512;
 #endif
@@ -127,6 +145,7 @@ int initial_isa() {
     if (v == "scalar") isa = kScalar;
     else if (v == "avx2") isa = std::min(isa, static_cast<int>(kAvx2));
     else if (v == "avx512") isa = std::min(isa, static_cast<int>(kAvx512));
+    else if (v == "amx_emulated") isa = kAmxEmulated;
   }
   return isa;
 }
@@ -277,10 +296,10 @@ std::vector<int64_t> UnskippedPairs(const Problem& pr, int64_t width) {
   return pairs;
 }
 
-#if defined(GPTOSS_HAVE_AMX)
 // AMX grouped path: each expert's inputs are packed once into token tiles, then one task per (expert, 32 rows)
 // dequantizes those rows to bf16 and multiplies them with all of the expert's tokens.
 struct AmxJob {
+  AmxFn fn;  // tile_amx, or its emulation
   const Problem* pr;
   int64_t G, chunks;
   struct Group { int64_t e, first, count, xb; };  // xb: offset of the group's token tiles in `xb`
@@ -298,14 +317,14 @@ void AmxTask(void* ctx, int64_t task) {
   uint16_t* wbuf = amx_scratch(j.G);
   AmxTile t{j.pr->blocks + (grp.e * N + n0) * j.G * 16, j.pr->scales + (grp.e * N + n0) * j.G, j.G,
             std::min(kAmxRows, N - n0), j.xb.data() + grp.xb, grp.count, &j.ys[grp.first], n0, g_bf16_lut.v, wbuf};
-  tile_amx(t);
+  j.fn(t);
 }
 
-void ComputeAmx(const Problem& pr, Pool& workers) {
+void ComputeAmx(const Problem& pr, Pool& workers, AmxFn fn) {
   std::vector<int64_t> start, order;
   SortPairs(pr, start, order);
   AmxJob j;
-  j.pr = &pr, j.G = pr.K / 32, j.chunks = (pr.N + kAmxRows - 1) / kAmxRows;
+  j.fn = fn, j.pr = &pr, j.G = pr.K / 32, j.chunks = (pr.N + kAmxRows - 1) / kAmxRows;
   const int64_t tile_words = j.G * 256;
   int64_t words = 0;
   for (int64_t e = 0; e < pr.E; ++e) {
@@ -325,7 +344,6 @@ void ComputeAmx(const Problem& pr, Pool& workers) {
     }
   workers.Run(static_cast<int64_t>(j.groups.size()) * j.chunks, AmxTask, &j);
 }
-#endif
 
 // Returns "" on success, else an error message.
 std::string Compute(const Problem& pr, bool grouped) {
@@ -341,12 +359,10 @@ std::string Compute(const Problem& pr, bool grouped) {
   }
   Pool& workers = pool();
   const int isa = g_isa.load();
-#if defined(GPTOSS_HAVE_AMX)
-  if (grouped && pr.x_bf16 && isa >= kAmx) {
-    ComputeAmx(pr, workers);
+  if (const AmxFn fn = amx_fn(isa); fn != nullptr && grouped && pr.x_bf16) {
+    ComputeAmx(pr, workers, fn);
     return "";
   }
-#endif
   thread_local std::vector<float> xp;
   PermuteInputs(pr, xp);
   j.fn = tile_fn(isa);
@@ -528,9 +544,10 @@ GPTOSS_EXPORT int gptoss_mxfp4_matmul_t(const void* dy, int dy_bf16, const uint8
 GPTOSS_EXPORT int gptoss_mxfp4_best_isa() { return gptoss::best_isa(); }
 GPTOSS_EXPORT int gptoss_mxfp4_isa() { return gptoss::g_isa.load(); }
 
-// 0 scalar, 1 AVX2, 2 AVX-512, capped at what the CPU supports; returns the ISA now in use.
+// 0 scalar, 1 AVX2, 2 AVX-512, 3 AMX, capped at what the CPU supports, or 4 the AMX path emulated (any CPU);
+// returns the ISA now in use.
 GPTOSS_EXPORT int gptoss_mxfp4_set_isa(int isa) {
-  gptoss::g_isa.store(std::max(0, std::min(isa, gptoss::best_isa())));
+  gptoss::g_isa.store(isa == gptoss::kAmxEmulated ? isa : std::max(0, std::min(isa, gptoss::best_isa())));
   return gptoss::g_isa.load();
 }
 

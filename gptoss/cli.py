@@ -20,8 +20,8 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
     p.add_argument("--experts", default="auto", choices=["auto", "mxfp4", "dense"],
                    help="auto keeps the checkpoint's format; mxfp4 / dense convert")
-    p.add_argument("--kernels", default=None, choices=["auto", "xla", "cpu"],
-                   help="CPU kernels or pure XLA (default: $GPTOSS_KERNELS or auto)")
+    p.add_argument("--kernels", default=None, choices=["auto", "xla", "cpu", "pallas"],
+                   help="CPU kernels, Pallas GPU kernels or pure XLA (default: $GPTOSS_KERNELS or auto)")
 
 
 def _add_sampling_args(p: argparse.ArgumentParser, max_new: int) -> None:

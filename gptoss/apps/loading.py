@@ -29,7 +29,7 @@ class ModelSpec:
     dtype: str = "bfloat16"
     experts: str = "auto"  # keep the checkpoint's format; "mxfp4" / "dense" convert
     moe_impl: str = "auto"
-    kernels: str | None = None  # "auto" | "xla" | "cpu"; None: $GPTOSS_KERNELS or "auto"
+    kernels: str | None = None  # "auto" | "xla" | "cpu" | "pallas"; None: $GPTOSS_KERNELS or "auto"
     seed: int = 0
     mesh: dict | None = None  # e.g. {data: 1, expert: 8, tensor: 1}: sharded over devices (gptoss.sharding)
 

@@ -28,7 +28,9 @@ import numpy as np
 from gptoss.kernels import mxfp4_cpu
 
 TARGET = "gptoss_dense_matmul"
-ISAS = ("scalar", "avx512", "amx")
+ISAS = ("scalar", "avx2", "avx512", "amx")
+AMX_EMULATED = mxfp4_cpu.AMX_EMULATED  # the tile path on emulated AMX instructions, any CPU (tests); not in serves
+_ISA_CODES = (*ISAS, AMX_EMULATED)
 # Kernel for M <= these many tokens; measured crossovers against XLA:CPU (benchmarks/dense_kernel.py, 2 cores):
 MAX_TOKENS = 128  # vs einsums XLA runs by converting the weight to fp32 (bf16 result): XLA still 1.2x slower at 192
 MAX_TOKENS_VS_BF16_GEMM = 4  # vs bf16 x and W with an fp32 result: XLA's own bf16 GEMM, faster from 3-6 tokens
@@ -123,17 +125,17 @@ _matmul.defvjp(_matmul_fwd, _matmul_bwd)
 
 # ------------------------------------------------------------------------------------------------- tuning
 def set_isa(isa: str) -> str:
-    """Caps the vector path ('scalar', 'avx512', 'amx': AVX-512 plus AMX tiles for prefill-sized bf16 x times
-    bf16 [N, K]) at what the CPU and build support; returns the one in use."""
+    """Caps the vector path ('scalar', 'avx2', 'avx512', 'amx': AVX-512 plus AMX tiles for prefill-sized bf16 x times
+    bf16 [N, K]) at what the CPU and build support, or selects AMX_EMULATED (any CPU); returns the one in use."""
     lib = load_library()
     if lib is None:
         raise RuntimeError(f"the dense CPU kernel is unavailable: {_state['error']}")
-    return ISAS[lib.gptoss_dense_set_isa(ISAS.index(isa))]
+    return _ISA_CODES[lib.gptoss_dense_set_isa(_ISA_CODES.index(isa))]
 
 
 def isa() -> str:
     lib = load_library()
-    return ISAS[lib.gptoss_dense_isa()] if lib is not None else "unavailable"
+    return _ISA_CODES[lib.gptoss_dense_isa()] if lib is not None else "unavailable"
 
 
 def best_isa() -> str:

@@ -39,6 +39,10 @@ from gptoss.quant.mxfp4 import MXFP4Array
 TARGET = "gptoss_mxfp4_matmul"
 LIB_NAME = "libgptoss_mxfp4.so"
 ISAS = ("scalar", "avx2", "avx512", "amx")
+# Outside the cap order: the AMX path's algorithm (packing, bf16 table, tile loop) on a portable emulation of the
+# tile instructions, the best vector path elsewhere; any CPU (how tests cover the AMX code without AMX). Slow.
+AMX_EMULATED = "amx_emulated"
+_ISA_CODES = (*ISAS, AMX_EMULATED)  # the library's ISA numbers
 
 
 _lock = threading.Lock()
@@ -172,16 +176,16 @@ _matmul_t.defvjp(_matmul_t_fwd, _matmul_t_bwd)
 # ------------------------------------------------------------------------------------------------- tuning
 def set_isa(isa: str) -> str:
     """Caps the vector path ('scalar', 'avx2', 'avx512', 'amx': AVX-512 plus AMX tiles for grouped bf16 inputs) at what
-    the CPU supports; returns the one in use."""
+    the CPU supports, or selects AMX_EMULATED (any CPU); returns the one in use."""
     lib = load_library()
     if lib is None:
         raise RuntimeError(f"the MXFP4 CPU kernel is unavailable: {_state['error']}")
-    return ISAS[lib.gptoss_mxfp4_set_isa(ISAS.index(isa))]
+    return _ISA_CODES[lib.gptoss_mxfp4_set_isa(_ISA_CODES.index(isa))]
 
 
 def isa() -> str:
     lib = load_library()
-    return ISAS[lib.gptoss_mxfp4_isa()] if lib is not None else "unavailable"
+    return _ISA_CODES[lib.gptoss_mxfp4_isa()] if lib is not None else "unavailable"
 
 
 def set_num_threads(n: int) -> int:

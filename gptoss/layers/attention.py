@@ -8,6 +8,8 @@ import jax.numpy as jnp
 from flax import nnx
 
 from gptoss.config import ModelConfig
+from gptoss.kernels.attention_pallas import flash_attend_pallas
+from gptoss.layers.flash import attend_flash
 from gptoss.layers.kv_cache import LayerCache
 from gptoss.layers.linear import project
 from gptoss.layers.lora import AttentionLoRA
@@ -48,10 +50,20 @@ def attend(q_BTNH, k_BSKH, v_BSKH, sinks_N, q_pos_BT, k_pos_BS, *, window: int |
     return out_BKMH.reshape(B, K, G, T, H).transpose(0, 3, 1, 2, 4).reshape(B, T, N, H)
 
 
+QUERY_BLOCK = 128
+FLASH_FROM = 1024
+
+
+def uses_flash(T: int, S: int) -> bool:
+    """Whether attend_blocked runs attend_flash for T queries over S keys: past FLASH_FROM queries, or once the score
+    matrix outgrows a FLASH_FROM-token prompt's (a chunk against a long cache). Below, unrolled blocks are faster on
+    CPU (~1.8x at T = 512)."""
+    return T > 1 and (T > FLASH_FROM or T * S > FLASH_FROM * FLASH_FROM)
+
+
 def query_block(T: int) -> int:
-    """Query rows per block of attend_blocked: 128, grown past T = 2048 so that a prompt is at most 16 blocks
-    (each block is traced separately)."""
-    return max(128, -(-T // (16 * 128)) * 128)
+    """Query rows per block of attend_blocked."""
+    return QUERY_BLOCK
 
 
 def attend_blocked(q_BTNH, k_BSKH, v_BSKH, sinks_N, q_pos_BT, k_pos_BS, *, window: int | None, scale: float,
@@ -60,9 +72,13 @@ def attend_blocked(q_BTNH, k_BSKH, v_BSKH, sinks_N, q_pos_BT, k_pos_BS, *, windo
     (a cache: any order, always kept) and, of the rest (this chunk's own keys, key i = query i), those from the
     block's window start to its last query. Same result as attend() when each row's non-negative positions are
     its indices plus a constant (prompts in order, padding < 0), since then no allowed key lies outside the slice;
-    a causal prefill then computes ~5/8 of the T x T scores at T = 512 (half with the 128-token window), and XLA's
-    temporaries shrink to 0.3-0.55x of the whole fp32 score matrix (it keeps several blocks in flight, not one)."""
+    a causal prefill then computes ~5/8 of the T x T scores at T = 512 (half with the 128-token window). XLA keeps
+    several unrolled blocks in flight (0.3-0.55x of the whole fp32 score matrix), so for long prompts or long caches
+    (`uses_flash`) this is attend_flash, whose temporaries are one block's and which skips empty cache blocks."""
     T = q_BTNH.shape[1]
+    if uses_flash(T, k_BSKH.shape[1]):
+        return attend_flash(q_BTNH, k_BSKH, v_BSKH, sinks_N, q_pos_BT, k_pos_BS, window=window, scale=scale,
+                            precision=precision)
     block = query_block(T)
     if T <= block:
         return attend(q_BTNH, k_BSKH, v_BSKH, sinks_N, q_pos_BT, k_pos_BS, window=window, scale=scale,
@@ -135,6 +151,8 @@ class Attention(nnx.Module):
         sinks = self.sinks_N[...]
         attend_ = functools.partial(attend, precision=rt.precision)
         run = functools.partial(attend_blocked, n_prefix=0, precision=rt.precision) if in_order else attend_
+        if rt.pallas_kernels:  # one flash kernel for prefill, chunks and decode (packed training rows stay XLA)
+            attend_ = run = functools.partial(flash_attend_pallas, precision=rt.precision)
         if segments_BT is not None:  # packed rows (training): no cache, positions restart per segment
             if cache is not None:
                 raise ValueError("segment ids are for packed training rows; they cannot be used with a KV cache")
@@ -153,7 +171,7 @@ class Attention(nnx.Module):
         keys = jnp.concatenate([cache.k_BSKH, k.astype(cache.k_BSKH.dtype)], axis=1)
         values = jnp.concatenate([cache.v_BSKH, v.astype(cache.v_BSKH.dtype)], axis=1)
         key_pos = jnp.concatenate([cache.pos_BS, positions_BT], axis=1)
-        if in_order:
+        if in_order and not rt.pallas_kernels:
             run = functools.partial(attend_blocked, n_prefix=cache.k_BSKH.shape[1], precision=rt.precision)
         o = run(q, keys, values, sinks, positions_BT, key_pos, window=self.window, scale=self.scale)
         return self.output(o, rt), cache.write(k, v, positions_BT)

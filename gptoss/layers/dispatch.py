@@ -11,8 +11,8 @@ Each strategy is a `Rows` object with four operations that `gptoss.layers.expert
                 (gptoss.layers.grouped.grouped_matmul, differentiable). Prefill and training.
 
 Skipped pairs (negative expert index) contribute zero. With `cpu_kernels`, packed experts in the gather and
-grouped layouts go to the MXFP4 CPU kernel (which does no work for skipped pairs); everything else, and the
-reference twin of the kernel, is XLA.
+grouped layouts go to the MXFP4 CPU kernel (which does no work for skipped pairs); with `pallas`, to the Pallas
+kernels (gptoss.kernels.mxfp4_pallas; GPUs); everything else, and the reference twin of the kernels, is XLA.
 """
 
 from __future__ import annotations
@@ -20,8 +20,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from gptoss.kernels import mxfp4_cpu
-from gptoss.layers.grouped import grouped_matmul
+from gptoss.kernels import mxfp4_cpu, mxfp4_pallas
+from gptoss.layers.grouped import grouped_matmul, zeros_after
 from gptoss.manual_axes import varying_like
 from gptoss.quant import MXFP4Array, as_dense
 
@@ -33,21 +33,27 @@ def acc(dtype):
     return jnp.promote_types(F32, dtype)
 
 
-def make_rows(strategy: str, idx_TK, num_experts: int, *, cpu_kernels: bool = False, precision=None):
+def make_rows(strategy: str, idx_TK, num_experts: int, *, cpu_kernels: bool = False, pallas: bool = False,
+              precision=None):
     cls = {"dense": DenseRows, "gather": GatherRows, "grouped": GroupedRows}[strategy]
-    return cls(idx_TK, num_experts, cpu_kernels=cpu_kernels, precision=precision)
+    return cls(idx_TK, num_experts, cpu_kernels=cpu_kernels, pallas=pallas, precision=precision)
 
 
 class Rows:
-    def __init__(self, idx_TK, num_experts: int, *, cpu_kernels: bool = False, precision=None):
+    def __init__(self, idx_TK, num_experts: int, *, cpu_kernels: bool = False, pallas: bool = False,
+                 precision=None):
         self.idx_TK = jnp.asarray(idx_TK, jnp.int32)
         self.T, self.K = self.idx_TK.shape
         self.E = num_experts
         self.kernels = cpu_kernels
+        self.pallas = pallas
         self.precision = precision
 
     def _kernel(self, w) -> bool:
         return self.kernels and isinstance(w, MXFP4Array)
+
+    def _pallas(self, w, x) -> bool:
+        return self.pallas and isinstance(w, MXFP4Array) and x.dtype in (jnp.float32, jnp.bfloat16)
 
     def _einsum(self, spec, x, w):
         return jnp.einsum(spec, x, w, preferred_element_type=acc(x.dtype), precision=self.precision)
@@ -83,6 +89,8 @@ class GatherRows(Rows):
     def matmul_in(self, x_TD, w):
         if self._kernel(w):
             y = mxfp4_cpu.mx_gather_matmul(x_TD, w, self.idx_TK, grouped=False)
+        elif self._pallas(w, x_TD):
+            y = mxfp4_pallas.mx_gather_pallas(x_TD, w, self.idx_TK)
         else:
             y = self._einsum("td,tknd->tkn", x_TD, _take(w, self.safe_TK, x_TD.dtype))
         return y.reshape(self.T * self.K, -1)
@@ -90,6 +98,8 @@ class GatherRows(Rows):
     def matmul(self, r_AK, w):
         if self._kernel(w):
             return mxfp4_cpu.mx_gather_matmul(r_AK, w, self.idx_TK.reshape(-1, 1), grouped=False)[:, 0]
+        if self._pallas(w, r_AK):
+            return mxfp4_pallas.mx_gather_pallas(r_AK, w, self.idx_TK.reshape(-1, 1))[:, 0]
         return self._einsum("ak,ank->an", r_AK, _take(w, self.safe_TK.reshape(-1), r_AK.dtype))
 
     def take(self, b_EN):
@@ -122,14 +132,15 @@ class GroupedRows(Rows):
         if self._kernel(w):
             skipped_as_negative = jnp.where(self.expert < self.E, self.expert, -1)
             return mxfp4_cpu.mx_gather_matmul(r_AK, w, skipped_as_negative[:, None], grouped=True)[:, 0]
-        return grouped_matmul(r_AK, w, self.counts, tile=self.tile, precision=self.precision)
+        return grouped_matmul(r_AK, w, self.counts, tile=self.tile, precision=self.precision, pallas=self.pallas)
 
     def take(self, b_EN):
         return jnp.take(b_EN, self.expert, axis=0, mode="fill", fill_value=0).astype(acc(b_EN.dtype))
 
     def combine(self, y_AD, w_TK):
         w_A = jnp.where(self.expert < self.E, w_TK.reshape(-1)[self.order], 0.0).astype(y_AD.dtype)
-        return jax.ops.segment_sum(y_AD * w_A[:, None], self.token, num_segments=self.T)
+        # (segment_sum's zeros would be scheduled at program start by XLA:CPU, alive through every layer)
+        return zeros_after((self.T, y_AD.shape[1]), y_AD.dtype, y_AD).at[self.token].add(y_AD * w_A[:, None])
 
 
 def _take(w, idx, dtype):

@@ -100,15 +100,16 @@ def swiglu(h_TF, limit: float, alpha: float):
 
 
 def moe_ffn(x_TD, idx_TK, w_TK, ew: ExpertWeights, *, moe_impl: str = "auto", cpu_kernels: bool = False,
-            precision=None, tp: TensorParallel | None = None) -> jax.Array:
+            pallas: bool = False, precision=None, tp: TensorParallel | None = None) -> jax.Array:
     """sum_k w_tk * FFN_{idx_tk}(x_t), float32 [T, D]. idx_TK int [T, K] (negative: skipped), w_TK [T, K].
 
     `moe_impl` picks the strategy (see module docstring); `cpu_kernels` lets packed experts go to the MXFP4 CPU
-    kernel; `precision` goes to every XLA matmul (HIGHEST for float32 models); `tp` is the sharded MoE's hook.
+    kernel, `pallas` to the Pallas kernels (GPU); `precision` goes to every XLA matmul (HIGHEST for float32
+    models); `tp` is the sharded MoE's hook.
     """
     T, K = idx_TK.shape
     rows = make_rows(choose_strategy(moe_impl, T, K, ew.num_experts), idx_TK, ew.num_experts,
-                     cpu_kernels=cpu_kernels, precision=precision)
+                     cpu_kernels=cpu_kernels, pallas=pallas, precision=precision)
     ad = ew.adapters
     gather_mid = (tp and tp.gather_mid) or (lambda a: a)
     reduce = (tp and tp.reduce) or (lambda a: a)

@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from gptoss.kernels import mxfp4_pallas
 from gptoss.manual_axes import cotangent_like, varying_like
 from gptoss.quant import MXFP4Array
 
@@ -28,26 +29,31 @@ def default_tile(rows: int, num_experts: int) -> int:
     return int(min(256, max(8, 1 << max(0, (rows // max(num_experts, 1) - 1)).bit_length())))
 
 
-def grouped_matmul(x_AK, w_ENK, counts_E, *, tile: int | None = None, precision=None) -> jax.Array:
+def grouped_matmul(x_AK, w_ENK, counts_E, *, tile: int | None = None, precision=None, pallas: bool = False
+                   ) -> jax.Array:
     """x [A, K] sorted by expert, W [E, N, K] (dense or MXFP4Array), counts int [E] -> float32 [A, N] (float64
-    for float64 x)."""
+    for float64 x). `pallas`: packed W's forward runs the Pallas kernel (gptoss.kernels.mxfp4_pallas); the
+    backward stays these loops."""
     if w_ENK.ndim != 3 or x_AK.ndim != 2 or x_AK.shape[1] != w_ENK.shape[2] or counts_E.shape != w_ENK.shape[:1]:
         raise ValueError(f"grouped_matmul: x {x_AK.shape}, W {w_ENK.shape} and counts {counts_E.shape} do not fit "
                          "x [A, K], W [E, N, K], counts [E]")
     tile = tile or default_tile(x_AK.shape[0], w_ENK.shape[0])
-    return _gmm(x_AK, w_ENK, jnp.asarray(counts_E, jnp.int32), int(tile), precision)
+    pallas = pallas and isinstance(w_ENK, MXFP4Array) and x_AK.dtype in (jnp.float32, jnp.bfloat16)
+    return _gmm(x_AK, w_ENK, jnp.asarray(counts_E, jnp.int32), int(tile), precision, pallas)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
-def _gmm(x, w, counts, tile, precision):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
+def _gmm(x, w, counts, tile, precision, pallas):
+    if pallas:
+        return mxfp4_pallas.mx_grouped_pallas(x, w, counts)
     return _rows_loop(x, w, counts, tile, precision, transpose=False)
 
 
-def _gmm_fwd(x, w, counts, tile, precision):
-    return _gmm(x, w, counts, tile, precision), (x, w, counts)
+def _gmm_fwd(x, w, counts, tile, precision, pallas):
+    return _gmm(x, w, counts, tile, precision, pallas), (x, w, counts)
 
 
-def _gmm_bwd(tile, precision, res, dy_AN):
+def _gmm_bwd(tile, precision, pallas, res, dy_AN):
     x, w, counts = res
     dx = cotangent_like(_rows_loop(dy_AN, w, counts, tile, precision, transpose=True).astype(x.dtype), x)
     if isinstance(w, MXFP4Array):  # packed weights are integers: no cotangent
@@ -64,7 +70,7 @@ def _no_cotangent(a):
     return np.zeros(a.shape, jax.dtypes.float0)
 
 
-def _zeros_after(shape, dtype, x):
+def zeros_after(shape, dtype, x):
     """Zeros that XLA cannot compute before `x` exists. A loop's zero-initialised carry is a copy of a constant,
     which XLA:CPU schedules at the start of the program: in a training step every layer's backward buffers would
     be alive from the forward pass on (~0.1 GiB a layer at gpt-oss-20b widths). 0 * x is not folded for floats."""
@@ -88,7 +94,7 @@ def _rows_loop(x_AI, w, counts, tile, precision, *, transpose: bool):
     out_dtype = jnp.promote_types(F32, x_AI.dtype)
     starts = jnp.cumsum(counts) - counts
     x_pad = jnp.concatenate([x_AI, jnp.zeros((tile, x_AI.shape[1]), x_AI.dtype)])
-    out = varying_like(_zeros_after((A + tile, out_dim), out_dtype, x_AI), x_AI, w, counts)
+    out = varying_like(zeros_after((A + tile, out_dim), out_dtype, x_AI), x_AI, w, counts)
 
     def one_expert(e, out):
         def run(out):
@@ -128,11 +134,11 @@ def _dw_loop(x_AK, dy_AN, counts, tile, precision, shape):
                 xt = jax.lax.dynamic_slice_in_dim(x_pad, s, tile).astype(dyt.dtype)
                 return acc + jnp.einsum("tn,tk->nk", dyt, xt, preferred_element_type=out_dtype, precision=precision)
 
-            acc0 = varying_like(_zeros_after((N, K), out_dtype, dy_AN), x_AK, dy_AN, counts)
+            acc0 = varying_like(zeros_after((N, K), out_dtype, dy_AN), x_AK, dy_AN, counts)
             acc = jax.lax.fori_loop(0, (counts[e] + tile - 1) // tile, one_tile, acc0)
             return jax.lax.dynamic_update_index_in_dim(dw, acc, e, axis=0)
 
         return jax.lax.cond(counts[e] > 0, run, lambda d: d, dw)
 
-    dw0 = varying_like(_zeros_after((E, N, K), out_dtype, dy_AN), x_AK, dy_AN, counts)
+    dw0 = varying_like(zeros_after((E, N, K), out_dtype, dy_AN), x_AK, dy_AN, counts)
     return jax.lax.fori_loop(0, E, one_expert, dw0)

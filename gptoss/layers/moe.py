@@ -111,5 +111,6 @@ class MoE(nnx.Module):
             y_TD = rt.layout.moe(x_TD, idx_TK, w_TK, self.expert_weights(), rt)
         else:
             y_TD = moe_ffn(x_TD, idx_TK, w_TK, self.expert_weights(), moe_impl=rt.moe_impl,
-                           cpu_kernels=rt.cpu_kernels, precision=rt.precision)
+                           cpu_kernels=rt.cpu_kernels, pallas=rt.pallas_kernels,
+                           precision=rt.precision)
         return y_TD.astype(x_BTD.dtype).reshape(B, T, D), logits_TE.reshape(B, T, -1)

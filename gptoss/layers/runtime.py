@@ -13,16 +13,16 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from gptoss.kernels.select import check_kernels, cpu_kernels
+from gptoss.kernels.select import check_kernels, cpu_kernels, pallas_kernels
 from gptoss.layers.experts import check_moe_impl
 
 
 @dataclasses.dataclass(frozen=True)
 class Runtime:
-    """moe_impl: MoE strategy ("auto", "dense", "gather", "grouped"); kernels: "auto" | "xla" | "cpu"
-    (gptoss.kernels.select); dtype: the model's dtype (float32 models ask every matmul for full precision, since
-    XLA's default lets GPUs and TPUs run fp32 matmuls in TF32/bf16 passes); layout: a gptoss.sharding.Layout when
-    the model lives on a mesh; remat: recompute each block's activations in the backward pass (training memory)."""
+    """moe_impl: MoE strategy ("auto", "dense", "gather", "grouped"); kernels: "auto" | "xla" | "cpu" | "pallas"
+    (gptoss.kernels.select); dtype: the model's dtype (float32 models ask every matmul for full precision, since XLA's
+    default lets GPUs and TPUs run fp32 matmuls in TF32/bf16 passes); layout: a gptoss.sharding.Layout when the model
+    lives on a mesh; remat: recompute each block's activations in the backward pass (training memory)."""
 
     moe_impl: str = "auto"
     kernels: str = "auto"
@@ -44,6 +44,11 @@ class Runtime:
     def cpu_kernels(self) -> bool:
         """Whether the CPU kernels run (decided once per Runtime, i.e. when a step is traced)."""
         return cpu_kernels(self.kernels)
+
+    @functools.cached_property
+    def pallas_kernels(self) -> bool:
+        """Whether the Pallas kernels run (GPU; interpret mode on CPU with kernels="pallas")."""
+        return pallas_kernels(self.kernels)
 
     def replace(self, **changes) -> Runtime:
         return dataclasses.replace(self, **changes)

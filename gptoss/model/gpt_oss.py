@@ -40,10 +40,10 @@ class GptOss(nnx.Module):
     What it computes: `dtype` is the parameter and activation dtype (norm gains stay fp32; float32 models ask every
     matmul for full precision); `experts` is "mxfp4" (packed, dequantized where used) or "dense".
     How it runs (static options, shown when the model is printed, changeable between calls): `moe_impl` ("auto",
-    "dense", "gather", "grouped": gptoss.layers.experts), `kernels` ("auto", "xla", "cpu": gptoss.kernels.select;
-    None takes $GPTOSS_KERNELS or "auto"), `layout` (a gptoss.sharding.Layout when the model lives on a mesh, set
-    by `from_pretrained(..., mesh=)` or `gptoss.sharding.shard_model`), `remat` (recompute each block in the
-    backward pass: activation memory of one block instead of all; training).
+    "dense", "gather", "grouped": gptoss.layers.experts), `kernels` ("auto", "xla", "cpu", "pallas":
+    gptoss.kernels.select; None takes $GPTOSS_KERNELS or "auto"), `layout` (a gptoss.sharding.Layout when the model
+    lives on a mesh, set by `from_pretrained(..., mesh=)` or `gptoss.sharding.shard_model`), `remat` (recompute each
+    block in the backward pass: activation memory of one block instead of all; training).
     """
 
     def __init__(self, cfg: ModelConfig, *, dtype: Any = jnp.bfloat16, experts: str = "mxfp4",

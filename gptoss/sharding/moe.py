@@ -82,7 +82,7 @@ def sharded_moe(layout, x_TD, idx_TK, w_TK, ew: ExpertWeights, rt):
             local = idx - jax.lax.axis_index(e_axes) * E_l
             idx = jnp.where((local >= 0) & (local < E_l), local, -1)
         strategy = choose_strategy(rt.moe_impl, x.shape[0], K, E_l)
-        run = dict(cpu_kernels=rt.cpu_kernels, precision=rt.precision, tp=tp)
+        run = dict(cpu_kernels=rt.cpu_kernels, pallas=rt.pallas_kernels, precision=rt.precision, tp=tp)
         if e_axes and strategy == "gather":
             y = local_pairs_in_chunks(x, idx, w, local_ew, n_shards, **run)
         else:

@@ -17,6 +17,8 @@ from collections.abc import Mapping
 import numpy as np
 
 from gptoss.config import ModelConfig
+from gptoss.layers.attention import uses_flash
+from gptoss.layers.flash import BLOCK_K, BLOCK_Q
 from gptoss.sharding.rules import CACHE_AXES, PACKED, PARAM_AXES, Rules, param_spec_for, resolve, spec_for
 
 GiB = 1024**3
@@ -203,9 +205,9 @@ def plan(model: str | ModelConfig = "gpt-oss-120b", mesh=None, *, context: int =
         notes.append(f"warning: {logical} = {n} does not divide over mesh axes {axes}: "
                      f"{', '.join(sorted(names))} replicated over them (more memory per device)")
     if pre > 4 * (expert_b + dense_b):
-        notes.append(f"the prefill estimate is dominated by attention scores: the XLA attention path holds fp32 "
-                     f"scores over all {context} cache slots per prefill token; prefill in shorter chunks "
-                     "(--prefill), or split heads over 'tensor'")
+        notes.append("the prefill estimate is several times the weights: the MoE's fp32 buffers of every "
+                     "(token, expert) pair; prefill in shorter chunks (--prefill), or split experts over more "
+                     "devices")
     return Plan(name, sizes, batch, context, prefill, expert_b, dense_b, cache_b, max(pre, dec), pre, dec,
                 tuple(notes))
 
@@ -224,9 +226,11 @@ def _note_replicated(out: dict, name: str, logical, shape, spec, sizes, rules: R
 def activation_estimate(cfg: ModelConfig, sizes, rules: Rules, batch: int, context: int, prefill: int,
                         itemsize: int) -> int:
     """Transient peak of the largest single layer in one forward of `prefill` tokens per row (1 = a decode
-    step) with a cache of `context` slots: attention (the plain XLA path: fp32 scores over every cache slot
-    plus the chunk) or the MoE (the dequantized experts of the local strategy), plus the residual stream and
-    the last-token logits."""
+    step) with a cache of `context` slots: attention or the MoE (the dequantized experts of the local strategy,
+    fp32 buffers of the pairs), plus the residual stream and the last-token logits. Attention follows the XLA
+    path the engine takes (gptoss.layers.attention.uses_flash): fp32 scores over every key for short chunks and
+    caches (an upper bound: the unrolled blocks hold 0.3-0.55x of it), else the attend_flash loop, whose scores
+    are one block's."""
     def split(logical: str, n: int) -> int:
         axes = [a for a in rules.axes(logical) if sizes.get(a, 1) > 1]
         d = math.prod(sizes[a] for a in axes)
@@ -239,8 +243,10 @@ def activation_estimate(cfg: ModelConfig, sizes, rules: Rules, batch: int, conte
     E = split("experts", cfg.num_experts)
     T = prefill
     S = context + T if T > 1 else context  # a chunk attends to the cache and to itself
-    scores = 2 * B * N * T * S * 4  # logits and probabilities (fp32)
-    keys = 2 * B * S * K * H * (4 + (itemsize if T > 1 else 0))  # fp32 copies of k/v (+ the chunk's concat)
+    if uses_flash(T, S):  # one block of scores, exp and mask (fp32); the output and a transposed copy of k/v
+        attention = 3 * B * N * BLOCK_Q * BLOCK_K * 4 + 3 * B * T * N * H * 4 + 2 * B * S * K * H * itemsize * 2
+    else:  # logits and probabilities (fp32), fp32 copies of k/v (+ the chunk's concat)
+        attention = 2 * B * N * T * S * 4 + 2 * B * S * K * H * (4 + (itemsize if T > 1 else 0))
     A = B * T * cfg.experts_per_token  # token-expert pairs (every expert shard computes them all, masked)
     if A < E:  # gather: one dequantized expert per pair
         moe = A * 3 * F * D * itemsize + A * 3 * F * 4
@@ -248,7 +254,7 @@ def activation_estimate(cfg: ModelConfig, sizes, rules: Rules, batch: int, conte
         moe = 3 * F * D * itemsize + A * (D * 4 * 3 + 3 * F * 4)
     resid = 6 * B * T * D * 4
     logits = B * split("vocab", cfg.vocab_size) * 4 * 2
-    peak = max(scores + keys, moe) + resid + logits
+    peak = max(attention, moe) + resid + logits
     return int(peak)
 
 

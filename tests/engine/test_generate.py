@@ -45,6 +45,16 @@ def test_greedy_matches_transformers_generate(ours, parity_hf, prompts):
     assert got.finished == [False] * len(prompts)
 
 
+def test_greedy_on_the_pallas_kernels_matches_transformers(hf_mxfp4_ckpt, prompts):
+    """The GPU path (flash attention over prefill and the KV cache, MXFP4 gather/grouped kernels) in interpret mode:
+    the same tokens as transformers' own MXFP4 model."""
+    model = gptoss.from_pretrained(hf_mxfp4_ckpt[0], dtype="float32", kernels="pallas", progress=False)
+    assert model.runtime().pallas_kernels
+    got = generate(model, prompts, max_new_tokens=8)
+    for prompt, tokens in zip(prompts, got.tokens):
+        assert tokens == _hf_greedy(hf_mxfp4_ckpt[1], prompt, 8)
+
+
 def test_cache_decode_equals_full_recompute(ours, prompts):
     got = generate(ours, prompts, max_new_tokens=NEW)
     for prompt, tokens in zip(prompts, got.tokens):

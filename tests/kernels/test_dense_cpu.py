@@ -8,6 +8,7 @@ import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 import pytest
+from test_amx_emulation import real_amx_skip_reason
 
 from gptoss.kernels import dense_cpu, mxfp4_cpu
 
@@ -19,7 +20,8 @@ pytestmark = pytest.mark.skipif(not dense_cpu.kernel_available() or jax.default_
 def isa(request):
     supported = dense_cpu.ISAS[: dense_cpu.ISAS.index(dense_cpu.best_isa()) + 1] if dense_cpu.kernel_available() else ()
     if request.param not in supported:
-        pytest.skip(f"{request.param} is not supported by this CPU or build")
+        pytest.skip(real_amx_skip_reason() if request.param == "amx"
+                    else f"{request.param} is not supported by this CPU or build")
     before = dense_cpu.isa()
     assert dense_cpu.set_isa(request.param) == request.param
     yield request.param

@@ -10,6 +10,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from test_amx_emulation import real_amx_skip_reason
 
 from gptoss.kernels import mxfp4_cpu, select
 from gptoss.layers.experts import ExpertWeights, moe_ffn
@@ -30,7 +31,8 @@ def _supported_isas():
 @pytest.fixture(params=mxfp4_cpu.ISAS)
 def isa(request):
     if request.param not in _supported_isas():
-        pytest.skip(f"{request.param} is not supported by this CPU or build")
+        pytest.skip(real_amx_skip_reason() if request.param == "amx"
+                    else f"{request.param} is not supported by this CPU or build")
     before = mxfp4_cpu.isa()
     assert mxfp4_cpu.set_isa(request.param) == request.param
     yield request.param

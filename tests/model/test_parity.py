@@ -218,10 +218,11 @@ def test_dense_hf_checkpoint_keeps_dense_experts_by_default(hf_dense_ckpt, parit
 
 # -------------------------------------------------------------------------------- 2. MXFP4 HF
 @pytest.mark.parametrize("impl", IMPLS)
-@pytest.mark.parametrize("experts, kernels", [("auto", "auto"), ("auto", "xla"), ("dense", "auto")])
+@pytest.mark.parametrize("experts, kernels", [("auto", "auto"), ("auto", "xla"), ("dense", "auto"),
+                                              ("auto", "pallas")])
 def test_mxfp4_hf_checkpoint(hf_mxfp4_ckpt, parity_tokens, oracle_out, experts, kernels, impl):
-    """Every strategy on both backends (the CPU kernels where they run, else XLA; and XLA, their reference twin),
-    and with the experts dequantized at load."""
+    """Every strategy on every backend (the CPU kernels where they run, else XLA; XLA, their reference twin; the
+    Pallas GPU kernels, here in interpret mode), and with the experts dequantized at load."""
     model = _load(hf_mxfp4_ckpt[0], dtype="float32", experts=experts, kernels=kernels)
     assert model.experts == ("mxfp4" if experts == "auto" else experts)
     ours_logits, ours_router = _logits(model, parity_tokens, return_router_logits=True, moe_impl=impl)

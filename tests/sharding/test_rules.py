@@ -233,3 +233,28 @@ def test_readme_planner_table_is_what_the_planner_says():
         mesh = None if mesh.strip() == "1 device" else mesh.replace(" ", "")
         p = plan(f"gpt-oss-{model}", mesh, context=int(context), batch=int(batch), prefill=int(prefill))
         assert abs(p.total_bytes / 2**30 - float(total)) <= 0.05, (model, mesh, batch, context, p.total_bytes / 2**30)
+
+
+# attention over the whole matrix; the attend_flash loop for a long prompt, and for a short one into a long cache
+@pytest.mark.parametrize("tokens, context", [(1024, 1024), (2048, 2048), (256, 8192)])
+def test_planner_prefill_figure_bounds_the_compiled_prefill(tokens, context):
+    """The planner's prefill activations are an upper bound of XLA's compiled temporaries for generate's prefill
+    (forward + cache writes, 2 layers, abstract weights) and not a loose one (within 2x)."""
+    from gptoss.config import default_layer_types
+    from gptoss.engine import init_cache
+
+    cfg = ModelConfig.gpt_oss_20b().replace(hidden_size=256, intermediate_size=256, num_experts=8, vocab_size=1024,
+                                            num_attention_heads=16, num_key_value_heads=4, head_dim=32,
+                                            num_hidden_layers=2, layer_types=default_layer_types(2))
+    graphdef, state = nnx.split(nnx.eval_shape(lambda: GptOss(cfg, dtype=jnp.bfloat16, kernels="xla")))
+
+    def prefill(state, tokens):
+        model = nnx.merge(graphdef, state)
+        x, _, cache = model.hidden_states(tokens, tokens, init_cache(cfg, 1, context, model.dtype, None),
+                                          in_order=True)
+        return x[:, -1], cache
+
+    toks = jax.ShapeDtypeStruct((1, tokens), jnp.int32)
+    temp = jax.jit(prefill).lower(state, toks).compile().memory_analysis().temp_size_in_bytes
+    est = plan(cfg, None, context=context, prefill=tokens).prefill_activation_bytes
+    assert temp <= est <= 2 * temp, (temp / 2**20, est / 2**20)

@@ -1,0 +1,174 @@
+// AVX2 dense matmul (compiled with -mavx2 -mfma; called only when the CPU has them): CPUs without AVX-512.
+//
+// Same tiling as dense_avx512.cc at half the vector width, with inputs in their natural order: 8 bf16 weights
+// are one 16-byte load, zero-extended to dwords and shifted left by 16 (the fp32 values, exactly).
+// rows (W [N, K]): R <= 4 output rows x TB <= 2 tokens of 8-lane accumulators over the whole of K; the rows stay
+//   in L1 for further token blocks. cols (W [K, N]): sweeps of kKG input rows across a strip, 16 columns by
+//   TB <= 4 tokens, accumulating in y.
+#include <immintrin.h>
+
+#include "dense_kernel.h"
+
+namespace {
+
+constexpr int64_t kRowPrefetch = 1024;  // bytes ahead in each W row (rows layout)
+
+template <bool F32>
+inline __m256 Load8(const void* p) {
+  if (F32) return _mm256_loadu_ps(static_cast<const float*>(p));
+  const __m256i v = _mm256_cvtepu16_epi32(_mm_loadu_si128(static_cast<const __m128i*>(p)));
+  return _mm256_castsi256_ps(_mm256_slli_epi32(v, 16));
+}
+
+template <bool F32>
+inline float Scalar(const void* p, int64_t i) {
+  if (F32) return static_cast<const float*>(p)[i];
+  const uint32_t bits = static_cast<uint32_t>(static_cast<const uint16_t*>(p)[i]) << 16;
+  float v;
+  __builtin_memcpy(&v, &bits, 4);
+  return v;
+}
+
+inline float Sum8(__m256 v) {
+  const __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  const __m128 t = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  return _mm_cvtss_f32(_mm_add_ss(t, _mm_shuffle_ps(t, t, 1)));
+}
+
+// ------------------------------------------------------------------------------------------ rows layout
+template <int R, int TB, bool F32>
+void RowsMK(const gptoss::DenseTask& t, int64_t n0, int64_t m0, bool prefetch) {
+  constexpr int64_t E = F32 ? 4 : 2;
+  const int64_t K = t.K, kfull = K & ~int64_t{15};
+  const char* w[R];
+  for (int r = 0; r < R; ++r) w[r] = static_cast<const char*>(t.w) + (n0 + r) * K * E;
+  const float* x[TB];
+  for (int i = 0; i < TB; ++i) x[i] = t.x + (m0 + i) * t.ldx;
+  __m256 acc[R][TB];
+  for (int r = 0; r < R; ++r)
+    for (int i = 0; i < TB; ++i) acc[r][i] = _mm256_setzero_ps();
+  for (int64_t k = 0; k < kfull; k += 16) {
+#pragma GCC unroll 4
+    for (int r = 0; r < R; ++r) {
+      if (prefetch) _mm_prefetch(w[r] + k * E + kRowPrefetch, _MM_HINT_T0);
+      const __m256 wa = Load8<F32>(w[r] + k * E), wb = Load8<F32>(w[r] + (k + 8) * E);
+#pragma GCC unroll 2
+      for (int i = 0; i < TB; ++i)
+        acc[r][i] = _mm256_fmadd_ps(wb, _mm256_loadu_ps(x[i] + k + 8),
+                                    _mm256_fmadd_ps(wa, _mm256_loadu_ps(x[i] + k), acc[r][i]));
+    }
+  }
+  for (int i = 0; i < TB; ++i)
+    for (int r = 0; r < R; ++r) {
+      float s = Sum8(acc[r][i]);
+      for (int64_t k = kfull; k < K; ++k) s += Scalar<F32>(w[r], k) * x[i][k];  // the tail, in order
+      t.y[(m0 + i) * t.N + n0 + r] = s;
+    }
+}
+
+template <int R, bool F32>
+void RowsTokens(const gptoss::DenseTask& t, int64_t n0, int64_t m0, int64_t nt, bool prefetch) {
+  if (nt == 1)
+    RowsMK<R, 1, F32>(t, n0, m0, prefetch);
+  else
+    RowsMK<R, 2, F32>(t, n0, m0, prefetch);
+}
+
+template <bool F32>
+void Rows(const gptoss::DenseTask& t) {
+  constexpr int kR = 4, kTB = 2;
+  for (int64_t n = t.lo; n < t.hi; n += kR) {
+    const int64_t nr = t.hi - n < kR ? t.hi - n : kR;
+    for (int64_t m0 = 0; m0 < t.M; m0 += kTB) {
+      const int64_t nt = t.M - m0 < kTB ? t.M - m0 : kTB;
+      const bool prefetch = m0 == 0;
+      switch (nr) {
+        case 1: RowsTokens<1, F32>(t, n, m0, nt, prefetch); break;
+        case 2: RowsTokens<2, F32>(t, n, m0, nt, prefetch); break;
+        case 3: RowsTokens<3, F32>(t, n, m0, nt, prefetch); break;
+        default: RowsTokens<4, F32>(t, n, m0, nt, prefetch); break;
+      }
+    }
+  }
+}
+
+// ------------------------------------------------------------------------------------------ cols layout
+constexpr int kKG = 16;  // input rows per sweep across the strip
+
+// y[m0 + i, n0 : n0 + 16] += sum_{g < G} x[m0 + i, k0 + g] W[k0 + g, n0 : n0 + 16] (a full 16-column block).
+template <int TB, int G, bool F32>
+void ColsMK(const gptoss::DenseTask& t, int64_t n0, int64_t m0, int64_t k0, bool first) {
+  constexpr int64_t E = F32 ? 4 : 2;
+  const int64_t ws = t.N * E;
+  __m256 acc[TB][2];
+  for (int i = 0; i < TB; ++i) {
+    float* y = t.y + (m0 + i) * t.N + n0;
+    acc[i][0] = first ? _mm256_setzero_ps() : _mm256_loadu_ps(y);
+    acc[i][1] = first ? _mm256_setzero_ps() : _mm256_loadu_ps(y + 8);
+  }
+  const char* w = static_cast<const char*>(t.w) + (k0 * t.N + n0) * E;
+  const float* x = t.x + m0 * t.ldx + k0;
+#pragma GCC unroll 16
+  for (int g = 0; g < G; ++g) {
+    const __m256 wa = Load8<F32>(w + g * ws), wb = Load8<F32>(w + g * ws + 8 * E);
+#pragma GCC unroll 4
+    for (int i = 0; i < TB; ++i) {
+      const __m256 xk = _mm256_broadcast_ss(x + i * t.ldx + g);
+      acc[i][0] = _mm256_fmadd_ps(wa, xk, acc[i][0]);
+      acc[i][1] = _mm256_fmadd_ps(wb, xk, acc[i][1]);
+    }
+  }
+  for (int i = 0; i < TB; ++i) {
+    float* y = t.y + (m0 + i) * t.N + n0;
+    _mm256_storeu_ps(y, acc[i][0]);
+    _mm256_storeu_ps(y + 8, acc[i][1]);
+  }
+}
+
+template <int G, bool F32>
+void ColsTokens(int64_t nt, const gptoss::DenseTask& t, int64_t n0, int64_t m0, int64_t k0, bool first) {
+  switch (nt) {
+    case 1: ColsMK<1, G, F32>(t, n0, m0, k0, first); break;
+    case 2: ColsMK<2, G, F32>(t, n0, m0, k0, first); break;
+    case 3: ColsMK<3, G, F32>(t, n0, m0, k0, first); break;
+    default: ColsMK<4, G, F32>(t, n0, m0, k0, first); break;
+  }
+}
+
+// Columns [n0, n1) (fewer than 16) for rows [k0, k0 + rows), scalar.
+template <bool F32>
+void ColsTail(const gptoss::DenseTask& t, int64_t n0, int64_t n1, int64_t k0, int64_t rows) {
+  constexpr int64_t E = F32 ? 4 : 2;
+  for (int64_t m = 0; m < t.M; ++m)
+    for (int64_t n = n0; n < n1; ++n) {
+      float s = k0 == 0 ? 0.0f : t.y[m * t.N + n];
+      for (int64_t k = k0; k < k0 + rows; ++k)
+        s += t.x[m * t.ldx + k] * Scalar<F32>(static_cast<const char*>(t.w) + k * t.N * E, n);
+      t.y[m * t.N + n] = s;
+    }
+}
+
+template <bool F32>
+void Cols(const gptoss::DenseTask& t) {
+  constexpr int64_t kTB = 4;
+  const int64_t full_end = t.lo + ((t.hi - t.lo) & ~int64_t{15});
+  for (int64_t k0 = 0; k0 < t.K;) {
+    const int64_t rows = t.K - k0 >= kKG ? kKG : 1;
+    for (int64_t m0 = 0; m0 < t.M; m0 += kTB) {
+      const int64_t nt = t.M - m0 < kTB ? t.M - m0 : kTB;
+      for (int64_t n0 = t.lo; n0 < full_end; n0 += 16) {
+        if (rows == kKG)
+          ColsTokens<kKG, F32>(nt, t, n0, m0, k0, k0 == 0);
+        else
+          ColsTokens<1, F32>(nt, t, n0, m0, k0, k0 == 0);
+      }
+    }
+    if (full_end < t.hi) ColsTail<F32>(t, full_end, t.hi, k0, rows);
+    k0 += rows;
+  }
+}
+
+}  // namespace
+
+void gptoss::dense_rows_avx2(const DenseTask& t) { t.w_f32 ? Rows<true>(t) : Rows<false>(t); }
+void gptoss::dense_cols_avx2(const DenseTask& t) { t.w_f32 ? Cols<true>(t) : Cols<false>(t); }
