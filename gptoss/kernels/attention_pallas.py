@@ -18,6 +18,7 @@ import functools
 import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plt
 
 F32 = jnp.float32
 NEG = -1e30  # finite "minus infinity": exp(NEG - m) is 0 and NEG - NEG is not NaN
@@ -67,6 +68,12 @@ def _kernel(q_ref, qpos_ref, sink_ref, k_ref, v_ref, kpos_ref, o_ref, *, blocks_
     o_ref[...] = (acc / l[:, None]).astype(o_ref.dtype)
 
 
+def supports(head_dim: int) -> bool:
+    """Whether the kernel takes this head size here: any in interpret mode; on a GPU a power of two >= 16 (a
+    Triton block dimension; gpt-oss has 64)."""
+    return jax.default_backend() == "cpu" or (head_dim >= 16 and head_dim & (head_dim - 1) == 0)
+
+
 def flash_attend_pallas(q_BTNH, k_BSKH, v_BSKH, sinks_N, q_pos_BT, k_pos_BS, *, window: int | None, scale: float,
                         precision=None, block_q: int = 64, block_k: int = 64, interpret: bool | None = None):
     """attend() as one Pallas kernel; float32 [B, T, N, H]. `precision` HIGHEST: fp32 dots (float32 models)."""
@@ -107,6 +114,7 @@ def flash_attend_pallas(q_BTNH, k_BSKH, v_BSKH, sinks_N, q_pos_BT, k_pos_BS, *, 
         ],
         out_specs=pl.BlockSpec((None, None, bq, H), lambda b, kh, i: (b, kh, i, 0)),
         interpret=interpret,
+        compiler_params=None if interpret else plt.CompilerParams(num_warps=4, num_stages=2),
         name="gptoss_flash_attention",
     )(q_BKMH, qpos_BM, sink_KM, k_BSKH, v_BSKH, k_pos_BS.astype(jnp.int32))
     return o[:, :, :M].reshape(B, Kh, T, G, H).transpose(0, 2, 1, 3, 4).reshape(B, T, N, H)

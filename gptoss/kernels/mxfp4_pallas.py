@@ -25,6 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plt
 
 from gptoss.quant.mxfp4 import MXFP4Array
 
@@ -67,6 +68,12 @@ def _split(x_MK):
 
 def _interpret() -> bool:
     return jax.default_backend() == "cpu"
+
+
+def supports(w) -> bool:
+    """Whether the kernels take this packed weight here: any shape in interpret mode; on a GPU, N a multiple of
+    16 (tiles of rows are power-of-two sized; gpt-oss has N = 5760 and 2880)."""
+    return isinstance(w, MXFP4Array) and w.ndim == 3 and (_interpret() or w.shape[1] % 16 == 0)
 
 
 def _check(x, w, where: str):
@@ -119,6 +126,7 @@ def _gather(x_MK, w, idx_MS, block_n, interpret):
         grid=(M, S, N // bn),
         out_specs=pl.BlockSpec((None, None, bn), lambda m, s, j: (m, s, j)),
         interpret=interpret,
+        compiler_params=None if interpret else plt.CompilerParams(num_warps=4, num_stages=2),
         name="gptoss_mx_gather",
     )(idx_MS.reshape(-1), xe, xo, w.blocks.reshape(E, N, K // 2), w.scales)
     return y
@@ -219,6 +227,7 @@ def mx_grouped_pallas(x_AK, w: MXFP4Array, counts_E, *, block_m: int = 64, block
         grid=(tiles, N // bn),
         out_specs=pl.BlockSpec((bm, bn), lambda t, j: (t, j)),
         interpret=interpret,
+        compiler_params=None if interpret else plt.CompilerParams(num_warps=4, num_stages=2),
         name="gptoss_mx_grouped",
     )(tile_expert, xe, xo, w.blocks.reshape(E, N, K // 2), w.scales)
     return jnp.take(y_pad, dest, axis=0, mode="fill", fill_value=0)

@@ -8,7 +8,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from gptoss.config import ModelConfig
-from gptoss.kernels.attention_pallas import flash_attend_pallas
+from gptoss.kernels import attention_pallas
 from gptoss.layers.flash import attend_flash
 from gptoss.layers.kv_cache import LayerCache
 from gptoss.layers.linear import project
@@ -151,8 +151,9 @@ class Attention(nnx.Module):
         sinks = self.sinks_N[...]
         attend_ = functools.partial(attend, precision=rt.precision)
         run = functools.partial(attend_blocked, n_prefix=0, precision=rt.precision) if in_order else attend_
-        if rt.pallas_kernels:  # one flash kernel for prefill, chunks and decode (packed training rows stay XLA)
-            attend_ = run = functools.partial(flash_attend_pallas, precision=rt.precision)
+        pallas = rt.pallas_kernels and attention_pallas.supports(q.shape[-1])
+        if pallas:  # one flash kernel for prefill, chunks and decode (packed training rows stay XLA)
+            attend_ = run = functools.partial(attention_pallas.flash_attend_pallas, precision=rt.precision)
         if segments_BT is not None:  # packed rows (training): no cache, positions restart per segment
             if cache is not None:
                 raise ValueError("segment ids are for packed training rows; they cannot be used with a KV cache")
@@ -171,7 +172,7 @@ class Attention(nnx.Module):
         keys = jnp.concatenate([cache.k_BSKH, k.astype(cache.k_BSKH.dtype)], axis=1)
         values = jnp.concatenate([cache.v_BSKH, v.astype(cache.v_BSKH.dtype)], axis=1)
         key_pos = jnp.concatenate([cache.pos_BS, positions_BT], axis=1)
-        if in_order and not rt.pallas_kernels:
+        if in_order and not pallas:
             run = functools.partial(attend_blocked, n_prefix=cache.k_BSKH.shape[1], precision=rt.precision)
         o = run(q, keys, values, sinks, positions_BT, key_pos, window=self.window, scale=self.scale)
         return self.output(o, rt), cache.write(k, v, positions_BT)

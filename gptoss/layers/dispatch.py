@@ -53,7 +53,7 @@ class Rows:
         return self.kernels and isinstance(w, MXFP4Array)
 
     def _pallas(self, w, x) -> bool:
-        return self.pallas and isinstance(w, MXFP4Array) and x.dtype in (jnp.float32, jnp.bfloat16)
+        return self.pallas and mxfp4_pallas.supports(w) and x.dtype in (jnp.float32, jnp.bfloat16)
 
     def _einsum(self, spec, x, w):
         return jnp.einsum(spec, x, w, preferred_element_type=acc(x.dtype), precision=self.precision)

@@ -38,7 +38,7 @@ def grouped_matmul(x_AK, w_ENK, counts_E, *, tile: int | None = None, precision=
         raise ValueError(f"grouped_matmul: x {x_AK.shape}, W {w_ENK.shape} and counts {counts_E.shape} do not fit "
                          "x [A, K], W [E, N, K], counts [E]")
     tile = tile or default_tile(x_AK.shape[0], w_ENK.shape[0])
-    pallas = pallas and isinstance(w_ENK, MXFP4Array) and x_AK.dtype in (jnp.float32, jnp.bfloat16)
+    pallas = pallas and mxfp4_pallas.supports(w_ENK) and x_AK.dtype in (jnp.float32, jnp.bfloat16)
     return _gmm(x_AK, w_ENK, jnp.asarray(counts_E, jnp.int32), int(tile), precision, pallas)
 
 
