@@ -32,16 +32,18 @@ struct MK {
     for (int64_t g = g0; g < g1; ++g) {
       if (TB == 1 && kPrefetch > 0 && (g & 3) == 0)  // one line per row every 64 bytes, kPrefetch ahead
         for (int r = 0; r < R; ++r) _mm_prefetch((const char*)(w + r * G * 16 + 16 * g + kPrefetch), _MM_HINT_T0);
+      __m256 ms[R];  // the 8 magnitudes times each row's block scale, once per block
+#pragma GCC unroll 4
+      for (int r = 0; r < R; ++r) ms[r] = _mm256_mul_ps(mag, _mm256_broadcast_ss(t.scale_lut + s[r * G + g]));
       for (int h = 0; h < 2; ++h) {  // bytes 8h..8h+7 of the block: even/odd elements 8h..8h+7
         __m256 wl[R], wh[R];
 #pragma GCC unroll 4
         for (int r = 0; r < R; ++r) {
           const __m256i v = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i*)(w + r * G * 16 + 16 * g + 8 * h)));
-          const __m256 ms = _mm256_mul_ps(mag, _mm256_set1_ps(t.scale_lut[s[r * G + g]]));
           const __m256i sl = _mm256_and_si256(_mm256_slli_epi32(v, 28), sign);
           const __m256i sh = _mm256_and_si256(_mm256_slli_epi32(v, 24), sign);
-          wl[r] = _mm256_xor_ps(_mm256_permutevar8x32_ps(ms, v), _mm256_castsi256_ps(sl));
-          wh[r] = _mm256_xor_ps(_mm256_permutevar8x32_ps(ms, _mm256_srli_epi32(v, 4)), _mm256_castsi256_ps(sh));
+          wl[r] = _mm256_xor_ps(_mm256_permutevar8x32_ps(ms[r], v), _mm256_castsi256_ps(sl));
+          wh[r] = _mm256_xor_ps(_mm256_permutevar8x32_ps(ms[r], _mm256_srli_epi32(v, 4)), _mm256_castsi256_ps(sh));
         }
 #pragma GCC unroll 8
         for (int i = 0; i < TB; ++i) {

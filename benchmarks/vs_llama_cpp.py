@@ -14,9 +14,9 @@ $LLAMA_CPP_SRC to use a checkout). It needs torch, transformers, tqdm, pyyaml, r
 the vendored gguf-py. The o200k_harmony tokenizer.json it needs is written from the `bpe-openai` ranks. Without
 llama.cpp the gptoss side still runs. Not part of `make test`.
 
-    .venv/bin/python benchmarks/llama_cpp.py --quick      # 2 layers, prompt 32, 8 tokens: a smoke run
-    .venv/bin/python benchmarks/llama_cpp.py              # 6 layers, prompt 128, 32 tokens, 2 threads
-    .venv/bin/python benchmarks/llama_cpp.py --shape-20b  # plus the 24-layer 20b shape (~26 GiB of /tmp)
+    .venv/bin/python benchmarks/vs_llama_cpp.py --quick      # 2 layers, prompt 32, 8 tokens: a smoke run
+    .venv/bin/python benchmarks/vs_llama_cpp.py              # 6 layers, prompt 128, 32 tokens, 2 threads
+    .venv/bin/python benchmarks/vs_llama_cpp.py --shape-20b  # plus the 24-layer 20b shape (~26 GiB of /tmp)
 """
 
 from __future__ import annotations
@@ -217,13 +217,16 @@ def convert(llama: dict, ckpt: str, gguf: str, logfile: str) -> dict:
     src = llama["src"]
     path = os.pathsep.join([os.path.join(src, "gguf-py"), os.environ.get("PYTHONPATH", "")])
     env = {**os.environ, "PYTHONPATH": path}
-    cmd = [sys.executable, os.path.join(src, "convert_hf_to_gguf.py"), ckpt, "--outfile", gguf, "--outtype", "bf16"]
+    part = gguf + ".part"  # renamed when complete: --keep reuses only whole GGUFs
+    cmd = [sys.executable, os.path.join(src, "convert_hf_to_gguf.py"), ckpt, "--outfile", part, "--outtype", "bf16"]
     log(f"llama.cpp: converting to {gguf} ...")
     t0 = time.perf_counter()
     with open(logfile, "w") as lf:
         rc = subprocess.run(cmd, stdout=lf, stderr=subprocess.STDOUT, env=env).returncode
-    if rc or not os.path.exists(gguf):
+    if rc or not os.path.exists(part):
+        Path(part).unlink(missing_ok=True)
         raise RuntimeError(f"convert_hf_to_gguf.py exited with {rc}:\n{_tail(logfile)}")
+    os.replace(part, gguf)
     seconds = time.perf_counter() - t0
     log(f"llama.cpp: converted in {seconds:.0f}s ({os.path.getsize(gguf) / GIB:.2f} GiB)")
     return {"seconds": round(seconds, 1), "gguf_bytes": os.path.getsize(gguf)} | gguf_summary(src, gguf)
@@ -523,7 +526,7 @@ def report(out: dict) -> None:
             s["decode"]["read_fraction"] = nbytes * dec / 1e9 / out["read_gbps"]
             rss = s.get("peak_rss_bytes")
             rows.append([name, side, pre, dec, 1000 / dec, 100 * s["decode"]["read_fraction"],
-                         None if rss is None else rss / GIB])
+                         None if rss is None else rss / GIB, s.get("loadavg1")])
         ours, theirs = sides["gptoss"], sides["llama.cpp"]
         if ours and theirs and "error" not in ours and "error" not in theirs:
             r["ratio"] = {k: ours[k]["tok_s"] / theirs[k]["best_tok_s"] for k in ("prefill", "decode")}
@@ -540,7 +543,10 @@ def report(out: dict) -> None:
                 checks.append(f"{name}: {mine['llama_reencode']}")
     print_table(f"gptoss vs llama.cpp, CPU, batch 1, {out['threads']} threads, prompt {out['prompt']}, decode "
                 f"{out['new']} tokens, best of {out['runs']}; read bandwidth {out['read_gbps']:.1f} GB/s",
-                ["shape", "side", "prefill tok/s", "decode tok/s", "ms/token", "read bw %", "peak RSS GiB"], rows)
+                ["shape", "side", "prefill tok/s", "decode tok/s", "ms/token", "% read bw", "peak RSS GiB", "load"],
+                rows)
+    print("% read bw: decode weight bytes/s over the 1-thread numpy read bandwidth (2 threads can pass 100%); load: "
+          "1-min load average after the side ran (llama.cpp's decode slows ~10x when other processes hold the cores)")
     for line in checks:
         print(line)
 
