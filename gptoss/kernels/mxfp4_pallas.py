@@ -61,6 +61,12 @@ def _plane_block(bytes_u8, s_i32):
     return _nibbles(b & 15) * scale, _nibbles(b >> 4) * scale
 
 
+def _load_block(blocks_ref, scales_ref, e, n0, bn: int, g):
+    """Expert e's rows n0..n0+bn, MX block g, dequantized: (even values, odd values), fp32 [bn, 16] each."""
+    return _plane_block(blocks_ref[e, pl.ds(n0, bn), pl.ds(g * 16, 16)],
+                        scales_ref[e, pl.ds(n0, bn), g].astype(jnp.int32))
+
+
 def _split(x_MK):
     """x's even and odd columns, the operands of the low and high nibble planes."""
     return x_MK[:, 0::2], x_MK[:, 1::2]
@@ -96,8 +102,7 @@ def _gather_kernel(idx_ref, xe_ref, xo_ref, blocks_ref, scales_ref, y_ref, *, G:
     @pl.when(e >= 0)
     def _():
         def block(g, acc):
-            lo, hi = _plane_block(blocks_ref[e, pl.ds(n0, bn), pl.ds(g * 16, 16)],
-                                  scales_ref[e, pl.ds(n0, bn), g].astype(jnp.int32))
+            lo, hi = _load_block(blocks_ref, scales_ref, e, n0, bn, g)
             xe = xe_ref[m, pl.ds(g * 16, 16)].astype(F32)
             xo = xo_ref[m, pl.ds(g * 16, 16)].astype(F32)
             return acc + jnp.sum(lo * xe[None, :] + hi * xo[None, :], axis=1)
@@ -167,8 +172,7 @@ def _grouped_kernel(tile_expert_ref, xe_ref, xo_ref, blocks_ref, scales_ref, y_r
     @pl.when(e >= 0)
     def _():
         def block(g, acc):
-            lo, hi = _plane_block(blocks_ref[e, pl.ds(n0, bn), pl.ds(g * 16, 16)],
-                                  scales_ref[e, pl.ds(n0, bn), g].astype(jnp.int32))
+            lo, hi = _load_block(blocks_ref, scales_ref, e, n0, bn, g)
             xe = xe_ref[pl.ds(r0, bm), pl.ds(g * 16, 16)].astype(dot_dtype)
             xo = xo_ref[pl.ds(r0, bm), pl.ds(g * 16, 16)].astype(dot_dtype)
             # the dequantized values are exact in bf16 (one mantissa bit times a power of two)

@@ -33,8 +33,8 @@ def _x(rng, rows, dtype):
     return x, np.asarray(x.astype(jnp.float32), np.float64)
 
 
-@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
-@pytest.mark.parametrize("pattern", ["random", "ties", "skipped", "all_skipped"])
+@pytest.mark.parametrize("pattern, dtype", [("random", jnp.float32), ("skipped", jnp.float32),
+                                            ("ties", jnp.bfloat16), ("all_skipped", jnp.bfloat16)])
 def test_gather_matches_numpy(pattern, dtype):
     rng = np.random.default_rng(hash(pattern) % 1000)
     w, W = _packed(rng)

@@ -218,17 +218,22 @@ def test_dense_hf_checkpoint_keeps_dense_experts_by_default(hf_dense_ckpt, parit
 
 # -------------------------------------------------------------------------------- 2. MXFP4 HF
 @pytest.mark.parametrize("impl", IMPLS)
-@pytest.mark.parametrize("experts, kernels", [("auto", "auto"), ("auto", "xla"), ("dense", "auto"),
-                                              ("auto", "pallas")])
+@pytest.mark.parametrize("experts, kernels", [("auto", "auto"), ("auto", "xla"), ("dense", "auto")])
 def test_mxfp4_hf_checkpoint(hf_mxfp4_ckpt, parity_tokens, oracle_out, experts, kernels, impl):
-    """Every strategy on every backend (the CPU kernels where they run, else XLA; XLA, their reference twin; the
-    Pallas GPU kernels, here in interpret mode), and with the experts dequantized at load."""
+    """Every strategy on both CPU backends (the CPU kernels where they run, else XLA; and XLA, their reference
+    twin), and with the experts dequantized at load."""
     model = _load(hf_mxfp4_ckpt[0], dtype="float32", experts=experts, kernels=kernels)
     assert model.experts == ("mxfp4" if experts == "auto" else experts)
     ours_logits, ours_router = _logits(model, parity_tokens, return_router_logits=True, moe_impl=impl)
     what = f"MXFP4 HF checkpoint, experts={experts}, kernels={kernels}, moe_impl={impl}"
     _assert_router_close(ours_router, oracle_out[1], what)
     _assert_close(ours_logits, oracle_out[0], what)
+
+
+def test_mxfp4_hf_checkpoint_on_the_pallas_kernels(hf_mxfp4_ckpt, parity_tokens, oracle_out):
+    """The GPU kernels (Pallas, here in interpret mode): grouped experts and flash attention over the prompt. The
+    gather kernel and decode attention: tests/engine/test_generate.py."""
+    test_mxfp4_hf_checkpoint(hf_mxfp4_ckpt, parity_tokens, oracle_out, "auto", "pallas", "grouped")
 
 
 # -------------------------------------------------------------------------------- 3. original/

@@ -235,8 +235,8 @@ def test_readme_planner_table_is_what_the_planner_says():
         assert abs(p.total_bytes / 2**30 - float(total)) <= 0.05, (model, mesh, batch, context, p.total_bytes / 2**30)
 
 
-# attention over the whole matrix; the attend_flash loop for a long prompt, and for a short one into a long cache
-@pytest.mark.parametrize("tokens, context", [(1024, 1024), (2048, 2048), (256, 8192)])
+# attention over the whole matrix; the attend_flash loop (a short prompt into a long cache)
+@pytest.mark.parametrize("tokens, context", [(1024, 1024), (256, 8192)])
 def test_planner_prefill_figure_bounds_the_compiled_prefill(tokens, context):
     """The planner's prefill activations are an upper bound of XLA's compiled temporaries for generate's prefill
     (forward + cache writes, 2 layers, abstract weights) and not a loose one (within 2x)."""
