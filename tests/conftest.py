@@ -28,23 +28,6 @@ if "GPTOSS_TEST_XLA_FLAGS" not in os.environ:  # the first process of the run (x
         atexit.register(shutil.rmtree, _cache, ignore_errors=True)
 
 
-# -------------------------------------------------------------------------------- order
-# `make test` runs two xdist workers that take whole files in collection order; the longest files, collected last
-# by name, made a tail of several minutes with one worker idle. They go first, so the short files fill in around
-# them (longest first). Within a file the order is unchanged.
-LONGEST_FIRST = ("tests/test_notebooks.py", "tests/sharding/test_sharded_training.py", "tests/sharding/test_sharded.py",
-                 "tests/apps/test_train_job.py", "tests/test_readme.py", "tests/model/test_remat.py",
-                 "tests/sharding/test_multihost.py", "tests/apps/test_demo.py")
-
-
-def pytest_collection_modifyitems(session, config, items):
-    def rank(item):
-        path = item.nodeid.split("::")[0]
-        return LONGEST_FIRST.index(path) if path in LONGEST_FIRST else len(LONGEST_FIRST)
-
-    items.sort(key=rank)
-
-
 # -------------------------------------------------------------------------------- parity fixtures
 # Built once per session; torch/transformers are imported lazily, so tests that do not use them stay fast.
 

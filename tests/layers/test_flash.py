@@ -21,7 +21,7 @@ def _qkv(rng, T, S):
             rng.normal(size=(B, S, K, H)).astype(np.float32), rng.normal(size=N).astype(np.float32) * 2)
 
 
-@pytest.mark.parametrize("window", [None, 3, 11])
+@pytest.mark.parametrize("window", [None, 3])
 def test_flash_matches_numpy(window):
     """Prefill of 29 tokens (padded row, left-padded row) in blocks of 4 queries and 8 keys: ragged tails."""
     rng = np.random.default_rng(window or 0)
