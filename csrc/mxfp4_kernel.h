@@ -4,7 +4,8 @@
 // blocks[e, n, :, :] (G blocks of 16 bytes, low nibble = even element, high nibble = odd element) and
 // scales[e, n, :] (G E8M0 bytes, value 2**(s - 127)). Inputs are pre-permuted once per call ("xp" layout):
 // within each 32-element block, the 16 even elements come first, then the 16 odd ones, so a vector of low
-// nibbles multiplies a contiguous vector of x. Accumulation is fp32.
+// nibbles multiplies a contiguous vector of x. The AVX2 tile reads "xq" instead, the order its byte-shuffle
+// decode produces (mxfp4_matmul.cc, PermuteInputs). Accumulation is fp32.
 //
 // Each ISA translation unit (scalar / AVX2 / AVX-512) is compiled with its own -m flags and exposes two extern
 // functions (the product and its transpose); nothing else in it has external linkage, so no AVX-512 code can
@@ -22,7 +23,7 @@ struct Tile {
   const uint8_t* s;       // scale bytes of the first row; row r starts at s + r * G
   int64_t G;              // blocks per row (K / 32)
   int64_t rows;           // output rows in this tile
-  const float* const* x;  // ntok pointers to xp-permuted input rows of K floats
+  const float* const* x;  // ntok pointers to xp- (or xq-) permuted input rows of K floats
   int64_t ntok;
   float* const* y;        // ntok pointers to output rows; writes y[t][col0 + r]
   int64_t col0;

@@ -127,6 +127,14 @@ TileFn tile_fn(int isa) {
   return tile_scalar;
 }
 
+bool tile_reads_xq(TileFn fn) {
+#if defined(GPTOSS_HAVE_AVX2)
+  return fn == tile_avx2;
+#else
+  return false;
+#endif
+}
+
 TTileFn tile_t_fn(int isa) {
   isa = vector_isa(isa);
 #if defined(GPTOSS_HAVE_AVX512)
@@ -249,13 +257,16 @@ float InputAt(const Problem& pr, int64_t i) {
   return v;
 }
 
-// x rows -> "xp" (fp32; per 32-block: the 16 even elements, then the 16 odd).
-void PermuteInputs(const Problem& pr, std::vector<float>& xp) {
+// x rows -> the order the tile function reads (fp32): "xp" (per 32-block: the 16 even elements, then the 16
+// odd) or, for the AVX2 tile, "xq" (per 16 elements j: position 8 * (j / 2 % 2) + 4 * (j % 2) + j % 16 / 4).
+void PermuteInputs(const Problem& pr, bool xq, std::vector<float>& xp) {
   const int64_t G = pr.K / 32;
+  int at[32];
+  for (int j = 0; j < 32; ++j) at[j] = xq ? (j & 16) + 8 * ((j >> 1) & 1) + 4 * (j & 1) + ((j & 15) >> 2) : (j >> 1) + 16 * (j & 1);
   xp.resize(static_cast<size_t>(pr.M * pr.K));
   for (int64_t m = 0; m < pr.M; ++m)
     for (int64_t g = 0; g < G; ++g)
-      for (int j = 0; j < 32; ++j) xp[m * pr.K + 32 * g + (j >> 1) + 16 * (j & 1)] = InputAt(pr, m * pr.K + 32 * g + j);
+      for (int j = 0; j < 32; ++j) xp[m * pr.K + 32 * g + at[j]] = InputAt(pr, m * pr.K + 32 * g + j);
 }
 
 // Unskipped pairs (m, s) bucketed by expert, stable: order[start[e] .. start[e+1]) are expert e's pairs
@@ -364,8 +375,8 @@ std::string Compute(const Problem& pr, bool grouped) {
     return "";
   }
   thread_local std::vector<float> xp;
-  PermuteInputs(pr, xp);
   j.fn = tile_fn(isa);
+  PermuteInputs(pr, tile_reads_xq(j.fn), xp);
   j.G = pr.K / 32, j.N = pr.N, j.blocks = pr.blocks, j.scales = pr.scales, j.idx = pr.idx;
   j.xs.resize(A), j.ys.resize(A);
   if (!grouped) {

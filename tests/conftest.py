@@ -26,6 +26,25 @@ if "GPTOSS_TEST_XLA_FLAGS" not in os.environ:  # the first process of the run (x
         _cache = tempfile.mkdtemp(prefix="gptoss-test-jax-cache-")
         os.environ["JAX_COMPILATION_CACHE_DIR"] = _cache
         atexit.register(shutil.rmtree, _cache, ignore_errors=True)
+    # every program, not only those over a second: the suite's many sub-second compiles repeat across files and
+    # processes (the same tiny model's forward, its generate loop, ...)
+    os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+
+
+# -------------------------------------------------------------------------------- schedule
+# `make test` hands whole files to two xdist workers in collection order, so the longest files, which sort last
+# (sharding/, the notebooks, the README), used to start near the end and leave one worker idle for minutes. They go
+# first; the rest keeps its order. (Each took 80-150 s of a loaded 2-core run, 2026-11-30.)
+FIRST = ("sharding/test_sharded_training.py", "sharding/test_sharded.py", "test_notebooks.py", "apps/test_train_job.py",
+         "test_readme.py", "model/test_remat.py", "apps/test_demo.py", "sharding/test_multihost.py")
+
+
+def pytest_collection_modifyitems(config, items):
+    def rank(item):
+        path = item.nodeid.split("::")[0].removeprefix("tests/")
+        return FIRST.index(path) if path in FIRST else len(FIRST)
+
+    items.sort(key=rank)  # stable
 
 
 # -------------------------------------------------------------------------------- parity fixtures

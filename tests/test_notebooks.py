@@ -28,11 +28,20 @@ def _router(outputs: str) -> None:
     assert "adjacent layers choosing the same experts" in outputs and outputs.count("digits go first") == 4
 
 
+# The suite trains the fine-tuning notebook for 40 steps instead of 100 (its loss halves well before; the full
+# run is ~3 min of a 2-core CI): the edit must still apply, or this would silently test the long run again.
+SHORTER = {"02_finetune.ipynb": [("total_steps=100", "total_steps=40"), ("range(100)", "range(40)")]}
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("name,check", [("01_quickstart.ipynb", _quickstart), ("02_finetune.ipynb", _finetune),
                                         ("03_router_analysis.ipynb", _router)])
 def test_notebook_executes(name, check, tmp_path):
     nb = nbformat.read(os.path.join(ROOT, "notebooks", name), as_version=4)
+    for old, new in SHORTER.get(name, []):
+        cells = [c for c in nb.cells if old in c.source]
+        assert len(cells) == 1, f"{name}: '{old}' is no longer in one cell; update SHORTER"
+        cells[0].source = cells[0].source.replace(old, new)
     NotebookClient(nb, timeout=300, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}}).execute()
     check("".join(o.get("text", "") for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", [])))
 

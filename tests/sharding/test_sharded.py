@@ -52,7 +52,7 @@ def test_logits_match_single_device(report, mesh):
         f"{report['ref']['logits_scale']:.2f}) from the single-device model"
 
 
-@pytest.mark.parametrize("mesh", [m for m in ALL_MESHES if m not in ("megatron-1x1x2", "fsdp2-expert4")])
+@pytest.mark.parametrize("mesh", [m for m in ALL_MESHES if m not in ("megatron-1x1x2", "fsdp2-expert4", "2x2x2-xla")])
 def test_greedy_tokens_match_single_device(report, mesh):
     r = report["meshes"][mesh]
     assert report["ref"]["batch"] > 1
