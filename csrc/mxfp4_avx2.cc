@@ -35,8 +35,8 @@ struct Decoder {
   const __m256i low4 = _mm256_set1_epi8(0x0F);
   const __m256i high16 = _mm256_set1_epi32(static_cast<int>(0xFFFF0000u));
 
-  // The 32 unscaled values of one block, in xq order: v[0] holds elements {0, 4, 8, 12 | 1, 5, 9, 13} (lane 0 |
-  // lane 1), v[1] {2, 6, 10, 14 | 3, 7, 11, 15}, v[2] and v[3] the same plus 16.
+  // The 32 unscaled values of one block, in xq order (gptoss::xq_position): v[0] holds elements {0, 4, 8, 12 | 1,
+  // 5, 9, 13} (lane 0 | lane 1), v[1] {2, 6, 10, 14 | 3, 7, 11, 15}, v[2] and v[3] the same plus 16.
   inline void operator()(const uint8_t* block, __m256 v[4]) const {
     const __m256i b = _mm256_broadcastsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(block)));
     const __m256i code = _mm256_and_si256(_mm256_srlv_epi32(b, shift), low4);

@@ -4,8 +4,8 @@
 // blocks[e, n, :, :] (G blocks of 16 bytes, low nibble = even element, high nibble = odd element) and
 // scales[e, n, :] (G E8M0 bytes, value 2**(s - 127)). Inputs are pre-permuted once per call ("xp" layout):
 // within each 32-element block, the 16 even elements come first, then the 16 odd ones, so a vector of low
-// nibbles multiplies a contiguous vector of x. The AVX2 tile reads "xq" instead, the order its byte-shuffle
-// decode produces (mxfp4_matmul.cc, PermuteInputs). Accumulation is fp32.
+// nibbles multiplies a contiguous vector of x. The AVX2 tile reads "xq" instead (xq_position below).
+// Accumulation is fp32.
 //
 // Each ISA translation unit (scalar / AVX2 / AVX-512) is compiled with its own -m flags and exposes two extern
 // functions (the product and its transpose); nothing else in it has external linkage, so no AVX-512 code can
@@ -47,6 +47,10 @@ struct TTile {
 };
 
 using TTileFn = void (*)(const TTile&);
+
+// "xq": where element j (0..31) of a 32-block sits in the input row the AVX2 tile reads; the order its byte-shuffle
+// decode produces (mxfp4_avx2.cc, Decoder). static: no shared symbol across the per-ISA units.
+static constexpr int xq_position(int j) { return (j & 16) + 8 * ((j >> 1) & 1) + 4 * (j & 1) + ((j & 15) >> 2); }
 
 // E2M1 code -> value; bit 3 is the sign.
 alignas(64) static const float kE2M1[16] = {0.0f,  0.5f,  1.0f,  1.5f,  2.0f,  3.0f,  4.0f,  6.0f,

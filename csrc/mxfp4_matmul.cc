@@ -258,11 +258,11 @@ float InputAt(const Problem& pr, int64_t i) {
 }
 
 // x rows -> the order the tile function reads (fp32): "xp" (per 32-block: the 16 even elements, then the 16
-// odd) or, for the AVX2 tile, "xq" (per 16 elements j: position 8 * (j / 2 % 2) + 4 * (j % 2) + j % 16 / 4).
+// odd) or, for the AVX2 tile, "xq" (xq_position).
 void PermuteInputs(const Problem& pr, bool xq, std::vector<float>& xp) {
   const int64_t G = pr.K / 32;
   int at[32];
-  for (int j = 0; j < 32; ++j) at[j] = xq ? (j & 16) + 8 * ((j >> 1) & 1) + 4 * (j & 1) + ((j & 15) >> 2) : (j >> 1) + 16 * (j & 1);
+  for (int j = 0; j < 32; ++j) at[j] = xq ? xq_position(j) : (j >> 1) + 16 * (j & 1);
   xp.resize(static_cast<size_t>(pr.M * pr.K));
   for (int64_t m = 0; m < pr.M; ++m)
     for (int64_t g = 0; g < G; ++g)

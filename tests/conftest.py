@@ -34,7 +34,7 @@ if "GPTOSS_TEST_XLA_FLAGS" not in os.environ:  # the first process of the run (x
 # -------------------------------------------------------------------------------- schedule
 # `make test` hands whole files to two xdist workers in collection order, so the longest files, which sort last
 # (sharding/, the notebooks, the README), used to start near the end and leave one worker idle for minutes. They go
-# first; the rest keeps its order. (Each took 80-150 s of a loaded 2-core run, 2026-11-30.)
+# first; the rest keeps its order. (Each took 40-150 s of a loaded 2-core run, 2026-11-30.)
 FIRST = ("sharding/test_sharded_training.py", "sharding/test_sharded.py", "test_notebooks.py", "apps/test_train_job.py",
          "test_readme.py", "model/test_remat.py", "apps/test_demo.py", "sharding/test_multihost.py")
 
