@@ -10,6 +10,7 @@ import jax
 import jax.numpy as jnp
 import optax
 from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec
 
 from gptoss.train.lora import set_dropout_keys
 from gptoss.train.loss import cross_entropy_sum, expert_load, load_balancing_loss, router_z_loss
@@ -91,6 +92,17 @@ class TrainState(NamedTuple):
     opt_state: Any
 
 
+def _on_mesh_of(params, state: TrainState) -> TrainState:
+    """Scalars (the step, optax's counts) replicated on the parameters' mesh: a step returns them there, and a
+    single-device input would make the second step compile again (a full recompile on every sharded run)."""
+    mesh = next((a.sharding.mesh for a in jax.tree.leaves(params) if isinstance(a.sharding, NamedSharding)), None)
+    if mesh is None:
+        return state
+    replicated = NamedSharding(mesh, PartitionSpec())
+    return jax.tree.map(lambda a: a if isinstance(a.sharding, NamedSharding) else jax.device_put(a, replicated),
+                        state)
+
+
 class Trainer:
     """Splits a model into trainable parameters and the rest, and runs jitted optimizer steps on them.
 
@@ -115,7 +127,7 @@ class Trainer:
 
     def init(self) -> TrainState:
         params = jax.tree.map(jnp.copy, self.params)  # steps donate their state; the model keeps its own arrays
-        return TrainState(jnp.zeros((), jnp.int32), params, self.tx.init(params))
+        return _on_mesh_of(params, TrainState(jnp.zeros((), jnp.int32), params, self.tx.init(params)))
 
     def model(self, state: TrainState):
         return nnx.merge(self.graphdef, state.params, self.rest)

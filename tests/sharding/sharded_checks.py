@@ -163,6 +163,7 @@ def train_step_checks(folder: str) -> dict:
                 state, m = trainer.step(state, b)
                 losses[name].append(float(m["loss"]))
             if mesh is not None:  # how parameters, adapters and optimizer state are stored (fsdp: split over it)
+                out[f"{method}_compiles"] = trainer._step._cache_size()  # jit's own count of compiled variants
                 tree = {"model": nnx.state(trainer.model(state)), "opt": state.opt_state}
                 out[f"{method}_specs"] = {
                     jax.tree_util.keystr(path): str(leaf.sharding.spec)
