@@ -30,6 +30,8 @@ UNITS = {
     "dense_scalar.cc": ([], None),
     "dense_avx2.cc": (["-mavx2", "-mfma"], "GPTOSS_HAVE_DENSE_AVX2"),
     "dense_avx512.cc": (["-mavx512f", "-mavx512bw", "-mfma"], "GPTOSS_HAVE_DENSE_AVX512"),
+    "mxfp4_avx512bf16.cc": (["-mavx512f", "-mavx512bw", "-mavx512dq", "-mavx512vl", "-mavx512bf16", "-mfma"],
+                            "GPTOSS_HAVE_AVX512BF16"),
     "mxfp4_amx.cc": (["-mavx512f", "-mavx512bw", "-mavx512dq", "-mavx512vl", "-mavx512bf16", "-mfma", "-mamx-tile",
                       "-mamx-bf16"], "GPTOSS_HAVE_AMX"),
     "mxfp4_amx_emulated.cc": ([], None),  # the AMX algorithm on emulated tile instructions, for tests on any CPU

@@ -167,9 +167,10 @@ def prefill(rng, w, T, E):
     flops = 2 * T * TOPK * N * K
     out, rows = {}, []
     best = mxfp4_cpu.isa()
-    runs = [(f"kernel grouped ({best})", True, best), ("kernel gather", False, best)]
-    if best == "amx":  # the same grouped call on the AVX-512 FMA path, for the AMX tile path's gain
-        runs.insert(1, ("kernel grouped (avx512)", True, "avx512"))
+    # the grouped call on every tile path this CPU has (AMX, VDPBF16PS) and on the AVX-512 FMA path below them
+    tiers = [i for i in ("amx", "avx512bf16", "avx512")
+             if mxfp4_cpu.ISAS.index(i) <= mxfp4_cpu.ISAS.index(best)] if best in mxfp4_cpu.ISAS else []
+    runs = [(f"kernel grouped ({i})", True, i) for i in tiers or [best]] + [("kernel gather", False, best)]
     for label, grouped, isa in runs:
         mxfp4_cpu.set_isa(isa)
         f = jax.jit(lambda x, w, i, g=grouped: mxfp4_cpu.mx_gather_matmul(x, w, i, grouped=g))
@@ -184,6 +185,12 @@ def prefill(rng, w, T, E):
     ts = [timed(gemm, a, b) for _ in range(3)]
     out["XLA fp32 GEMM, same FLOPs (dense weights)"] = {"median_s": statistics.median(ts),
                                                          "GFLOPs": flops / statistics.median(ts) / 1e9}
+    a16, b16 = a.astype(jnp.bfloat16), b.astype(jnp.bfloat16)
+    gemm16 = jax.jit(lambda a, b: jnp.matmul(a, b, preferred_element_type=jnp.float32))
+    jax.block_until_ready(gemm16(a16, b16))
+    ts = [timed(gemm16, a16, b16) for _ in range(3)]
+    out["XLA bf16 GEMM (fp32 out), same FLOPs"] = {"median_s": statistics.median(ts),
+                                                   "GFLOPs": flops / statistics.median(ts) / 1e9}
     for label, r in out.items():
         rows.append([label, r["median_s"] * 1e3, r["GFLOPs"]])
     print_table(f"prefill: {T} tokens x top-{TOPK} through gate_up [{N}, {K}] (E={E})",

@@ -7,9 +7,9 @@
 // nibbles multiplies a contiguous vector of x. The AVX2 tile reads "xq" instead (xq_position below).
 // Accumulation is fp32.
 //
-// Each ISA translation unit (scalar / AVX2 / AVX-512) is compiled with its own -m flags and exposes two extern
-// functions (the product and its transpose); nothing else in it has external linkage, so no AVX-512 code can
-// leak into a shared inline symbol used by another path.
+// Each ISA translation unit (scalar / AVX2 / AVX-512; the tile paths AVX-512 BF16 / AMX) is compiled with its own
+// -m flags and exposes only its extern tile functions (declared below); nothing else in it has external linkage, so
+// no AVX-512 code can leak into a shared inline symbol used by another path.
 #ifndef GPTOSS_MXFP4_KERNEL_H_
 #define GPTOSS_MXFP4_KERNEL_H_
 
@@ -73,10 +73,26 @@ struct AmxTile {
 
 using AmxFn = void (*)(const AmxTile&);
 
+// The AVX-512 BF16 path (bf16 inputs; CPUs with VDPBF16PS but no AMX): up to kDpRows output rows of one expert, or
+// of a dense bf16 weight, times `ntok` bf16 input rows read in place.
+constexpr int64_t kDpRows = 64;
+struct DpTile {
+  const uint8_t* w;          // MXFP4 rows as in Tile, or (s == nullptr) bf16 rows of G * 32, row r at w + r * G * 64
+  const uint8_t* s;          // scale bytes as in Tile, or null for dense bf16 rows
+  int64_t G;
+  int64_t rows;              // <= kDpRows
+  const uint16_t* const* x;  // ntok bf16 input rows of G * 32, in k order
+  int64_t ntok;
+  float* const* y;           // ntok output rows; writes y[t][col0 + r]
+  int64_t col0;
+  const uint16_t* bf16_lut;  // as in AmxTile (MXFP4 only)
+};
+
 void tile_scalar(const Tile& t);
 void tile_avx2(const Tile& t);    // linked in when GPTOSS_HAVE_AVX2 is defined
 void tile_avx512(const Tile& t);  // linked in when GPTOSS_HAVE_AVX512 is defined
 void tile_amx(const AmxTile& t);  // linked in when GPTOSS_HAVE_AMX is defined
+void tile_dp_bf16(const DpTile& t);  // mxfp4_avx512bf16.cc, linked in when GPTOSS_HAVE_AVX512BF16 is defined
 // The transposed product; no AMX version (an AMX CPU runs tile_t_avx512).
 void tile_t_scalar(const TTile& t);
 void tile_t_avx2(const TTile& t);
@@ -92,6 +108,8 @@ uint16_t* amx_scratch(int64_t G);
 void pack_token(const uint16_t* x_row, int64_t K, int64_t i, uint32_t* tiles);
 // Whether tile_amx* may run: compiled in, CPU support, and the OS's permission (requested on the first call).
 bool amx_usable();
+// Whether tile_dp_bf16 may run: compiled in and the CPU has AVX512_BF16 (and the AVX-512 F/BW/DQ/VL it builds on).
+bool dp_bf16_usable();
 
 }  // namespace gptoss
 

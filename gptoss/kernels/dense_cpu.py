@@ -28,14 +28,15 @@ import numpy as np
 from gptoss.kernels import mxfp4_cpu
 
 TARGET = "gptoss_dense_matmul"
-ISAS = ("scalar", "avx2", "avx512", "amx")
+ISAS = ("scalar", "avx2", "avx512", "avx512bf16", "amx")
 AMX_EMULATED = mxfp4_cpu.AMX_EMULATED  # the tile path on emulated AMX instructions, any CPU (tests); not in serves
 _ISA_CODES = (*ISAS, AMX_EMULATED)
 # Kernel for M <= these many tokens; measured crossovers against XLA:CPU (benchmarks/dense_kernel.py, 2 cores):
 MAX_TOKENS = 128  # vs einsums XLA runs by converting the weight to fp32 (bf16 result): XLA still 1.2x slower at 192
 MAX_TOKENS_VS_BF16_GEMM = 4  # vs bf16 x and W with an fp32 result: XLA's own bf16 GEMM, faster from 3-6 tokens
 MAX_TOKENS_VS_BF16_GEMM_KN = 12  # the same for W [K, N] (attention): XLA's GEMM is slower there up to 8-16 tokens
-# ... and bf16 x times bf16 [N, K] on an AMX CPU: the kernel at any size (the tile path from 4 tokens)
+# ... and bf16 x times bf16 [N, K] on these: the kernel at any size (the AMX / VDPBF16PS tiles from 4 tokens)
+TILE_ISAS = ("avx512bf16", "amx")
 
 _lock = threading.Lock()
 _state: dict = {"tried": False, "lib": None, "error": None}
@@ -70,18 +71,18 @@ def load_error() -> str | None:
     return _state["error"]
 
 
-def serves(tokens: int, w, *, xla_bf16_gemm: bool = False, w_nk: bool = True, amx_rows: bool = False,
+def serves(tokens: int, w, *, xla_bf16_gemm: bool = False, w_nk: bool = True, tile_rows: bool = False,
            enabled: bool = True) -> bool:
     """Whether a matmul of `tokens` rows with weight `w`, traced now, goes to the dense kernel (`enabled`: the
     model's kernels option allows the CPU kernels, gptoss.kernels.select.cpu_kernels). `xla_bf16_gemm`:
     XLA's alternative is its native bf16 GEMM (bf16 x and w, fp32 result), which wins from a few tokens on
-    (`w_nk`: w is [N, K], else [K, N]). `amx_rows`: bf16 x, w [N, K] with K % 32 == 0, which on a CPU with AMX
-    the kernel serves at any size."""
+    (`w_nk`: w is [N, K], else [K, N]). `tile_rows`: bf16 x, w [N, K] with K % 32 == 0, which on a CPU with AMX
+    or AVX512_BF16 the kernel's tile paths serve at any size."""
     limit = (MAX_TOKENS_VS_BF16_GEMM if w_nk else MAX_TOKENS_VS_BF16_GEMM_KN) if xla_bf16_gemm else MAX_TOKENS
     if not (jnp.dtype(w.dtype) == jnp.bfloat16 and tokens >= 1 and enabled
             and jax.device_count() == 1 and kernel_available()):
         return False
-    return tokens <= limit or (amx_rows and isa() == "amx")
+    return tokens <= limit or (tile_rows and isa() in TILE_ISAS)
 
 
 # ------------------------------------------------------------------------------------------------- the op
@@ -125,8 +126,9 @@ _matmul.defvjp(_matmul_fwd, _matmul_bwd)
 
 # ------------------------------------------------------------------------------------------------- tuning
 def set_isa(isa: str) -> str:
-    """Caps the vector path ('scalar', 'avx2', 'avx512', 'amx': AVX-512 plus AMX tiles for prefill-sized bf16 x times
-    bf16 [N, K]) at what the CPU and build support, or selects AMX_EMULATED (any CPU); returns the one in use."""
+    """Caps the vector path ('scalar', 'avx2', 'avx512', then 'avx512bf16' and 'amx': AVX-512 plus VDPBF16PS or AMX
+    tiles for prefill-sized bf16 x times bf16 [N, K]) at what the CPU and build support, or selects AMX_EMULATED (any
+    CPU); returns the one in use."""
     lib = load_library()
     if lib is None:
         raise RuntimeError(f"the dense CPU kernel is unavailable: {_state['error']}")

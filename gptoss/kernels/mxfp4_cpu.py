@@ -38,7 +38,7 @@ from gptoss.quant.mxfp4 import MXFP4Array
 
 TARGET = "gptoss_mxfp4_matmul"
 LIB_NAME = "libgptoss_mxfp4.so"
-ISAS = ("scalar", "avx2", "avx512", "amx")
+ISAS = ("scalar", "avx2", "avx512", "avx512bf16", "amx")
 # Outside the cap order: the AMX path's algorithm (packing, bf16 table, tile loop) on a portable emulation of the
 # tile instructions, the best vector path elsewhere; any CPU (how tests cover the AMX code without AMX). Slow.
 AMX_EMULATED = "amx_emulated"
@@ -175,8 +175,9 @@ _matmul_t.defvjp(_matmul_t_fwd, _matmul_t_bwd)
 
 # ------------------------------------------------------------------------------------------------- tuning
 def set_isa(isa: str) -> str:
-    """Caps the vector path ('scalar', 'avx2', 'avx512', 'amx': AVX-512 plus AMX tiles for grouped bf16 inputs) at what
-    the CPU supports, or selects AMX_EMULATED (any CPU); returns the one in use."""
+    """Caps the vector path ('scalar', 'avx2', 'avx512', then 'avx512bf16' and 'amx': AVX-512 plus VDPBF16PS or AMX
+    tiles for grouped bf16 inputs) at what the CPU supports, or selects AMX_EMULATED (any CPU); returns the one in
+    use."""
     lib = load_library()
     if lib is None:
         raise RuntimeError(f"the MXFP4 CPU kernel is unavailable: {_state['error']}")

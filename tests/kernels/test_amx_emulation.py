@@ -1,8 +1,10 @@
-"""The AMX tile paths on every CPU. The library's ISA "amx_emulated" runs the real AMX unit's algorithm (the input
-packing, the bf16 table, the scratch layout, the tile loop and the C-tile transpose into y: csrc/mxfp4_amx_loop.h)
-on a portable emulation of the tile instructions. Grouped MXFP4 with bf16 inputs and dense bf16 [N, K] rows go
+"""The bf16 tile paths. The library's ISA "amx_emulated" runs the real AMX unit's algorithm (the input packing, the
+bf16 table, the scratch layout, the tile loop and the C-tile transpose into y: csrc/mxfp4_amx_loop.h) on a portable
+emulation of the tile instructions, on every CPU. Grouped MXFP4 with bf16 inputs and dense bf16 [N, K] rows go
 through it against an independent numpy reference, dequantized from the bit layout, within fp32 rounding and bit
-for bit in TDPBF16PS's order; where the CPU has AMX the same cases run on the real unit (within fp32 rounding)."""
+for bit in TDPBF16PS's order; where the CPU has AMX the same cases run on the real unit, and where it has
+AVX512_BF16 on the VDPBF16PS tiles (csrc/mxfp4_avx512bf16.cc), both within fp32 rounding and with the same
+denormals-are-zero behaviour."""
 
 from __future__ import annotations
 
@@ -82,13 +84,23 @@ def emulated_tiles() -> int:
     return fn()
 
 
-@pytest.fixture(params=[mxfp4_cpu.AMX_EMULATED, "amx"], ids=["emulated", "real"])
+def dp_skip_reason() -> str | None:
+    """Why the VDPBF16PS tiles cannot run here, or None."""
+    best = (mxfp4_cpu.ISAS[mxfp4_cpu.load_library().gptoss_mxfp4_best_isa()], dense_cpu.best_isa())
+    if all(mxfp4_cpu.ISAS.index(b) >= mxfp4_cpu.ISAS.index("avx512bf16") for b in best):
+        return None
+    return f"no AVX512_BF16 on this CPU or in this build (best kernel paths {best[0]}, {best[1]})"
+
+
+@pytest.fixture(params=[mxfp4_cpu.AMX_EMULATED, "amx", "avx512bf16"], ids=["emulated", "real", "vdpbf16ps"])
 def tiles(request):
-    """Both kernels' AMX paths on the emulated tile instructions, or on the real unit where this CPU has it; checks
-    that the emulation ran exactly when chosen."""
+    """Both kernels' AMX paths on the emulated tile instructions or on the real unit, or their VDPBF16PS tiles, where
+    this CPU has them; checks that the emulation ran exactly when chosen."""
     if request.param == "amx" and not (dense_cpu.best_isa() == "amx" and
                                        mxfp4_cpu.ISAS[mxfp4_cpu.load_library().gptoss_mxfp4_best_isa()] == "amx"):
         pytest.skip(real_amx_skip_reason())
+    if request.param == "avx512bf16" and dp_skip_reason():
+        pytest.skip(dp_skip_reason())
     before = mxfp4_cpu.isa(), dense_cpu.isa()
     assert mxfp4_cpu.set_isa(request.param) == request.param and dense_cpu.set_isa(request.param) == request.param
     served = emulated_tiles()
@@ -149,8 +161,8 @@ def test_grouped_mxfp4_bf16(tiles, case):
     check_grouped(tiles, blocks, scales, idx.astype(np.int32), xb, x)
 
 
-# (M, K, N): the fewest tokens the tiles take, row tails (scratch copy) and whole 32-row tiles (read in place),
-# token tails, two 256-token blocks
+# (M, K, N): the fewest tokens the AMX tiles take (4; the VDPBF16PS ones take 16 and more: 4 runs the GEMV there),
+# row tails (scratch copy) and whole 32-row tiles (read in place), token tails, two 256-token blocks
 DENSE = [(4, 32, 17), (17, 96, 45), (40, 64, 64), (300, 64, 33)]
 
 
@@ -176,7 +188,7 @@ def _on_this_thread(fn):
 
 
 def test_denormals_are_zero_and_nan_propagates(tiles):
-    """What sets the AMX path apart: denormal weights (row 3) and a token of denormal inputs (token 7, times weights
+    """What sets the tile paths apart: denormal weights (row 3) and a token of denormal inputs (token 7, times weights
     up to ~5e7) give exact zeros where the vector paths keep them, and a NaN scale byte (or weight) poisons its row
     for every token. Emulated: also products that would be denormal (row 4: 2**-126 times |x| < 1) are zero, and
     so on a thread without XLA's FTZ/DAZ modes (the C entry points from this thread)."""

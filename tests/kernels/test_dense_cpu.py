@@ -221,8 +221,8 @@ def test_serves(monkeypatch):
     limit_kn = dense_cpu.MAX_TOKENS_VS_BF16_GEMM_KN  # W [K, N]: XLA's bf16 GEMM catches up later
     assert dense_cpu.serves(limit_kn, w16, xla_bf16_gemm=True, w_nk=False)
     assert not dense_cpu.serves(limit_kn + 1, w16, xla_bf16_gemm=True, w_nk=False)
-    amx = dense_cpu.isa() == "amx"  # bf16 x times W [N, K]: the AMX tiles serve any size
-    assert dense_cpu.serves(10**6, w16, xla_bf16_gemm=True, amx_rows=True) == amx
+    tiles = dense_cpu.isa() in ("avx512bf16", "amx")  # bf16 x times W [N, K]: the tiles serve any size
+    assert dense_cpu.serves(10**6, w16, xla_bf16_gemm=True, tile_rows=True) == tiles
     assert not dense_cpu.serves(0, w16)
     assert not dense_cpu.serves(1, w32)  # XLA's fp32 GEMV needs no conversion
     assert not dense_cpu.serves(1, w16, enabled=False)  # the model's kernels option says xla

@@ -3,6 +3,9 @@ kernel on and off, when the kernel is chosen, and the attention layer with the k
 
 from __future__ import annotations
 
+import math
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -92,11 +95,12 @@ def test_kernel_only_for_bf16_weights_and_few_tokens():
 
 
 @needs_kernel
-def test_amx_serves_prefill_sized_unembedding():
-    """bf16 x times bf16 [V, D] with D % 32 == 0 goes to the kernel at any size on an AMX CPU (else to XLA)."""
+def test_tiles_serve_prefill_sized_unembedding():
+    """bf16 x times bf16 [V, D] with D % 32 == 0 goes to the kernel at any size on a CPU with AMX or AVX512_BF16
+    tiles (else to XLA)."""
     x, w = _operands("btd,vd->btv", (1, 300, 64), (50, 64), jnp.bfloat16, jnp.bfloat16)
     fn = lambda x, w: project("btd,vd->btv", x, w, preferred_element_type=jnp.float32, kernels=True)  # noqa: E731
-    assert _uses_kernel(fn, x, w) == (dense_cpu.isa() == "amx")
+    assert _uses_kernel(fn, x, w) == (dense_cpu.isa() in dense_cpu.TILE_ISAS)
     got = jax.jit(fn)(x, w)
     x2, w2 = _operands("btd,dn->btn", (1, 300, 64), (64, 50), jnp.bfloat16, jnp.bfloat16)
     assert not _uses_kernel(lambda x, w: project("btd,dn->btn", x, w, kernels=True), x2, w2)  # [K, N]: XLA's GEMM
@@ -125,6 +129,21 @@ def test_attention_with_kernel_on_and_off():
     assert on.dtype == off.dtype == jnp.bfloat16
     np.testing.assert_allclose(np.asarray(on, np.float32), np.asarray(off, np.float32), rtol=2e-2,
                                atol=2e-2 * float(jnp.abs(off.astype(jnp.float32)).max()))
+
+
+def test_several_contracted_dims_never_copy_the_weight():
+    """"btnh,nhd->btd" (the attention output) contracts (n, h) as one dim: as a two-dim contraction XLA:CPU laid the
+    dot out by transposing the whole weight on every call (wo: 23.6 MB per layer and prefill)."""
+    x = jnp.asarray(np.random.default_rng(1).normal(size=(1, 128, 8, 16)), jnp.bfloat16)
+    w = jnp.asarray(np.random.default_rng(2).normal(size=(8, 16, 48)), jnp.bfloat16)
+    fn = jax.jit(lambda x, w: project("btnh,nhd->btd", x, w, preferred_element_type=jnp.float32))
+    hlo = fn.lower(x, w).compile().as_text()
+    weight_sized = [line.strip() for line in hlo.splitlines()
+                    if (m := re.search(r"= bf16\[([\d,]+)\]", line)) and math.prod(map(int, m[1].split(","))) == w.size
+                    and "parameter(" not in line and " bitcast(" not in line]
+    assert not weight_sized, weight_sized
+    want = np.einsum("btnh,nhd->btd", np.asarray(x, np.float64), np.asarray(w, np.float64))
+    np.testing.assert_allclose(np.asarray(fn(x, w)), want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
 
 
 @pytest.mark.parametrize("spec, x_shape, w_shape", [("btd,dnh->btnh", (2, 5, 24), (24, 3, 8)),
