@@ -7,8 +7,9 @@ This measures, interleaved round by round so that all see the same machine load:
     directly through ctypes (no XLA dispatch), for the 4-expert GEMV (1 token, top-4) of gate_up [5760, 2880]
     and down [2880, 2880], with the experts drawn at random from --experts so that they are not cache-hot;
   * the pure-XLA dequantize + einsum path (what moe_gather does without the kernel), a few rounds;
-  * prefill: 128 tokens x top-4 on gate_up (bf16 inputs), kernel grouped (AMX tiles where the CPU has them, and
-    the AVX-512 FMA path) vs gather (GFLOP/s), and XLA's fp32 GEMM of the same FLOPs as a compute reference.
+  * prefill: 128 tokens x top-4 on gate_up (bf16 inputs), kernel grouped on every path the CPU has (AMX tiles,
+    VDPBF16PS tiles, the AVX-512 FMA path) vs gather (GFLOP/s), and XLA's fp32 and bf16 GEMMs of the same FLOPs
+    as compute references.
 Bytes counted: packed blocks + scales of the 4 experts (4.25 bits per weight).
 
     .venv/bin/python benchmarks/mxfp4_kernel.py            # 32 experts, 15 rounds
