@@ -14,6 +14,7 @@
 
 #include <atomic>
 
+#include "mxfp4_bf16_block.h"
 #include "mxfp4_kernel.h"
 
 namespace {
@@ -42,13 +43,8 @@ struct TileRegs {};  // the hardware's tmm0..7
 #define AMX_DOT(regs, c, a, b) _tile_dpbf16ps(c, a, b)
 #define AMX_STORE(regs, tile, base, stride) _tile_stored(tile, base, stride)
 
-// dword j of the index = (low nibble j) | (high nibble j) << 16: the table words of elements 2j and 2j+1
 void dequantize_block(const uint8_t* w, const uint16_t* table, uint16_t* dst) {
-  const __m512i v = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i*)w));
-  const __m512i low = _mm512_set1_epi32(0xF);
-  const __m512i idx = _mm512_or_si512(_mm512_and_si512(v, low), _mm512_slli_epi32(_mm512_srli_epi32(v, 4), 16));
-  const __m256i tab = _mm256_load_si256((const __m256i*)table);
-  _mm512_store_si512(dst, _mm512_permutexvar_epi16(idx, _mm512_castsi256_si512(tab)));
+  _mm512_store_si512(dst, gptoss_bf16_block(w, table));
 }
 
 #include "mxfp4_amx_loop.h"

@@ -15,6 +15,7 @@
 
 #include <vector>
 
+#include "mxfp4_bf16_block.h"
 #include "mxfp4_kernel.h"
 
 namespace {
@@ -79,18 +80,12 @@ void rows_times_tokens(const uint16_t* const* w, const gptoss::DpTile& t, int64_
   }
 }
 
-// Row `row` of an MXFP4 tile -> G * 32 bf16 in k order: byte j of a block holds elements 2j (low nibble) and 2j + 1
-// (high); both look up the block's scale byte's row of the bf16 table, dword j = (low) | (high) << 16.
+// Row `row` of an MXFP4 tile -> G * 32 bf16 in k order.
 void dequantize_row(const gptoss::DpTile& t, int64_t row, uint16_t* dst) {
   const uint8_t* w = t.w + row * t.G * 16;
   const uint8_t* s = t.s + row * t.G;
-  const __m512i low = _mm512_set1_epi32(0xF);
-  for (int64_t g = 0; g < t.G; ++g) {
-    const __m512i v = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i*)(w + 16 * g)));
-    const __m512i idx = _mm512_or_si512(_mm512_and_si512(v, low), _mm512_slli_epi32(_mm512_srli_epi32(v, 4), 16));
-    const __m256i tab = _mm256_load_si256((const __m256i*)(t.bf16_lut + 16 * s[g]));
-    _mm512_storeu_si512(dst + 32 * g, _mm512_permutexvar_epi16(idx, _mm512_castsi256_si512(tab)));
-  }
+  for (int64_t g = 0; g < t.G; ++g)
+    _mm512_storeu_si512(dst + 32 * g, gptoss_bf16_block(w + 16 * g, t.bf16_lut + 16 * s[g]));
 }
 
 }  // namespace

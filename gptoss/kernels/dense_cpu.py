@@ -35,7 +35,7 @@ _ISA_CODES = (*ISAS, AMX_EMULATED)
 MAX_TOKENS = 128  # vs einsums XLA runs by converting the weight to fp32 (bf16 result): XLA still 1.2x slower at 192
 MAX_TOKENS_VS_BF16_GEMM = 4  # vs bf16 x and W with an fp32 result: XLA's own bf16 GEMM, faster from 3-6 tokens
 MAX_TOKENS_VS_BF16_GEMM_KN = 12  # the same for W [K, N] (attention): XLA's GEMM is slower there up to 8-16 tokens
-# ... and bf16 x times bf16 [N, K] on these: the kernel at any size (the AMX / VDPBF16PS tiles from 4 tokens)
+# ... and bf16 x times bf16 [N, K] on these: the kernel at any size (the AMX tiles from 4 tokens, VDPBF16PS from 16)
 TILE_ISAS = ("avx512bf16", "amx")
 
 _lock = threading.Lock()
