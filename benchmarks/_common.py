@@ -242,6 +242,40 @@ def log(msg: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
 
 
+# ---------------------------------------------------------------------------------------------- no AMX
+def deny_amx() -> None:
+    """From now on this process and every process it starts cannot enable AMX tiles: a seccomp filter answers
+    Linux's arch_prctl(ARCH_REQ_XCOMP_PERM) with EPERM, so gptoss's kernels, XLA's YNNPACK GEMMs, oneDNN (torch) and
+    ggml all take their AVX-512 (BF16) paths. A stand-in on an AMX Xeon for a CPU with AVX-512 BF16 but no AMX
+    (AMD Zen 4/5); the VDPBF16PS rate differs between those cores, so it is a proxy, not the same machine.
+    Call it before anything imports jax or torch. x86-64 Linux only."""
+    import ctypes
+    import struct
+
+    if sys.platform != "linux" or platform.machine().lower() not in ("x86_64", "amd64"):
+        raise RuntimeError(f"--no-amx needs x86-64 Linux, this is {sys.platform}/{platform.machine()}")
+    sys_arch_prctl, arch_req_xcomp_perm, audit_arch_x86_64 = 158, 0x1023, 0xC000003E
+    ld_abs, jeq_k, ret_k = 0x20, 0x15, 0x06  # BPF_LD|BPF_W|BPF_ABS, BPF_JMP|BPF_JEQ|BPF_K, BPF_RET|BPF_K
+    allow, eperm = 0x7FFF0000, 0x00050000 | 1  # SECCOMP_RET_ALLOW, SECCOMP_RET_ERRNO | EPERM
+    prog = [  # seccomp_data: nr at 0, arch at 4, args[0] at 16 (low half)
+        (ld_abs, 0, 0, 4), (jeq_k, 0, 5, audit_arch_x86_64),  # jt / jf: instructions to skip
+        (ld_abs, 0, 0, 0), (jeq_k, 0, 3, sys_arch_prctl),
+        (ld_abs, 0, 0, 16), (jeq_k, 0, 1, arch_req_xcomp_perm),
+        (ret_k, 0, 0, eperm), (ret_k, 0, 0, allow),
+    ]
+    filters = ctypes.create_string_buffer(b"".join(struct.pack("=HBBI", *f) for f in prog))
+
+    class SockFprog(ctypes.Structure):
+        _fields_ = [("len", ctypes.c_ushort), ("filter", ctypes.c_void_p)]
+
+    fprog = SockFprog(len(prog), ctypes.addressof(filters))
+    libc = ctypes.CDLL(None, use_errno=True)
+    pr_set_no_new_privs, pr_set_seccomp, seccomp_mode_filter = 38, 22, 2
+    if (libc.prctl(pr_set_no_new_privs, 1, 0, 0, 0) != 0
+            or libc.prctl(pr_set_seccomp, seccomp_mode_filter, ctypes.byref(fprog), 0, 0) != 0):
+        raise OSError(ctypes.get_errno(), "--no-amx: installing the seccomp filter failed")
+
+
 # ---------------------------------------------------------------------------------------------- children
 def run_child(script: str, spec: dict[str, Any], timeout: float) -> dict[str, Any]:
     """Runs `python script --child <spec json>` in a fresh process; the child writes its result to spec["out"]."""

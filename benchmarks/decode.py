@@ -12,6 +12,7 @@ decodes it with ours at batch 1.
     .venv/bin/python benchmarks/decode.py --quick      # 2 layers, short: a smoke run
     .venv/bin/python benchmarks/decode.py              # 6 layers
     .venv/bin/python benchmarks/decode.py --shape-20b  # plus the 20b-shape decode
+    .venv/bin/python benchmarks/decode.py --no-amx     # AMX denied to both sides (oneDNN, XLA, gptoss)
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ import numpy as np
 from _common import (
     GIB,
     child_finish,
+    deny_amx,
     interrupt_on_sigterm,
     kernel_state,
     log,
@@ -148,10 +150,14 @@ def main() -> None:
     ap.add_argument("--shape-20b", action="store_true", help="also decode a gpt-oss-20b-shaped checkpoint (ours)")
     ap.add_argument("--skip-hf", action="store_true")
     ap.add_argument("--only", help="comma list of runs to do (ours_bf16, ours_fp32, hf_bf16)")
+    ap.add_argument("--no-amx", action="store_true",
+                    help="deny AMX to every side (seccomp; _common.deny_amx): an AMX Xeon as a CPU without AMX")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
         return child_main(json.loads(args.child))
+    if args.no_amx:
+        deny_amx()  # inherited by the children: both sides
     if args.quick:
         args.layers, args.prompt_len, args.new, args.batches = 2, 32, 8, [1]
     interrupt_on_sigterm()
@@ -159,7 +165,7 @@ def main() -> None:
     cfg = bench_config(args.layers)
     work = tempfile.mkdtemp(prefix="gptoss-bench-decode-", dir="/tmp")
     out = {"benchmark": "decode", "machine": machine_info(), "layers": args.layers, "prompt_len": args.prompt_len,
-           "new": args.new, "batches": args.batches, "runs": {}}
+           "new": args.new, "batches": args.batches, "runs": {}, "amx_denied": args.no_amx}
     try:
         out["read_gbps"] = stream_read_gbps()
         log(f"numpy streaming read: {out['read_gbps']:.1f} GB/s")
@@ -186,7 +192,7 @@ def main() -> None:
     finally:
         shutil.rmtree(work, ignore_errors=True)
     report(out, cfg)
-    write_json("decode_quick" if args.quick else "decode", out)
+    write_json(("decode_quick" if args.quick else "decode") + ("_noamx" if args.no_amx else ""), out)
 
 
 def report(out: dict, cfg) -> None:
@@ -211,7 +217,8 @@ def report(out: dict, cfg) -> None:
             rows.append([name, batch, e["ttft_s"], e["prefill_tok_s"], e["decode_tok_s"], e["step_bytes"] / 1e9,
                          100 * e["roofline"], ratio, None if same is None else 100 * same, r.get("load_s")])
     print_table(f"Decode, {out['layers']} layers at gpt-oss widths (MXFP4 checkpoint), prompt {out['prompt_len']}, "
-                f"{out['new']} greedy steps; read bandwidth {out['read_gbps']:.1f} GB/s",
+                f"{out['new']} greedy steps; read bandwidth {out['read_gbps']:.1f} GB/s"
+                + ("; AMX denied (--no-amx)" if out.get("amx_denied") else ""),
                 ["run", "batch", "TTFT s", "prefill tok/s", "decode tok/s", "GB/step", "roofline %", "vs hf",
                  "same tokens %", "load s"], rows)
 

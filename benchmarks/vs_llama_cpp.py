@@ -17,6 +17,7 @@ llama.cpp the gptoss side still runs. Not part of `make test`.
     .venv/bin/python benchmarks/vs_llama_cpp.py --quick      # 2 layers, prompt 32, 8 tokens: a smoke run
     .venv/bin/python benchmarks/vs_llama_cpp.py              # 6 layers, prompt 128, 32 tokens, 2 threads
     .venv/bin/python benchmarks/vs_llama_cpp.py --shape-20b  # plus the 24-layer 20b shape (~26 GiB of /tmp)
+    .venv/bin/python benchmarks/vs_llama_cpp.py --no-amx     # an AMX CPU with AMX denied to both sides
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ from pathlib import Path
 from _common import (
     GIB,
     child_finish,
+    deny_amx,
     interrupt_on_sigterm,
     kernel_state,
     log,
@@ -469,15 +471,20 @@ def main() -> None:
     ap.add_argument("--llama-src", help="llama.cpp sources for the converter (else $LLAMA_CPP_SRC or the sdist's)")
     ap.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="parallel jobs of the llama.cpp build")
     ap.add_argument("--keep", metavar="DIR", help="write (and reuse) checkpoints and GGUFs in DIR, keep them")
+    ap.add_argument("--no-amx", action="store_true",
+                    help="deny AMX to every side (seccomp; _common.deny_amx): an AMX Xeon as a CPU without AMX")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
         return child_main(json.loads(args.child))
+    if args.no_amx:
+        deny_amx()  # inherited by the children: both sides
     if args.quick:
         args.layers, args.prompt, args.new = 2, 32, 8
     interrupt_on_sigterm()
     out: dict = {"benchmark": "llama_cpp", "machine": machine_info() | {"isa_flags": isa_flags()},
-                 "threads": args.threads, "prompt": args.prompt, "new": args.new, "runs": args.runs, "shapes": {}}
+                 "threads": args.threads, "prompt": args.prompt, "new": args.new, "runs": args.runs, "shapes": {},
+                 "amx_denied": args.no_amx}
     out["read_gbps"] = stream_read_gbps()
     log(f"numpy streaming read: {out['read_gbps']:.1f} GB/s")
     llama = None
@@ -500,7 +507,7 @@ def main() -> None:
         if not args.keep:
             shutil.rmtree(work, ignore_errors=True)
     report(out)
-    path = write_json("llama_cpp_quick" if args.quick else "llama_cpp", out)
+    path = write_json(("llama_cpp_quick" if args.quick else "llama_cpp") + ("_noamx" if args.no_amx else ""), out)
     log(f"wrote {path}")
 
 
@@ -542,7 +549,8 @@ def report(out: dict) -> None:
             elif "llama_reencode" in mine:
                 checks.append(f"{name}: {mine['llama_reencode']}")
     print_table(f"gptoss vs llama.cpp, CPU, batch 1, {out['threads']} threads, prompt {out['prompt']}, decode "
-                f"{out['new']} tokens, best of {out['runs']}; read bandwidth {out['read_gbps']:.1f} GB/s",
+                f"{out['new']} tokens, best of {out['runs']}; read bandwidth {out['read_gbps']:.1f} GB/s"
+                + ("; AMX denied (--no-amx)" if out.get("amx_denied") else ""),
                 ["shape", "side", "prefill tok/s", "decode tok/s", "ms/token", "% read bw", "peak RSS GiB", "load"],
                 rows)
     print("% read bw: decode weight bytes/s over the 1-thread numpy read bandwidth (2 threads can pass 100%); load: "

@@ -105,17 +105,26 @@ def _generate_jit(graphdef, state, tokens, positions, lens, cache_len, buffer, m
         return tok, lp
 
     tok, lp = pick(logits, 0)
-    out = jnp.zeros((B, buffer), jnp.int32)
-    out_lp = jnp.zeros((B, buffer), jnp.float32)
-    done = jnp.zeros((B,), bool)
-    n_out = jnp.zeros((B,), jnp.int32)
+    out = jnp.zeros((B, buffer), jnp.int32).at[:, 0].set(tok)
+    out_lp = jnp.zeros((B, buffer), jnp.float32).at[:, 0].set(lp)
+    n_out = jnp.ones((B,), jnp.int32)
+    done = jnp.isin(tok, stop_arr)
+    if progress:
+        jax.debug.callback(_tick, jnp.int32(B))
 
+    # Step s decodes token s - 1 and picks token s: no decode runs for a token nobody reads (the last one, or
+    # after every row stopped); a step of the 20b model is ~0.2 s on 2 CPU cores.
     def cond(s):
-        step, _, _, _, done, *_ = s
+        step, _, _, done, *_ = s
         return (step < max_new) & ~jnp.all(done)
 
     def body(s):
-        step, tok, lp, cache, done, n_out, out, out_lp = s
+        step, tok, cache, done, n_out, out, out_lp = s
+        # The barrier ties the weights to the loop step: otherwise XLA:CPU hoists the bf16->f32 converts of
+        # every weight out of the loop (loop-invariant code motion) and holds an f32 copy of the whole model.
+        step_state, _ = jax.lax.optimization_barrier((state, step))
+        logits, cache = _decode_step(nnx.merge(graphdef, step_state), tok, lens + step - 1, cache)
+        tok, lp = pick(logits, step)
         live = ~done
         out = out.at[:, step].set(jnp.where(live, tok, 0))
         out_lp = out_lp.at[:, step].set(jnp.where(live, lp, 0.0))
@@ -123,15 +132,10 @@ def _generate_jit(graphdef, state, tokens, positions, lens, cache_len, buffer, m
         if progress:
             jax.debug.callback(_tick, jnp.sum(live))
         done = done | jnp.isin(tok, stop_arr)
-        # The barrier ties the weights to the loop step: otherwise XLA:CPU hoists the bf16->f32 converts of
-        # every weight out of the loop (loop-invariant code motion) and holds an f32 copy of the whole model.
-        step_state, _ = jax.lax.optimization_barrier((state, step))
-        logits, cache = _decode_step(nnx.merge(graphdef, step_state), tok, lens + step, cache)
-        tok, lp = pick(logits, step + 1)
-        return step + 1, tok, lp, cache, done, n_out, out, out_lp
+        return step + 1, tok, cache, done, n_out, out, out_lp
 
-    state0 = (jnp.int32(0), tok, lp, cache, done, n_out, out, out_lp)
-    _, _, _, _, done, n_out, out, out_lp = jax.lax.while_loop(cond, body, state0)
+    state0 = (jnp.int32(1), tok, cache, done, n_out, out, out_lp)
+    _, _, _, done, n_out, out, out_lp = jax.lax.while_loop(cond, body, state0)
     return _for_every_host(model, (out, out_lp, n_out, done))
 
 

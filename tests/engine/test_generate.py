@@ -84,6 +84,33 @@ def test_stop_tokens_end_a_row(ours, prompts):
         assert row == (full[: full.index(stop) + 1] if stop in full else full)
 
 
+def test_decodes_only_tokens_that_are_read(ours, prompts, monkeypatch):
+    """N new tokens take N - 1 decode steps (the prefill gives the first); none once every row has stopped."""
+    import importlib
+
+    gen_mod = importlib.import_module("gptoss.engine.generate")  # the module (the package exports the function)
+    calls = []
+    real = gen_mod._decode_step
+
+    def counted(*args):
+        jax.debug.callback(lambda: calls.append(1))
+        return real(*args)
+
+    monkeypatch.setattr(gen_mod, "_decode_step", counted)
+    gen_mod._generate_jit.clear_cache()  # retrace with the counting step
+    try:
+        free = generate(ours, prompts, max_new_tokens=5, stop_tokens=[])
+        jax.effects_barrier()
+        assert len(calls) == 4 and all(len(t) == 5 for t in free.tokens)
+        calls.clear()
+        first = [t[0] for t in free.tokens]
+        got = generate(ours, prompts, max_new_tokens=5, stop_tokens=first)
+        jax.effects_barrier()
+        assert calls == [] and got.tokens == [[t] for t in first] and all(got.finished)
+    finally:
+        gen_mod._generate_jit.clear_cache()
+
+
 def test_default_stop_tokens_are_the_configs_eos_ids(ours, prompts):
     """Without stop_tokens a row stops at any of the config's eos_token_id (gptoss.generate, the top-level name)."""
     from flax import nnx
