@@ -242,11 +242,18 @@ void Compute(const Problem& pr) {
     // Column strips, 32-column multiples: at most what keeps the strip's accumulators (8 tokens) within 32 KiB
     // of L1, at least 512 columns (1 KiB runs of each bf16 row stream well) unless N is smaller; then, if that
     // leaves fewer than two tasks per thread, K is split into slabs of at least 256 rows.
+    // One token on AVX2 (ColsOne streams whole rows): every task takes all columns, so each reads a contiguous
+    // slab of W, and K is split into `want` slabs of at least 64 rows.
     const int64_t cap = (int64_t{8} << 10) / std::min<int64_t>(pr.M, 8);
-    j.per = std::min(cap, std::max<int64_t>(512, CeilDiv(pr.N, want)));
-    j.per = std::min(CeilDiv(j.per, 32) * 32, CeilDiv(pr.N, 32) * 32);
-    const int64_t strips = CeilDiv(pr.N, j.per);
-    if (strips < want) slabs = std::max<int64_t>(1, std::min(CeilDiv(want, strips), pr.K / 256));
+    if (pr.M == 1 && vec && !avx512 && pr.N <= cap) {
+      j.per = pr.N;
+      slabs = std::max<int64_t>(1, std::min(want, pr.K / 64));
+    } else {
+      j.per = std::min(cap, std::max<int64_t>(512, CeilDiv(pr.N, want)));
+      j.per = std::min(CeilDiv(j.per, 32) * 32, CeilDiv(pr.N, 32) * 32);
+      const int64_t strips = CeilDiv(pr.N, j.per);
+      if (strips < want) slabs = std::max<int64_t>(1, std::min(CeilDiv(want, strips), pr.K / 256));
+    }
   }
   j.chunks = CeilDiv(pr.N, j.per);
   j.slab_rows = CeilDiv(pr.K, slabs);
