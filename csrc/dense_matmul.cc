@@ -197,24 +197,38 @@ void DpTask(void* ctx, int64_t i) {
   tile_dp_bf16(t);
 }
 
-void Compute(const Problem& pr) {
-  if (pr.M == 0 || pr.N == 0) return;
+// A vector-path product, ready to run: its tasks (RunTask on j) and the K slabs' partial sums they leave.
+struct VecPlan {
+  const Problem* pr = nullptr;
+  Job j;
+  int64_t slabs = 1, tasks = 0;
+  std::vector<float> xp, partial;
+};
+
+// Runs `pr` if it needs no vector-path plan (nothing to do, or a tile path); returns whether it did.
+bool ComputeTrivialOrTiles(const Problem& pr) {
+  if (pr.M == 0 || pr.N == 0) return true;
   if (pr.K == 0) {
     std::fill(pr.y, pr.y + pr.M * pr.N, 0.0f);
-    return;
+    return true;
   }
   const int isa = g_isa.load();
   if (AmxServes(pr, isa)) {
     ComputeAmx(pr, AmxFor(isa));
-    return;
+    return true;
   }
   if (DpServes(pr, isa)) {
     pool().Run(CeilDiv(pr.N, kDpRows) * CeilDiv(pr.M, kDpTokenBlock), DpTask, const_cast<Problem*>(&pr));
-    return;
+    return true;
   }
-  const int vec_isa = VectorIsa(isa);
+  return false;
+}
+
+void MakePlan(const Problem& pr, VecPlan& p) {
+  p.pr = &pr;
+  const int vec_isa = VectorIsa(g_isa.load());
   const bool vec = vec_isa >= kAvx2, avx512 = vec_isa >= kAvx512;
-  Job j;
+  Job& j = p.j;
   if (avx512)
     j.fn = pr.w_nk ? dense_rows_avx512 : dense_cols_avx512;
   else if (vec)
@@ -223,11 +237,10 @@ void Compute(const Problem& pr) {
     j.fn = pr.w_nk ? dense_rows_scalar : dense_cols_scalar;
   const bool pad = vec && pr.w_nk;  // the vector rows paths read x 16 or 32 elements at a time
   const int64_t ldx = pad ? CeilDiv(pr.K, 32) * 32 : pr.K;
-  thread_local std::vector<float> xp;
   const float* x = static_cast<const float*>(pr.x);
   if (pr.x_bf16 || pad) {
-    PrepareInputs(pr, ldx, avx512 && pr.w_nk && !pr.w_f32, xp);  // the AVX-512 bf16 rows path's order
-    x = xp.data();
+    PrepareInputs(pr, ldx, avx512 && pr.w_nk && !pr.w_f32, p.xp);  // the AVX-512 bf16 rows path's order
+    x = p.xp.data();
   }
   j.base = DenseTask{pr.w, pr.w_f32, x, ldx, pr.y, pr.M, pr.K, pr.N, 0, pr.N};
   j.esize = pr.w_f32 ? 4 : 2;
@@ -257,16 +270,53 @@ void Compute(const Problem& pr) {
   }
   j.chunks = CeilDiv(pr.N, j.per);
   j.slab_rows = CeilDiv(pr.K, slabs);
-  slabs = CeilDiv(pr.K, j.slab_rows);
-  thread_local std::vector<float> partial;
-  if (slabs > 1) partial.resize(static_cast<size_t>((slabs - 1) * pr.M * pr.N));
-  j.partial = partial.data();
-  pool().Run(j.chunks * slabs, RunTask, &j);
-  for (int64_t q = 1; q < slabs; ++q) {
-    const float* p = j.partial + (q - 1) * pr.M * pr.N;
-    for (int64_t i = 0; i < pr.M * pr.N; ++i) pr.y[i] += p[i];
+  p.slabs = CeilDiv(pr.K, j.slab_rows);
+  if (p.slabs > 1) p.partial.resize(static_cast<size_t>((p.slabs - 1) * pr.M * pr.N));
+  j.partial = p.partial.data();
+  p.tasks = j.chunks * p.slabs;
+}
+
+// Adds the K slabs' partial sums into y, once every task has run.
+void FinishPlan(const VecPlan& p) {
+  const Problem& pr = *p.pr;
+  for (int64_t q = 1; q < p.slabs; ++q) {
+    const float* part = p.j.partial + (q - 1) * pr.M * pr.N;
+    for (int64_t i = 0; i < pr.M * pr.N; ++i) pr.y[i] += part[i];
   }
 }
+
+// Several products in one pool run (decode's q, k and v projections of one x): one wake-up of the pool instead of
+// three, and no oversubscribed cores when XLA would run three kernel calls at once (the second and third then ran
+// on single threads beside the first).
+struct ManyJob {
+  std::vector<VecPlan>* plans;
+  std::vector<int64_t> first;  // each plan's first task
+};
+
+void ManyTask(void* ctx, int64_t i) {
+  const ManyJob& m = *static_cast<const ManyJob*>(ctx);
+  const int64_t at = std::upper_bound(m.first.begin(), m.first.end(), i) - m.first.begin() - 1;
+  RunTask(&(*m.plans)[at].j, i - m.first[at]);
+}
+
+void Compute(const std::vector<Problem>& prs) {
+  // Per thread and reused across calls (no allocation per decode step); sized before any plan is made, since a
+  // plan's Job points into its own vectors.
+  thread_local std::vector<VecPlan> plans;
+  if (plans.size() < prs.size()) plans.resize(prs.size());
+  ManyJob m{&plans, {}};
+  int64_t total = 0;
+  size_t n = 0;
+  for (const Problem& pr : prs)
+    if (!ComputeTrivialOrTiles(pr)) {
+      MakePlan(pr, plans[n]);
+      m.first.push_back(total), total += plans[n++].tasks;
+    }
+  pool().Run(total, ManyTask, &m);
+  for (size_t i = 0; i < n; ++i) FinishPlan(plans[i]);
+}
+
+void Compute(const Problem& pr) { Compute(std::vector<Problem>{pr}); }
 
 std::string CheckShapes(int64_t xr, int64_t wr, int64_t yr, const int64_t* xd, const int64_t* wd, const int64_t* yd,
                         int64_t w_nk) {
@@ -302,10 +352,48 @@ ffi::Error DenseMatmul(ffi::AnyBuffer x, ffi::AnyBuffer w, ffi::ResultBuffer<ffi
   return ffi::Error::Success();
 }
 
+// x times each of several weights (same K and layout), as one pool run: ws and ys pair up in order.
+ffi::Error DenseMatmulMany(ffi::AnyBuffer x, ffi::RemainingArgs ws, ffi::RemainingRets ys, int64_t w_nk) {
+  if (x.element_type() != ffi::F32 && x.element_type() != ffi::BF16)
+    return ffi::Error::InvalidArgument("dense matmul: x must be float32 or bfloat16");
+  if (ws.size() != ys.size() || ws.size() == 0)
+    return ffi::Error::InvalidArgument("dense matmul: " + std::to_string(ws.size()) + " weights but " +
+                                       std::to_string(ys.size()) + " results");
+  const auto xd = x.dimensions();
+  const int64_t zero[2] = {0, 0};
+  std::vector<Problem> prs;
+  for (size_t i = 0; i < ws.size(); ++i) {
+    auto w = ws.get<ffi::AnyBuffer>(i);
+    auto y = ys.get<ffi::Buffer<ffi::F32>>(i);
+    if (!w.has_value()) return w.error();
+    if (!y.has_value()) return y.error();
+    if (w->element_type() != ffi::F32 && w->element_type() != ffi::BF16)
+      return ffi::Error::InvalidArgument("dense matmul: weight " + std::to_string(i) + " must be bfloat16 or float32");
+    const auto wd = w->dimensions(), yd = (*y)->dimensions();
+    const std::string err = CheckShapes(static_cast<int64_t>(xd.size()), static_cast<int64_t>(wd.size()),
+                                        static_cast<int64_t>(yd.size()), xd.size() == 2 ? xd.begin() : zero,
+                                        wd.size() == 2 ? wd.begin() : zero, yd.size() == 2 ? yd.begin() : zero, w_nk);
+    if (!err.empty()) return ffi::Error::InvalidArgument("dense matmul, weight " + std::to_string(i) + ": " + err);
+    prs.push_back(Problem{x.untyped_data(), x.element_type() == ffi::BF16, w->untyped_data(),
+                          w->element_type() == ffi::F32, w_nk != 0, (*y)->typed_data(), xd[0], xd[1], yd[1]});
+  }
+  Compute(prs);
+  return ffi::Error::Success();
+}
+
 }  // namespace
 }  // namespace gptoss
 
 #define GPTOSS_EXPORT __attribute__((visibility("default")))
+
+extern "C" GPTOSS_EXPORT XLA_FFI_Error* GptossDenseMatmulMany(XLA_FFI_CallFrame* call_frame);
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(GptossDenseMatmulMany, gptoss::DenseMatmulMany,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .RemainingArgs()
+                                  .RemainingRets()
+                                  .Attr<int64_t>("w_nk"));
 
 extern "C" GPTOSS_EXPORT XLA_FFI_Error* GptossDenseMatmul(XLA_FFI_CallFrame* call_frame);
 

@@ -28,6 +28,7 @@ import numpy as np
 from gptoss.kernels import mxfp4_cpu
 
 TARGET = "gptoss_dense_matmul"
+TARGET_MANY = "gptoss_dense_matmul_many"  # one x times several weights in one call (dense_matmul_many)
 ISAS = ("scalar", "avx2", "avx512", "avx512bf16", "amx")
 AMX_EMULATED = mxfp4_cpu.AMX_EMULATED  # the tile path on emulated AMX instructions, any CPU (tests); not in serves
 _ISA_CODES = (*ISAS, AMX_EMULATED)
@@ -56,6 +57,8 @@ def load_library():
                 lib.gptoss_dense_matmul.restype = c_int
                 lib.gptoss_dense_set_isa.argtypes = [c_int]
                 jax.ffi.register_ffi_target(TARGET, jax.ffi.pycapsule(lib.GptossDenseMatmul), platform="cpu")
+                jax.ffi.register_ffi_target(TARGET_MANY, jax.ffi.pycapsule(lib.GptossDenseMatmulMany),
+                                            platform="cpu")
                 _state["lib"] = lib
             except (OSError, AttributeError) as e:  # AttributeError: a library built before this kernel existed
                 _state["error"] = f"{type(e).__name__}: {e}"
@@ -89,17 +92,35 @@ def serves(tokens: int, w, *, xla_bf16_gemm: bool = False, w_nk: bool = True, ti
 def dense_matmul(x_MK, w, *, w_nk: bool) -> jax.Array:
     """x [M, K] (bf16 and fp32 pass as they are; other floats become fp32) times w ([N, K] if w_nk else
     [K, N], bf16 or fp32) -> fp32 [M, N]. Uses the kernel; call it only if kernel_available()."""
-    x_MK, w = jnp.asarray(x_MK), jnp.asarray(w)
-    if x_MK.ndim != 2 or w.ndim != 2 or x_MK.shape[1] != w.shape[1 if w_nk else 0]:
-        layout = "[N, K]" if w_nk else "[K, N]"
-        raise ValueError(f"dense_matmul: x {x_MK.shape} and w {w.shape} do not fit x [M, K], w {layout}")
-    if w.dtype not in (jnp.bfloat16, jnp.float32):
-        raise TypeError(f"dense_matmul: w must be bfloat16 or float32, got {w.dtype}")
+    x_MK, (w,) = _checked("dense_matmul", x_MK, (w,), w_nk)
+    return _matmul(x_MK, w, bool(w_nk))
+
+
+def dense_matmul_many(x_MK, ws, *, w_nk: bool) -> tuple[jax.Array, ...]:
+    """x [M, K] times each weight of `ws` (all [N_i, K] if w_nk else [K, N_i]) -> a tuple of fp32 [M, N_i], in one
+    kernel call: decode's q, k and v projections share one run of the thread pool instead of three calls, which
+    XLA would run at once on the same cores. Same products and sums as dense_matmul on each weight."""
+    x_MK, ws = _checked("dense_matmul_many", x_MK, tuple(ws), w_nk)
+    if not ws:
+        raise ValueError("dense_matmul_many: no weights")
+    return _matmul_many(x_MK, ws, bool(w_nk))
+
+
+def _checked(name: str, x_MK, ws: tuple, w_nk: bool):
+    x_MK = jnp.asarray(x_MK)
+    ws = tuple(jnp.asarray(w) for w in ws)
+    layout = "[N, K]" if w_nk else "[K, N]"
+    for i, w in enumerate(ws):
+        which = "w" if len(ws) == 1 and name == "dense_matmul" else f"weight {i}"
+        if x_MK.ndim != 2 or w.ndim != 2 or x_MK.shape[1] != w.shape[1 if w_nk else 0]:
+            raise ValueError(f"{name}: x {x_MK.shape} and {which} {w.shape} do not fit x [M, K], w {layout}")
+        if w.dtype not in (jnp.bfloat16, jnp.float32):
+            raise TypeError(f"{name}: {which} must be bfloat16 or float32, got {w.dtype}")
     if x_MK.dtype not in (jnp.float32, jnp.bfloat16):
         x_MK = x_MK.astype(jnp.float32)
     if load_library() is None:
         raise RuntimeError(f"the dense CPU kernel is unavailable: {_state['error']}")
-    return _matmul(x_MK, w, bool(w_nk))
+    return x_MK, ws
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
@@ -113,15 +134,40 @@ def _matmul_fwd(x, w, w_nk):
     return _matmul(x, w, w_nk), (x, w)
 
 
-def _matmul_bwd(w_nk, res, dy_MN):
-    x, w = res
+def _grads(w_nk, x, w, dy_MN):
+    """(dx in fp32, dW in W's dtype) of y = x W for the cotangent dy."""
     f32 = jnp.float32
     dx = jnp.einsum("mn,nk->mk" if w_nk else "mn,kn->mk", dy_MN, w, preferred_element_type=f32)
     dw = jnp.einsum("mn,mk->nk" if w_nk else "mn,mk->kn", dy_MN, x, preferred_element_type=f32)
-    return dx.astype(x.dtype), dw.astype(w.dtype)
+    return dx, dw.astype(w.dtype)
+
+
+def _matmul_bwd(w_nk, res, dy_MN):
+    x, w = res
+    dx, dw = _grads(w_nk, x, w, dy_MN)
+    return dx.astype(x.dtype), dw
 
 
 _matmul.defvjp(_matmul_fwd, _matmul_bwd)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _matmul_many(x, ws, w_nk):
+    out = tuple(jax.ShapeDtypeStruct((x.shape[0], w.shape[0] if w_nk else w.shape[1]), jnp.float32) for w in ws)
+    return tuple(jax.ffi.ffi_call(TARGET_MANY, out, vmap_method="sequential")(x, *ws, w_nk=np.int64(w_nk)))
+
+
+def _matmul_many_fwd(x, ws, w_nk):
+    return _matmul_many(x, ws, w_nk), (x, ws)
+
+
+def _matmul_many_bwd(w_nk, res, dys):
+    x, ws = res
+    grads = [_grads(w_nk, x, w, dy) for w, dy in zip(ws, dys)]
+    return sum(g[0] for g in grads).astype(x.dtype), tuple(g[1] for g in grads)
+
+
+_matmul_many.defvjp(_matmul_many_fwd, _matmul_many_bwd)
 
 
 # ------------------------------------------------------------------------------------------------- tuning

@@ -11,7 +11,7 @@ from gptoss.config import ModelConfig
 from gptoss.kernels import attention_pallas
 from gptoss.layers.flash import attend_flash
 from gptoss.layers.kv_cache import LayerCache
-from gptoss.layers.linear import project
+from gptoss.layers.linear import project, project_many
 from gptoss.layers.lora import AttentionLoRA
 from gptoss.layers.rope import apply_rope
 from gptoss.layers.runtime import DEFAULT, Runtime
@@ -127,10 +127,10 @@ class Attention(nnx.Module):
                                       rngs=rngs, dropout=dropout)
 
     def qkv(self, x_BTD, cos, sin, rt: Runtime = DEFAULT):
-        kw = dict(precision=rt.precision, kernels=rt.cpu_kernels)
-        q = project("btd,dnh->btnh", x_BTD, self.wq_DNH[...], **kw) + self.bq_NH[...]
-        k = project("btd,dkh->btkh", x_BTD, self.wk_DKH[...], **kw) + self.bk_KH[...]
-        v = project("btd,dkh->btkh", x_BTD, self.wv_DKH[...], **kw) + self.bv_KH[...]
+        q, k, v = project_many(("btd,dnh->btnh", "btd,dkh->btkh", "btd,dkh->btkh"), x_BTD,
+                               (self.wq_DNH[...], self.wk_DKH[...], self.wv_DKH[...]), precision=rt.precision,
+                               kernels=rt.cpu_kernels)
+        q, k, v = q + self.bq_NH[...], k + self.bk_KH[...], v + self.bv_KH[...]
         if self.adapters is not None:
             q, k, v = (self.adapters.apply(n, x_BTD, y, rt.precision) for n, y in zip("qkv", (q, k, v)))
         return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v

@@ -69,6 +69,23 @@ def project(spec: str, x, w, *, preferred_element_type=None, precision=None, ker
     return jnp.einsum(spec, x, w, preferred_element_type=preferred_element_type, precision=precision)
 
 
+def project_many(specs, x, ws, *, precision=None, kernels: bool = False) -> list:
+    """[project(spec, x, w) for each pair], as one dense-kernel call when the kernel serves every one of them with
+    the same token dims and weight layout (decode's q, k and v: one run of the kernel's thread pool instead of three
+    calls that XLA would run at once on the same cores); otherwise the projections one by one."""
+    plans = [plan(spec) for spec in specs]
+    p = plans[0]
+    if (kernels and p is not None and all(q == p for q in plans) and x.ndim - p.batch == 1
+            and x.dtype == jnp.bfloat16 and all(w.dtype == jnp.bfloat16 for w in ws)):
+        M, K = math.prod(x.shape[: p.batch]), x.shape[-1]
+        if all(dense_cpu.serves(M, w, xla_bf16_gemm=True, w_nk=p.w_nk, tile_rows=p.w_nk and K % 32 == 0)
+               for w in ws):
+            w2s = [w.reshape((-1, K) if p.w_nk else (K, -1)) for w in ws]
+            ys = dense_cpu.dense_matmul_many(x.reshape(M, K), w2s, w_nk=p.w_nk)
+            return [_unflatten(p, x, w, y, jnp.bfloat16) for w, y in zip(ws, ys)]
+    return [project(spec, x, w, precision=precision, kernels=kernels) for spec, w in zip(specs, ws)]
+
+
 def _merge_contracted(spec: str, p: Plan, x, w):
     """The same projection with x's contracted dims (and w's) merged into one; free reshapes of row-major arrays."""
     (a, b), out = spec.replace(" ", "").split("->")[0].split(","), spec.replace(" ", "").split("->")[1]
@@ -109,10 +126,14 @@ _bf16_einsum.defvjp(_bf16_einsum_fwd, _bf16_einsum_bwd)
 
 
 def _kernel(p: Plan, x, w, out_dtype):
-    batch_shape, k_shape = x.shape[: p.batch], x.shape[p.batch:]
-    K = math.prod(k_shape)
-    out_shape = w.shape[: w.ndim - len(k_shape)] if p.w_nk else w.shape[len(k_shape):]
-    N = math.prod(out_shape)
-    w2 = w.reshape((N, K) if p.w_nk else (K, N))
-    y_MN = dense_cpu.dense_matmul(x.reshape(math.prod(batch_shape), K), w2, w_nk=p.w_nk)
-    return y_MN.reshape(*batch_shape, *out_shape).astype(out_dtype)
+    K = math.prod(x.shape[p.batch:])
+    w2 = w.reshape((-1, K) if p.w_nk else (K, -1))
+    y_MN = dense_cpu.dense_matmul(x.reshape(math.prod(x.shape[: p.batch]), K), w2, w_nk=p.w_nk)
+    return _unflatten(p, x, w, y_MN, out_dtype)
+
+
+def _unflatten(p: Plan, x, w, y_MN, out_dtype):
+    """The kernel's [M, N] result in the einsum's output shape (x's token dims, then w's output dims) and dtype."""
+    n_k = x.ndim - p.batch
+    out_shape = w.shape[: w.ndim - n_k] if p.w_nk else w.shape[n_k:]
+    return y_MN.reshape(*x.shape[: p.batch], *out_shape).astype(out_dtype)

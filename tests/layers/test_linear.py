@@ -15,7 +15,7 @@ from flax import nnx
 from gptoss.config import ModelConfig
 from gptoss.kernels import dense_cpu
 from gptoss.layers.attention import Attention
-from gptoss.layers.linear import Plan, plan, project
+from gptoss.layers.linear import Plan, plan, project, project_many
 from gptoss.layers.rope import rope_tables
 from gptoss.layers.runtime import Runtime
 
@@ -78,6 +78,32 @@ def test_project_equals_einsum(case, x_dtype):
 
 
 @needs_kernel
+def test_project_many_is_one_call_equal_to_project():
+    """project_many (attention's q, k, v) gives project's results, in one kernel call when it serves all three,
+    else one project per weight (here: too many tokens for the kernel, or fp32 weights)."""
+    rng = np.random.default_rng(5)
+    specs = ("btd,dnh->btnh", "btd,dkh->btkh", "btd,dkh->btkh")
+
+    def weights(dtype):
+        return tuple(jnp.asarray(rng.normal(size=s) * 0.1, dtype) for s in ((40, 6, 20), (40, 2, 20), (40, 2, 20)))
+
+    for T, w_dtype, one_call in ((1, jnp.bfloat16, True), (3, jnp.bfloat16, True),
+                                 (dense_cpu.MAX_TOKENS_VS_BF16_GEMM_KN + 1, jnp.bfloat16, False),
+                                 (1, jnp.float32, False)):
+        x, ws = jnp.asarray(rng.normal(size=(1, T, 40)), jnp.bfloat16), weights(w_dtype)
+        many = jax.jit(lambda x, ws: project_many(specs, x, ws, kernels=True))
+        hlo = many.lower(x, ws).as_text()
+        assert (dense_cpu.TARGET_MANY in hlo) == one_call, (T, w_dtype)
+        got = many(x, ws)
+        for spec, w, y in zip(specs, ws, got):
+            want = jax.jit(lambda x, w, spec=spec: project(spec, x, w, kernels=True))(x, w)
+            assert y.dtype == want.dtype and y.shape == want.shape
+            # the same fp32 sums, rounded once to the result dtype: equal up to summation order
+            np.testing.assert_allclose(np.asarray(y, np.float64), np.asarray(want, np.float64), rtol=1e-2,
+                                       atol=1e-2 * float(jnp.abs(want.astype(jnp.float32)).max()))
+
+
+@needs_kernel
 def test_kernel_only_for_bf16_weights_and_few_tokens():
     spec = "btd,vd->btv"
 
@@ -125,7 +151,9 @@ def test_attention_with_kernel_on_and_off():
 
     hlo_on, on = run("cpu")
     hlo_off, off = run("xla")
-    assert hlo_on.count(dense_cpu.TARGET) == 4 and dense_cpu.TARGET not in hlo_off  # q, k, v, o
+    # q, k and v in one call, o in another (TARGET is a prefix of TARGET_MANY)
+    assert hlo_on.count(dense_cpu.TARGET_MANY) == 1 and hlo_on.count(dense_cpu.TARGET) == 2
+    assert dense_cpu.TARGET not in hlo_off
     assert on.dtype == off.dtype == jnp.bfloat16
     np.testing.assert_allclose(np.asarray(on, np.float32), np.asarray(off, np.float32), rtol=2e-2,
                                atol=2e-2 * float(jnp.abs(off.astype(jnp.float32)).max()))
