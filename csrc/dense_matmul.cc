@@ -201,7 +201,7 @@ void DpTask(void* ctx, int64_t i) {
 struct VecPlan {
   const Problem* pr = nullptr;
   Job j;
-  int64_t slabs = 1, tasks = 0;
+  int64_t slabs = 1, tasks = 0, first = 0;  // first: its first task in a Compute of several products
   std::vector<float> xp, partial;
 };
 
@@ -289,34 +289,33 @@ void FinishPlan(const VecPlan& p) {
 // three, and no oversubscribed cores when XLA would run three kernel calls at once (the second and third then ran
 // on single threads beside the first).
 struct ManyJob {
-  std::vector<VecPlan>* plans;
-  std::vector<int64_t> first;  // each plan's first task
+  VecPlan* plans;
+  size_t n;
 };
 
 void ManyTask(void* ctx, int64_t i) {
   const ManyJob& m = *static_cast<const ManyJob*>(ctx);
-  const int64_t at = std::upper_bound(m.first.begin(), m.first.end(), i) - m.first.begin() - 1;
-  RunTask(&(*m.plans)[at].j, i - m.first[at]);
+  size_t at = 0;
+  while (at + 1 < m.n && i >= m.plans[at + 1].first) ++at;  // a handful of plans
+  RunTask(&m.plans[at].j, i - m.plans[at].first);
 }
 
-void Compute(const std::vector<Problem>& prs) {
+void Compute(const Problem* prs, size_t count) {
   // Per thread and reused across calls (no allocation per decode step); sized before any plan is made, since a
   // plan's Job points into its own vectors.
   thread_local std::vector<VecPlan> plans;
-  if (plans.size() < prs.size()) plans.resize(prs.size());
-  ManyJob m{&plans, {}};
+  if (plans.size() < count) plans.resize(count);
   int64_t total = 0;
   size_t n = 0;
-  for (const Problem& pr : prs)
-    if (!ComputeTrivialOrTiles(pr)) {
-      MakePlan(pr, plans[n]);
-      m.first.push_back(total), total += plans[n++].tasks;
+  for (size_t i = 0; i < count; ++i)
+    if (!ComputeTrivialOrTiles(prs[i])) {
+      MakePlan(prs[i], plans[n]);
+      plans[n].first = total, total += plans[n++].tasks;
     }
+  ManyJob m{plans.data(), n};
   pool().Run(total, ManyTask, &m);
   for (size_t i = 0; i < n; ++i) FinishPlan(plans[i]);
 }
-
-void Compute(const Problem& pr) { Compute(std::vector<Problem>{pr}); }
 
 std::string CheckShapes(int64_t xr, int64_t wr, int64_t yr, const int64_t* xd, const int64_t* wd, const int64_t* yd,
                         int64_t w_nk) {
@@ -335,20 +334,30 @@ std::string CheckShapes(int64_t xr, int64_t wr, int64_t yr, const int64_t* xd, c
 }
 
 // ---------------------------------------------------------------------------------------------- FFI
+// The Problem for x times w into y, or the reason there is none (w's dtype, the shapes) in `err`.
+Problem ProblemFor(const ffi::AnyBuffer& x, const ffi::AnyBuffer& w, ffi::Buffer<ffi::F32>& y, int64_t w_nk,
+                   std::string& err) {
+  if (w.element_type() != ffi::F32 && w.element_type() != ffi::BF16) {
+    err = "W must be bfloat16 or float32";
+    return {};
+  }
+  const auto xd = x.dimensions(), wd = w.dimensions(), yd = y.dimensions();
+  const int64_t zero[2] = {0, 0};
+  err = CheckShapes(static_cast<int64_t>(xd.size()), static_cast<int64_t>(wd.size()), static_cast<int64_t>(yd.size()),
+                    xd.size() == 2 ? xd.begin() : zero, wd.size() == 2 ? wd.begin() : zero,
+                    yd.size() == 2 ? yd.begin() : zero, w_nk);
+  if (!err.empty()) return {};
+  return Problem{x.untyped_data(), x.element_type() == ffi::BF16, w.untyped_data(), w.element_type() == ffi::F32,
+                 w_nk != 0, y.typed_data(), xd[0], xd[1], yd[1]};
+}
+
 ffi::Error DenseMatmul(ffi::AnyBuffer x, ffi::AnyBuffer w, ffi::ResultBuffer<ffi::F32> y, int64_t w_nk) {
   if (x.element_type() != ffi::F32 && x.element_type() != ffi::BF16)
     return ffi::Error::InvalidArgument("dense matmul: x must be float32 or bfloat16");
-  if (w.element_type() != ffi::F32 && w.element_type() != ffi::BF16)
-    return ffi::Error::InvalidArgument("dense matmul: W must be bfloat16 or float32");
-  const auto xd = x.dimensions(), wd = w.dimensions(), yd = y->dimensions();
-  const int64_t zero[2] = {0, 0};
-  const std::string err = CheckShapes(static_cast<int64_t>(xd.size()), static_cast<int64_t>(wd.size()),
-                                      static_cast<int64_t>(yd.size()), xd.size() == 2 ? xd.begin() : zero,
-                                      wd.size() == 2 ? wd.begin() : zero, yd.size() == 2 ? yd.begin() : zero, w_nk);
+  std::string err;
+  const Problem pr = ProblemFor(x, w, *y, w_nk, err);
   if (!err.empty()) return ffi::Error::InvalidArgument("dense matmul: " + err);
-  const Problem pr{x.untyped_data(), x.element_type() == ffi::BF16, w.untyped_data(), w.element_type() == ffi::F32,
-                   w_nk != 0, y->typed_data(), xd[0], xd[1], yd[1]};
-  Compute(pr);
+  Compute(&pr, 1);
   return ffi::Error::Success();
 }
 
@@ -359,25 +368,17 @@ ffi::Error DenseMatmulMany(ffi::AnyBuffer x, ffi::RemainingArgs ws, ffi::Remaini
   if (ws.size() != ys.size() || ws.size() == 0)
     return ffi::Error::InvalidArgument("dense matmul: " + std::to_string(ws.size()) + " weights but " +
                                        std::to_string(ys.size()) + " results");
-  const auto xd = x.dimensions();
-  const int64_t zero[2] = {0, 0};
   std::vector<Problem> prs;
   for (size_t i = 0; i < ws.size(); ++i) {
     auto w = ws.get<ffi::AnyBuffer>(i);
     auto y = ys.get<ffi::Buffer<ffi::F32>>(i);
     if (!w.has_value()) return w.error();
     if (!y.has_value()) return y.error();
-    if (w->element_type() != ffi::F32 && w->element_type() != ffi::BF16)
-      return ffi::Error::InvalidArgument("dense matmul: weight " + std::to_string(i) + " must be bfloat16 or float32");
-    const auto wd = w->dimensions(), yd = (*y)->dimensions();
-    const std::string err = CheckShapes(static_cast<int64_t>(xd.size()), static_cast<int64_t>(wd.size()),
-                                        static_cast<int64_t>(yd.size()), xd.size() == 2 ? xd.begin() : zero,
-                                        wd.size() == 2 ? wd.begin() : zero, yd.size() == 2 ? yd.begin() : zero, w_nk);
+    std::string err;
+    prs.push_back(ProblemFor(x, *w, **y, w_nk, err));
     if (!err.empty()) return ffi::Error::InvalidArgument("dense matmul, weight " + std::to_string(i) + ": " + err);
-    prs.push_back(Problem{x.untyped_data(), x.element_type() == ffi::BF16, w->untyped_data(),
-                          w->element_type() == ffi::F32, w_nk != 0, (*y)->typed_data(), xd[0], xd[1], yd[1]});
   }
-  Compute(prs);
+  Compute(prs.data(), prs.size());
   return ffi::Error::Success();
 }
 
@@ -412,7 +413,8 @@ GPTOSS_EXPORT int gptoss_dense_matmul(const void* x, int x_bf16, const void* w, 
                                       int64_t M, int64_t K, int64_t N) {
   const int64_t xd[2] = {M, K}, wd[2] = {w_nk ? N : K, w_nk ? K : N}, yd[2] = {M, N};
   if (M < 0 || K < 0 || N < 0 || !gptoss::CheckShapes(2, 2, 2, xd, wd, yd, w_nk).empty()) return -1;
-  gptoss::Compute(gptoss::Problem{x, x_bf16 != 0, w, w_f32 != 0, w_nk != 0, y, M, K, N});
+  const gptoss::Problem pr{x, x_bf16 != 0, w, w_f32 != 0, w_nk != 0, y, M, K, N};
+  gptoss::Compute(&pr, 1);
   return 0;
 }
 

@@ -111,7 +111,7 @@ def _checked(name: str, x_MK, ws: tuple, w_nk: bool):
     ws = tuple(jnp.asarray(w) for w in ws)
     layout = "[N, K]" if w_nk else "[K, N]"
     for i, w in enumerate(ws):
-        which = "w" if len(ws) == 1 and name == "dense_matmul" else f"weight {i}"
+        which = "w" if name == "dense_matmul" else f"weight {i}"
         if x_MK.ndim != 2 or w.ndim != 2 or x_MK.shape[1] != w.shape[1 if w_nk else 0]:
             raise ValueError(f"{name}: x {x_MK.shape} and {which} {w.shape} do not fit x [M, K], w {layout}")
         if w.dtype not in (jnp.bfloat16, jnp.float32):

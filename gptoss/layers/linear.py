@@ -57,11 +57,8 @@ def project(spec: str, x, w, *, preferred_element_type=None, precision=None, ker
         # the whole weight on every call (wo, 23.6 MB: ~10 ms per layer of a 128-token prefill).
         spec, x, w = _merge_contracted(spec, p, x, w)
         p = plan(spec)
-    if p is not None:
-        K = math.prod(x.shape[p.batch:])
-        if kernels and dense_cpu.serves(math.prod(x.shape[: p.batch]), w, xla_bf16_gemm=bf16, w_nk=p.w_nk,
-                                        tile_rows=bf16 and p.w_nk and K % 32 == 0):
-            return _kernel(p, x, w, out_dtype)
+    if p is not None and kernels and _kernel_serves(p, x, w):
+        return _kernel(p, x, w, out_dtype)
     if bf16 and p is not None and out_dtype in (jnp.bfloat16, jnp.float32):
         # XLA:CPU runs bf16 x bf16 -> fp32 as a native bf16 GEMM, while a bf16 result (or an fp32 operand) makes it
         # convert the whole weight to fp32 first (~4x slower at prefill sizes); _bf16_einsum keeps its backward so
@@ -76,14 +73,20 @@ def project_many(specs, x, ws, *, precision=None, kernels: bool = False) -> list
     plans = [plan(spec) for spec in specs]
     p = plans[0]
     if (kernels and p is not None and all(q == p for q in plans) and x.ndim - p.batch == 1
-            and x.dtype == jnp.bfloat16 and all(w.dtype == jnp.bfloat16 for w in ws)):
-        M, K = math.prod(x.shape[: p.batch]), x.shape[-1]
-        if all(dense_cpu.serves(M, w, xla_bf16_gemm=True, w_nk=p.w_nk, tile_rows=p.w_nk and K % 32 == 0)
-               for w in ws):
-            w2s = [w.reshape((-1, K) if p.w_nk else (K, -1)) for w in ws]
-            ys = dense_cpu.dense_matmul_many(x.reshape(M, K), w2s, w_nk=p.w_nk)
-            return [_unflatten(p, x, w, y, jnp.bfloat16) for w, y in zip(ws, ys)]
+            and all(_kernel_serves(p, x, w) for w in ws)):
+        K = x.shape[-1]
+        w2s = [w.reshape((-1, K) if p.w_nk else (K, -1)) for w in ws]
+        ys = dense_cpu.dense_matmul_many(x.reshape(-1, K), w2s, w_nk=p.w_nk)
+        return [_unflatten(p, x, w, y, jnp.result_type(x, w)) for w, y in zip(ws, ys)]
     return [project(spec, x, w, precision=precision, kernels=kernels) for spec, w in zip(specs, ws)]
+
+
+def _kernel_serves(p: Plan, x, w) -> bool:
+    """Whether the dense kernel takes x times w (planned as p) at this size and dtype (dense_cpu.serves)."""
+    bf16 = x.dtype == w.dtype == jnp.bfloat16
+    K = math.prod(x.shape[p.batch:])
+    return dense_cpu.serves(math.prod(x.shape[: p.batch]), w, xla_bf16_gemm=bf16, w_nk=p.w_nk,
+                            tile_rows=bf16 and p.w_nk and K % 32 == 0)
 
 
 def _merge_contracted(spec: str, p: Plan, x, w):
