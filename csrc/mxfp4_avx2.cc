@@ -6,10 +6,13 @@
 // them (bf16 << 16 is exact). 11 instructions per 32 values instead of ~24, 4 of them shuffles: on a Zen 3 core
 // the decode GEMV runs ~2x faster (7.4 vs 3.6 GB/s of packed bytes from cache), two cores reach ~75 % of the read
 // bandwidth. (Widening by unpacking with zeros instead of shift/mask: 5.6 GB/s.) The shuffles work within 128-bit
-// lanes, so the values come out in the "xq" order the driver permutes x into (Decoder below). One token: each
-// row's block is summed unscaled, then times the block scale (a power of two, so exact). Several tokens: the
-// decoded block is scaled once and used by each.
+// lanes, so the values come out in the "xq" order the driver permutes x into (Decoder below). One token (gemv_rows):
+// each row's block is summed unscaled, then times the block scale (a power of two, so exact). Several tokens
+// (run_panel): each block is decoded and scaled once per task into an L1 panel that an fp32 GEMM micro-kernel
+// multiplies with every token.
 #include <immintrin.h>
+
+#include <algorithm>
 
 #include "mxfp4_kernel.h"
 
@@ -49,65 +52,145 @@ struct Decoder {
   }
 };
 
-template <int R, int TB>
-struct MK {
-  static void run(const gptoss::Tile& t, int64_t r0, int64_t t0, int64_t g0, int64_t g1, float* part) {
-    const int64_t G = t.G;
-    const uint8_t* w = t.w + r0 * G * 16;
-    const uint8_t* s = t.s + r0 * G;
-    const float* x[TB];
-    for (int i = 0; i < TB; ++i) x[i] = t.x[t0 + i];
-    const Decoder decode;
-    const bool resume = part != nullptr && g0 > 0, suspend = part != nullptr && g1 < G;
-    __m256 acc[R][TB];
-    for (int r = 0; r < R; ++r)
-      for (int i = 0; i < TB; ++i) acc[r][i] = resume ? _mm256_load_ps(part + (r * TB + i) * 16) : _mm256_setzero_ps();
-    for (int64_t g = g0; g < g1; ++g) {
-      if (TB == 1 && kPrefetch > 0 && (g & 3) == 0)  // one line per row every 64 bytes, kPrefetch ahead
-        for (int r = 0; r < R; ++r) _mm_prefetch((const char*)(w + r * G * 16 + 16 * g + kPrefetch), _MM_HINT_T0);
-      if constexpr (TB == 1) {
-        const float* xg = x[0] + 32 * g;
-        const __m256 x0 = _mm256_loadu_ps(xg), x1 = _mm256_loadu_ps(xg + 8), x2 = _mm256_loadu_ps(xg + 16),
-                     x3 = _mm256_loadu_ps(xg + 24);
+inline float hsum(__m256 a) {
+  __m128 q = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
+  q = _mm_add_ps(q, _mm_movehl_ps(q, q));
+  q = _mm_add_ss(q, _mm_movehdup_ps(q));
+  return _mm_cvtss_f32(q);
+}
+
+// One token: rows r0..r0+R-1 of the tile, each over its whole row.
+template <int R>
+void gemv_rows(const gptoss::Tile& t, int64_t r0) {
+  const int64_t G = t.G;
+  const uint8_t* w = t.w + r0 * G * 16;
+  const uint8_t* s = t.s + r0 * G;
+  const float* x = t.x[0];
+  const Decoder decode;
+  __m256 acc[R];
 #pragma GCC unroll 4
-        for (int r = 0; r < R; ++r) {
-          __m256 v[4];
-          decode(w + r * G * 16 + 16 * g, v);
-          __m256 blk = _mm256_mul_ps(v[0], x0);
-          blk = _mm256_fmadd_ps(v[1], x1, blk);
-          blk = _mm256_fmadd_ps(v[2], x2, blk);
-          blk = _mm256_fmadd_ps(v[3], x3, blk);
-          acc[r][0] = _mm256_fmadd_ps(blk, _mm256_broadcast_ss(t.scale_lut + s[r * G + g]), acc[r][0]);
-        }
-      } else {
-#pragma GCC unroll 2
-        for (int r = 0; r < R; ++r) {
-          __m256 v[4];
-          decode(w + r * G * 16 + 16 * g, v);
-          const __m256 sc = _mm256_broadcast_ss(t.scale_lut + s[r * G + g]);
+  for (int r = 0; r < R; ++r) acc[r] = _mm256_setzero_ps();
+  for (int64_t g = 0; g < G; ++g) {
+    if (kPrefetch > 0 && (g & 3) == 0)  // one line per row every 64 bytes, kPrefetch ahead
 #pragma GCC unroll 4
-          for (int q = 0; q < 4; ++q) {
-            const __m256 wq = _mm256_mul_ps(v[q], sc);
+      for (int r = 0; r < R; ++r) _mm_prefetch((const char*)(w + r * G * 16 + 16 * g + kPrefetch), _MM_HINT_T0);
+    const float* xg = x + 32 * g;
+    const __m256 x0 = _mm256_loadu_ps(xg), x1 = _mm256_loadu_ps(xg + 8), x2 = _mm256_loadu_ps(xg + 16),
+                 x3 = _mm256_loadu_ps(xg + 24);
+#pragma GCC unroll 4
+    for (int r = 0; r < R; ++r) {
+      __m256 v[4];
+      decode(w + r * G * 16 + 16 * g, v);
+      __m256 blk = _mm256_mul_ps(v[0], x0);
+      blk = _mm256_fmadd_ps(v[1], x1, blk);
+      blk = _mm256_fmadd_ps(v[2], x2, blk);
+      blk = _mm256_fmadd_ps(v[3], x3, blk);
+      acc[r] = _mm256_fmadd_ps(blk, _mm256_broadcast_ss(t.scale_lut + s[r * G + g]), acc[r]);
+    }
+  }
+#pragma GCC unroll 4
+  for (int r = 0; r < R; ++r) t.y[0][t.col0 + r0 + r] = hsum(acc[r]);
+}
+
+// Several tokens (the grouped prefill): a task's rows are decoded kPanelBlocks blocks at a time into an L1 panel,
+// scaled, once for all of its tokens; an fp32 micro-kernel (panel_mk) multiplies the panel with R rows x T tokens of
+// accumulators, k in the vector lanes, so that no token count is padded; each (row, token) keeps its 8 lane sums in
+// `part` between chunks and adds them up after the last. Decoding once per task instead of once per 4 tokens, and a
+// plain FMA loop (12 FMAs per 7 loads): 1.3-1.4x the previous register-decoding tile, 61 vs 44 GFLOP/s on one
+// Zen 3 core (128 tokens x top-4 through gate_up). The next chunk's lines are prefetched while one multiplies:
+// without it the decode stalls on them and two cores gain nothing over one.
+constexpr int64_t kPanelBlocks = 8;  // 256 k: the panel of 16 rows (16 KiB) and 16 tokens' inputs fill L1
+constexpr int64_t kPanelK = kPanelBlocks * 32;
+constexpr int kPanelR = 4, kPanelT = 3;  // 12 accumulators, 3 inputs and a weight vector: the 16 registers
+
+template <int R, int T>
+void panel_mk(const float* wb, const float* const* x, int64_t k0, int64_t n, float* part, bool resume, bool finish,
+              float* const* y, int64_t col) {
+  __m256 acc[R][T];  // (every loop over acc fully unrolled, or GCC keeps it in memory)
 #pragma GCC unroll 8
-            for (int i = 0; i < TB; ++i) acc[r][i] = _mm256_fmadd_ps(wq, _mm256_loadu_ps(x[i] + 32 * g + 8 * q), acc[r][i]);
-          }
-        }
+  for (int r = 0; r < R; ++r)
+#pragma GCC unroll 8
+    for (int i = 0; i < T; ++i) acc[r][i] = resume ? _mm256_load_ps(part + (r * T + i) * 8) : _mm256_setzero_ps();
+  const float* xs[T];
+#pragma GCC unroll 8
+  for (int i = 0; i < T; ++i) xs[i] = x[i] + k0;
+  for (int64_t k = 0; k < n; k += 8) {
+    __m256 xv[T];
+#pragma GCC unroll 8
+    for (int i = 0; i < T; ++i) xv[i] = _mm256_loadu_ps(xs[i] + k);
+#pragma GCC unroll 8
+    for (int r = 0; r < R; ++r) {
+      const __m256 w = _mm256_load_ps(wb + r * kPanelK + k);
+#pragma GCC unroll 8
+      for (int i = 0; i < T; ++i) acc[r][i] = _mm256_fmadd_ps(w, xv[i], acc[r][i]);
+    }
+  }
+#pragma GCC unroll 8
+  for (int r = 0; r < R; ++r)
+#pragma GCC unroll 8
+    for (int i = 0; i < T; ++i) {
+      if (finish) y[i][col + r] = hsum(acc[r][i]);
+      else _mm256_store_ps(part + (r * T + i) * 8, acc[r][i]);
+    }
+}
+
+template <int R, int T>
+void panel_tokens(int64_t nt, const float* wb, const float* const* x, int64_t k0, int64_t n, float* part, bool resume,
+                  bool finish, float* const* y, int64_t col) {
+  if constexpr (T > 1)
+    if (nt < T) return panel_tokens<R, T - 1>(nt, wb, x, k0, n, part, resume, finish, y, col);
+  panel_mk<R, T>(wb, x, k0, n, part, resume, finish, y, col);
+}
+
+void run_panel(const gptoss::Tile& t) {
+  constexpr int64_t kRows = gptoss::kGroupRows, kTokens = gptoss::kGroupTokens;
+  if (t.rows > kRows || t.ntok > kTokens) {  // (not used by the driver) split into tasks of the driver's size
+    for (int64_t r = 0; r < t.rows; r += kRows)
+      for (int64_t i = 0; i < t.ntok; i += kTokens) {
+        gptoss::Tile sub = t;
+        sub.w += r * t.G * 16, sub.s += r * t.G, sub.col0 += r, sub.rows = std::min(kRows, t.rows - r);
+        sub.x += i, sub.y += i, sub.ntok = std::min(kTokens, t.ntok - i);
+        run_panel(sub);
+      }
+    return;
+  }
+  const int64_t G = t.G;
+  alignas(64) float wb[kRows * kPanelK];
+  alignas(64) float part[kRows * kTokens * 8];
+  const Decoder decode;
+  for (int64_t g0 = 0; g0 < G; g0 += kPanelBlocks) {
+    const int64_t g1 = std::min(G, g0 + kPanelBlocks);
+    for (int64_t r = 0; r < t.rows; ++r) {
+      {  // this row's next chunk (after the last: the first chunk of the rows after the tile, likely the next task)
+        const int64_t pr = g1 < G ? r : r + t.rows, pg = g1 < G ? g1 : 0;
+        const char* nb = reinterpret_cast<const char*>(t.w + (pr * G + pg) * 16);
+        _mm_prefetch(nb, _MM_HINT_T0);
+        _mm_prefetch(nb + 64, _MM_HINT_T0);
+        _mm_prefetch(nb + 16 * kPanelBlocks - 1, _MM_HINT_T0);
+        _mm_prefetch(reinterpret_cast<const char*>(t.s + pr * G + pg), _MM_HINT_T0);
+      }
+      for (int64_t g = g0; g < g1; ++g) {
+        __m256 v[4];
+        decode(t.w + (r * G + g) * 16, v);
+        const __m256 sc = _mm256_broadcast_ss(t.scale_lut + t.s[r * G + g]);
+        float* o = wb + r * kPanelK + (g - g0) * 32;
+        for (int q = 0; q < 4; ++q) _mm256_store_ps(o + 8 * q, _mm256_mul_ps(v[q], sc));
       }
     }
-    for (int i = 0; i < TB; ++i)
-      for (int r = 0; r < R; ++r) {
-        const __m256 a = acc[r][i];
-        if (suspend) {
-          _mm256_store_ps(part + (r * TB + i) * 16, a);
-          continue;
-        }
-        __m128 q = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
-        q = _mm_add_ps(q, _mm_movehl_ps(q, q));
-        q = _mm_add_ss(q, _mm_movehdup_ps(q));
-        t.y[t0 + i][t.col0 + r0 + r] = _mm_cvtss_f32(q);
-      }
+    const bool resume = g0 > 0, finish = g1 == G;
+    const int64_t n = (g1 - g0) * 32;
+    for (int64_t t0 = 0; t0 < t.ntok; t0 += kPanelT) {
+      const int64_t nt = std::min<int64_t>(kPanelT, t.ntok - t0);
+      int64_t r = 0;  // (part: row r's sums for tokens t0.. at (r * kTokens + t0 * R) * 8, R = the rows per call)
+      for (; r + kPanelR <= t.rows; r += kPanelR)
+        panel_tokens<kPanelR, kPanelT>(nt, wb + r * kPanelK, t.x + t0, 32 * g0, n,
+                                       part + (r * kTokens + t0 * kPanelR) * 8, resume, finish, t.y + t0, t.col0 + r);
+      for (; r < t.rows; ++r)
+        panel_tokens<1, kPanelT>(nt, wb + r * kPanelK, t.x + t0, 32 * g0, n, part + (r * kTokens + t0) * 8, resume,
+                                 finish, t.y + t0, t.col0 + r);
+    }
   }
-};
+}
 
 // The transposed product: per row n, each half block decodes once into its 8 even and 8 odd elements (as above),
 // then acc[i] += dy[i][n] * w for each token. With several tokens, one half block per pass over the rows keeps
@@ -178,10 +261,15 @@ struct MKT {
   }
 };
 
-#include "mxfp4_tile_loop.h"
+
 #include "mxfp4_tile_t_loop.h"
 
 }  // namespace
 
-void gptoss::tile_avx2(const gptoss::Tile& t) { run_tile<MK, 4, 2, 4, 16>(t); }
+void gptoss::tile_avx2(const gptoss::Tile& t) {
+  if (t.ntok > 1) return run_panel(t);
+  int64_t r = 0;
+  for (; r + 4 <= t.rows; r += 4) gemv_rows<4>(t, r);
+  for (; r < t.rows; ++r) gemv_rows<1>(t, r);
+}
 void gptoss::tile_t_avx2(const gptoss::TTile& t) { run_tile_t<MKT, 2, 1, 4, kRowsPerPass>(t); }

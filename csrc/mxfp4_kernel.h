@@ -32,6 +32,9 @@ struct Tile {
 
 using TileFn = void (*)(const Tile&);
 
+// The driver's grouped (several-token) tasks: at most kGroupRows rows of one expert times kGroupTokens of its inputs.
+constexpr int64_t kGroupRows = 16, kGroupTokens = 64;
+
 // The transposed product (the input gradient dx = W^T dy): blocks [g0, g1) of the K axis of one expert, for `ntok`
 // tokens, each summed over all `rows` rows of the expert. Written in the natural k order (not "xp").
 struct TTile {

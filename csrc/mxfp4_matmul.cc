@@ -466,11 +466,11 @@ std::string Compute(const Problem& pr, bool grouped) {
   std::vector<int64_t> start, order;
   SortPairs(pr, start, order);
   for (int64_t at = 0; at < A; ++at) j.xs[at] = xp.data() + (order[at] / pr.S) * pr.K, j.ys[at] = pr.y + order[at] * pr.N;
-  constexpr int64_t kTokenBlock = 64;  // inputs per task: 64 x K fp32 stays in L2 while a row chunk streams
+  // inputs per task: kGroupTokens x K fp32 stays in L2 while a row chunk streams
   for (int64_t e = 0; e < pr.E; ++e)
-    for (int64_t f = start[e]; f < start[e + 1]; f += kTokenBlock)
-      j.groups.push_back({e, f, std::min(kTokenBlock, start[e + 1] - f)});
-  j.rows_per_task = std::min<int64_t>(16, pr.N);
+    for (int64_t f = start[e]; f < start[e + 1]; f += kGroupTokens)
+      j.groups.push_back({e, f, std::min(kGroupTokens, start[e + 1] - f)});
+  j.rows_per_task = std::min(kGroupRows, pr.N);
   j.chunks = (pr.N + j.rows_per_task - 1) / j.rows_per_task;
   workers.Run(static_cast<int64_t>(j.groups.size()) * j.chunks, GroupedTask, &j);
   return "";

@@ -107,6 +107,7 @@ SHAPES = [  # (M, S, E, N, G): odd block counts, N not a multiple of 16 or 4, on
     (7, 3, 4, 40, 5),
     (64, 4, 6, 40, 3),
     (33, 2, 3, 13, 1),
+    (20, 3, 3, 21, 17),  # K in two whole 8-block chunks of the AVX2 panel and one block more
 ]
 
 
