@@ -4,8 +4,12 @@
 // are one 16-byte load, zero-extended to dwords and shifted left by 16 (the fp32 values, exactly).
 // rows (W [N, K]): R <= 4 output rows x TB <= 2 tokens of 8-lane accumulators over the whole of K; the rows stay
 //   in L1 for further token blocks. cols (W [K, N]): sweeps of kKG input rows across a strip, 16 columns by
-//   TB <= 4 tokens, accumulating in y; one token streams kOneRows rows at a time instead (ColsOne).
+//   TB <= 4 tokens, accumulating in y; one token streams kOneRows rows at a time instead (ColsOne), and 8 tokens
+//   or more run a packed fp32 GEMM (ColsPanel).
 #include <immintrin.h>
+
+#include <algorithm>
+#include <vector>
 
 #include "dense_kernel.h"
 
@@ -183,9 +187,90 @@ void ColsOne(const gptoss::DenseTask& t) {
   }
 }
 
+// Prefill-sized M (kPanelMinTokens or more), a GEMM: per kPanelK rows of W, x's chunk is packed once as [token tile]
+// [k][6] and, for each 32 columns, W's chunk is converted once to fp32 panels [k][16] (two strips, 16 KiB, L1; the
+// next 32 columns' lines prefetched meanwhile), then every 6-token tile runs a 6 x 16 micro-kernel (12 accumulators,
+// two panel loads and six broadcasts per k), y accumulating in place between chunks. The kKG sweep below converts
+// each weight again for every 4 tokens; XLA's bf16 GEMM repacks W on every call: at 128 tokens this is 1.3-1.4x
+// XLA on attention's wq and wo on a 2-core Zen 3 (unpacked x broadcast from 6 rows: ~25 % slower).
+constexpr int64_t kPanelMinTokens = 8, kPanelK = 128;
+constexpr int kPanelTB = 6;
+
+template <int TB>
+void PanelMK(const gptoss::DenseTask& t, const float* pw, const float* px, int64_t kc, int64_t n0, int64_t m0,
+             int64_t k0) {
+  __m256 acc[TB][2];  // (every loop over acc fully unrolled, or GCC keeps it in memory)
+#pragma GCC unroll 8
+  for (int i = 0; i < TB; ++i) {
+    const float* y = t.y + (m0 + i) * t.N + n0;
+    acc[i][0] = k0 == 0 ? _mm256_setzero_ps() : _mm256_loadu_ps(y);
+    acc[i][1] = k0 == 0 ? _mm256_setzero_ps() : _mm256_loadu_ps(y + 8);
+  }
+  for (int64_t k = 0; k < kc; ++k) {
+    const __m256 wa = _mm256_load_ps(pw + 16 * k), wb = _mm256_load_ps(pw + 16 * k + 8);
+#pragma GCC unroll 8
+    for (int i = 0; i < TB; ++i) {
+      const __m256 xk = _mm256_broadcast_ss(px + kPanelTB * k + i);
+      acc[i][0] = _mm256_fmadd_ps(wa, xk, acc[i][0]);
+      acc[i][1] = _mm256_fmadd_ps(wb, xk, acc[i][1]);
+    }
+  }
+#pragma GCC unroll 8
+  for (int i = 0; i < TB; ++i) {
+    float* y = t.y + (m0 + i) * t.N + n0;
+    _mm256_storeu_ps(y, acc[i][0]);
+    _mm256_storeu_ps(y + 8, acc[i][1]);
+  }
+}
+
+template <int TB>
+void PanelTokens(int64_t nt, const gptoss::DenseTask& t, const float* pw, const float* px, int64_t kc, int64_t n0,
+                 int64_t m0, int64_t k0) {
+  if constexpr (TB > 1)
+    if (nt < TB) return PanelTokens<TB - 1>(nt, t, pw, px, kc, n0, m0, k0);
+  PanelMK<TB>(t, pw, px, kc, n0, m0, k0);
+}
+
+template <bool F32>
+void ColsPanel(const gptoss::DenseTask& t) {
+  constexpr int64_t E = F32 ? 4 : 2;
+  alignas(64) float pw[2 * kPanelK * 16];  // two 16-column strips, each [k][16]
+  thread_local std::vector<float> xbuf;
+  const int64_t tiles = (t.M + kPanelTB - 1) / kPanelTB;
+  xbuf.resize(static_cast<size_t>(tiles * kPanelK * kPanelTB));
+  float* px = xbuf.data();
+  const int64_t full_end = t.lo + ((t.hi - t.lo) & ~int64_t{15});
+  for (int64_t k0 = 0; k0 < t.K; k0 += kPanelK) {
+    const int64_t kc = std::min(kPanelK, t.K - k0);
+    for (int64_t m = 0; m < t.M; ++m) {  // x's chunk as [token tile][k][kPanelTB]
+      float* d = px + (m / kPanelTB) * kPanelK * kPanelTB + m % kPanelTB;
+      const float* x = t.x + m * t.ldx + k0;
+      for (int64_t k = 0; k < kc; ++k) d[k * kPanelTB] = x[k];
+    }
+    for (int64_t n0 = t.lo; n0 < full_end; n0 += 32) {
+      const int strips = full_end - n0 >= 32 ? 2 : 1;
+      const char* w = static_cast<const char*>(t.w) + (k0 * t.N + n0) * E;
+      for (int64_t k = 0; k < kc; ++k) {
+        const char* wk = w + k * t.N * E;
+        _mm_prefetch(wk + 32 * E, _MM_HINT_T0);  // the next panel's line of this row
+        for (int sidx = 0; sidx < strips; ++sidx) {
+          _mm256_store_ps(pw + sidx * kPanelK * 16 + 16 * k, Load8<F32>(wk + 16 * sidx * E));
+          _mm256_store_ps(pw + sidx * kPanelK * 16 + 16 * k + 8, Load8<F32>(wk + (16 * sidx + 8) * E));
+        }
+      }
+      for (int sidx = 0; sidx < strips; ++sidx)
+        for (int64_t m0 = 0; m0 < t.M; m0 += kPanelTB)
+          PanelTokens<kPanelTB>(std::min<int64_t>(kPanelTB, t.M - m0), t, pw + sidx * kPanelK * 16,
+                                px + (m0 / kPanelTB) * kPanelK * kPanelTB, kc, n0 + 16 * sidx, m0, k0);
+    }
+  }
+  if (full_end < t.hi) ColsTail<F32>(t, full_end, t.hi, 0, t.K);
+}
+
 template <bool F32>
 void Cols(const gptoss::DenseTask& t) {
   if (t.M == 1) return ColsOne<F32>(t);
+  if (t.M >= kPanelMinTokens) return ColsPanel<F32>(t);
   constexpr int64_t kTB = 4;
   const int64_t full_end = t.lo + ((t.hi - t.lo) & ~int64_t{15});
   for (int64_t k0 = 0; k0 < t.K;) {

@@ -55,7 +55,7 @@ jit_matmul = jax.jit(dense_cpu.dense_matmul, static_argnames="w_nk")
 # (K, N): K and N not multiples of 16 or 32, K below one vector, a K tail after whole 32-blocks and after whole
 # 16-row sweeps, and sizes above the one-task threshold (128 KiB of weights: strips, K slabs, row chunks)
 SHAPES = [(5, 3), (37, 19), (100, 70), (33, 290), (700, 301), (1000, 97), (300, 1031)]
-TOKENS = [1, 2, 3, 7, 8, 9, 33]
+TOKENS = [1, 2, 3, 7, 8, 9, 13, 16, 35]  # from 8 on AVX2, W [K, N]: the panel path, 6-token tiles and every tail
 
 
 @pytest.mark.parametrize("w_nk", [True, False], ids=["w_nk", "w_kn"])
@@ -274,7 +274,10 @@ def test_serves(monkeypatch):
     assert not dense_cpu.serves(dense_cpu.MAX_TOKENS_VS_BF16_GEMM + 1, w16, xla_bf16_gemm=True)
     limit_kn = dense_cpu.MAX_TOKENS_VS_BF16_GEMM_KN  # W [K, N]: XLA's bf16 GEMM catches up later
     assert dense_cpu.serves(limit_kn, w16, xla_bf16_gemm=True, w_nk=False)
-    assert not dense_cpu.serves(limit_kn + 1, w16, xla_bf16_gemm=True, w_nk=False)
+    panel = dense_cpu.isa() in dense_cpu.PANEL_COLS_ISAS  # AVX2: the kernel's panel GEMM beats XLA's at any size
+    assert dense_cpu.serves(limit_kn + 1, w16, xla_bf16_gemm=True, w_nk=False) == panel
+    assert dense_cpu.serves(10**6, w16, xla_bf16_gemm=True, w_nk=False) == panel
+    assert not dense_cpu.serves(10**6, w16, w_nk=False)  # fp32 x: XLA's GEMM after MAX_TOKENS
     tiles = dense_cpu.isa() in ("avx512bf16", "amx")  # bf16 x times W [N, K]: the tiles serve any size
     assert dense_cpu.serves(10**6, w16, xla_bf16_gemm=True, tile_rows=True) == tiles
     assert not dense_cpu.serves(0, w16)
