@@ -187,13 +187,14 @@ void ColsOne(const gptoss::DenseTask& t) {
   }
 }
 
-// Prefill-sized M (kPanelMinTokens or more), a GEMM: per kPanelK rows of W, x's chunk is packed once as [token tile]
+// Prefill-sized M (kColsPanelMinTokens or more), a GEMM: per kPanelK rows of W, x's chunk is packed once as [token tile]
 // [k][6] and, for each 32 columns, W's chunk is converted once to fp32 panels [k][16] (two strips, 16 KiB, L1; the
 // next 32 columns' lines prefetched meanwhile), then every 6-token tile runs a 6 x 16 micro-kernel (12 accumulators,
 // two panel loads and six broadcasts per k), y accumulating in place between chunks. The kKG sweep below converts
 // each weight again for every 4 tokens; XLA's bf16 GEMM repacks W on every call: at 128 tokens this is 1.3-1.4x
 // XLA on attention's wq and wo on a 2-core Zen 3 (unpacked x broadcast from 6 rows: ~25 % slower).
-constexpr int64_t kPanelMinTokens = 8, kPanelK = 128;
+// Tokens are taken kPanelTokens at a time (their packed chunk, 192 KiB, stays in L2; bounded scratch at any M).
+constexpr int64_t kPanelK = 128, kPanelTokens = 384;
 constexpr int kPanelTB = 6;
 
 template <int TB>
@@ -235,33 +236,34 @@ template <bool F32>
 void ColsPanel(const gptoss::DenseTask& t) {
   constexpr int64_t E = F32 ? 4 : 2;
   alignas(64) float pw[2 * kPanelK * 16];  // two 16-column strips, each [k][16]
-  thread_local std::vector<float> xbuf;
-  const int64_t tiles = (t.M + kPanelTB - 1) / kPanelTB;
-  xbuf.resize(static_cast<size_t>(tiles * kPanelK * kPanelTB));
+  thread_local std::vector<float> xbuf(kPanelTokens * kPanelK);  // x's chunk, [token tile][k][kPanelTB]
   float* px = xbuf.data();
   const int64_t full_end = t.lo + ((t.hi - t.lo) & ~int64_t{15});
-  for (int64_t k0 = 0; k0 < t.K; k0 += kPanelK) {
-    const int64_t kc = std::min(kPanelK, t.K - k0);
-    for (int64_t m = 0; m < t.M; ++m) {  // x's chunk as [token tile][k][kPanelTB]
-      float* d = px + (m / kPanelTB) * kPanelK * kPanelTB + m % kPanelTB;
-      const float* x = t.x + m * t.ldx + k0;
-      for (int64_t k = 0; k < kc; ++k) d[k * kPanelTB] = x[k];
-    }
-    for (int64_t n0 = t.lo; n0 < full_end; n0 += 32) {
-      const int strips = full_end - n0 >= 32 ? 2 : 1;
-      const char* w = static_cast<const char*>(t.w) + (k0 * t.N + n0) * E;
-      for (int64_t k = 0; k < kc; ++k) {
-        const char* wk = w + k * t.N * E;
-        _mm_prefetch(wk + 32 * E, _MM_HINT_T0);  // the next panel's line of this row
-        for (int sidx = 0; sidx < strips; ++sidx) {
-          _mm256_store_ps(pw + sidx * kPanelK * 16 + 16 * k, Load8<F32>(wk + 16 * sidx * E));
-          _mm256_store_ps(pw + sidx * kPanelK * 16 + 16 * k + 8, Load8<F32>(wk + (16 * sidx + 8) * E));
-        }
+  for (int64_t mb = 0; mb < t.M; mb += kPanelTokens) {
+    const int64_t mn = std::min(kPanelTokens, t.M - mb);
+    for (int64_t k0 = 0; k0 < t.K; k0 += kPanelK) {
+      const int64_t kc = std::min(kPanelK, t.K - k0);
+      for (int64_t m = 0; m < mn; ++m) {
+        float* d = px + (m / kPanelTB) * kPanelK * kPanelTB + m % kPanelTB;
+        const float* x = t.x + (mb + m) * t.ldx + k0;
+        for (int64_t k = 0; k < kc; ++k) d[k * kPanelTB] = x[k];
       }
-      for (int sidx = 0; sidx < strips; ++sidx)
-        for (int64_t m0 = 0; m0 < t.M; m0 += kPanelTB)
-          PanelTokens<kPanelTB>(std::min<int64_t>(kPanelTB, t.M - m0), t, pw + sidx * kPanelK * 16,
-                                px + (m0 / kPanelTB) * kPanelK * kPanelTB, kc, n0 + 16 * sidx, m0, k0);
+      for (int64_t n0 = t.lo; n0 < full_end; n0 += 32) {
+        const int strips = full_end - n0 >= 32 ? 2 : 1;
+        const char* w = static_cast<const char*>(t.w) + (k0 * t.N + n0) * E;
+        for (int64_t k = 0; k < kc; ++k) {
+          const char* wk = w + k * t.N * E;
+          _mm_prefetch(wk + 32 * E, _MM_HINT_T0);  // the next panel's line of this row
+          for (int s = 0; s < strips; ++s) {
+            _mm256_store_ps(pw + s * kPanelK * 16 + 16 * k, Load8<F32>(wk + 16 * s * E));
+            _mm256_store_ps(pw + s * kPanelK * 16 + 16 * k + 8, Load8<F32>(wk + (16 * s + 8) * E));
+          }
+        }
+        for (int s = 0; s < strips; ++s)
+          for (int64_t m0 = 0; m0 < mn; m0 += kPanelTB)
+            PanelTokens<kPanelTB>(std::min<int64_t>(kPanelTB, mn - m0), t, pw + s * kPanelK * 16,
+                                  px + (m0 / kPanelTB) * kPanelK * kPanelTB, kc, n0 + 16 * s, mb + m0, k0);
+      }
     }
   }
   if (full_end < t.hi) ColsTail<F32>(t, full_end, t.hi, 0, t.K);
@@ -270,7 +272,7 @@ void ColsPanel(const gptoss::DenseTask& t) {
 template <bool F32>
 void Cols(const gptoss::DenseTask& t) {
   if (t.M == 1) return ColsOne<F32>(t);
-  if (t.M >= kPanelMinTokens) return ColsPanel<F32>(t);
+  if (t.M >= gptoss::kColsPanelMinTokens) return ColsPanel<F32>(t);
   constexpr int64_t kTB = 4;
   const int64_t full_end = t.lo + ((t.hi - t.lo) & ~int64_t{15});
   for (int64_t k0 = 0; k0 < t.K;) {

@@ -30,6 +30,9 @@ struct DenseTask {
 
 using DenseFn = void (*)(const DenseTask&);
 
+// dense_cols_avx2 runs a compute-bound panel GEMM from this many tokens (the driver then splits only columns).
+constexpr int64_t kColsPanelMinTokens = 8;
+
 void dense_rows_scalar(const DenseTask& t);
 void dense_cols_scalar(const DenseTask& t);
 // AVX2 + FMA and AVX-512 (F + BW) paths; the driver checks that they were linked in and that the CPU has them.

@@ -258,8 +258,11 @@ void MakePlan(const Problem& pr, VecPlan& p) {
     // leaves fewer than two tasks per thread, K is split into slabs of at least 256 rows.
     // One token on AVX2 (ColsOne streams whole rows): every task takes all columns, so each reads a contiguous
     // slab of W, and K is split into `want` slabs of at least 64 rows.
+    // AVX2's panel GEMM (kColsPanelMinTokens or more) is compute-bound: `want` strips of 32-column multiples.
     const int64_t cap = (int64_t{8} << 10) / std::min<int64_t>(pr.M, 8);
-    if (pr.M == 1 && vec && !avx512 && pr.N <= cap) {
+    if (pr.M >= kColsPanelMinTokens && vec && !avx512) {
+      j.per = CeilDiv(CeilDiv(pr.N, want), 32) * 32;
+    } else if (pr.M == 1 && vec && !avx512 && pr.N <= cap) {
       j.per = pr.N;
       slabs = std::max<int64_t>(1, std::min(want, pr.K / 64));
     } else {

@@ -106,6 +106,19 @@ def test_prefill_sized_bf16_rows(isa, case):
     check(jit_matmul(jnp.asarray(x), w, w_nk=True), x, w, True)
 
 
+# Prefill-sized bf16 x times W [K, N]: on AVX2 the panel GEMM (8+ tokens; column strips of 32-multiples, a 16-column
+# strip and a scalar tail; K chunks of 128; 6-token tiles and tails; blocks of 384 tokens), elsewhere the sweep.
+COLS_CASES = [(8, 128, 32), (13, 300, 48), (35, 129, 70), (390, 200, 83)]
+
+
+@pytest.mark.parametrize("case", COLS_CASES, ids=lambda c: "M{}K{}N{}".format(*c))
+def test_prefill_sized_bf16_cols(isa, case):
+    M, K, N = case
+    rng = np.random.default_rng(list(case))
+    x, w = operands(rng, M, K, N, False, x_dtype=ml_dtypes.bfloat16)
+    check(jit_matmul(jnp.asarray(x), w, w_nk=False), x, w, False)
+
+
 def test_prefill_sized_nan_and_inf_on_every_path():
     rng = np.random.default_rng(12)
     x, w = operands(rng, 40, 96, 50, True, x_dtype=ml_dtypes.bfloat16)
