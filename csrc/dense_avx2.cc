@@ -9,7 +9,6 @@
 #include <immintrin.h>
 
 #include <algorithm>
-#include <vector>
 
 #include "dense_kernel.h"
 
@@ -193,9 +192,9 @@ void ColsOne(const gptoss::DenseTask& t) {
 // two panel loads and six broadcasts per k), y accumulating in place between chunks. The kKG sweep below converts
 // each weight again for every 4 tokens; XLA's bf16 GEMM repacks W on every call: at 128 tokens this is 1.3-1.4x
 // XLA on attention's wq and wo on a 2-core Zen 3 (unpacked x broadcast from 6 rows: ~25 % slower).
-// Tokens are taken kPanelTokens at a time (their packed chunk, 192 KiB, stays in L2; bounded scratch at any M).
-constexpr int64_t kPanelK = 128, kPanelTokens = 384;
-constexpr int kPanelTB = 6;
+// Tokens are taken kPanelTokens at a time (their packed chunk, 192 KiB, stays in L2 while the columns go by).
+constexpr int64_t kPanelK = gptoss::kColsPanelK, kPanelTokens = 384;
+constexpr int kPanelTB = gptoss::kColsPanelTB;
 
 template <int TB>
 void PanelMK(const gptoss::DenseTask& t, const float* pw, const float* px, int64_t kc, int64_t n0, int64_t m0,
@@ -236,18 +235,12 @@ template <bool F32>
 void ColsPanel(const gptoss::DenseTask& t) {
   constexpr int64_t E = F32 ? 4 : 2;
   alignas(64) float pw[2 * kPanelK * 16];  // two 16-column strips, each [k][16]
-  thread_local std::vector<float> xbuf(kPanelTokens * kPanelK);  // x's chunk, [token tile][k][kPanelTB]
-  float* px = xbuf.data();
-  const int64_t full_end = t.lo + ((t.hi - t.lo) & ~int64_t{15});
+  const int64_t tiles = (t.M + kPanelTB - 1) / kPanelTB, full_end = t.lo + ((t.hi - t.lo) & ~int64_t{15});
   for (int64_t mb = 0; mb < t.M; mb += kPanelTokens) {
     const int64_t mn = std::min(kPanelTokens, t.M - mb);
     for (int64_t k0 = 0; k0 < t.K; k0 += kPanelK) {
       const int64_t kc = std::min(kPanelK, t.K - k0);
-      for (int64_t m = 0; m < mn; ++m) {
-        float* d = px + (m / kPanelTB) * kPanelK * kPanelTB + m % kPanelTB;
-        const float* x = t.x + (mb + m) * t.ldx + k0;
-        for (int64_t k = 0; k < kc; ++k) d[k * kPanelTB] = x[k];
-      }
+      const float* px = t.x + ((k0 / kPanelK) * tiles + mb / kPanelTB) * kPanelK * kPanelTB;  // (the driver's packing)
       for (int64_t n0 = t.lo; n0 < full_end; n0 += 32) {
         const int strips = full_end - n0 >= 32 ? 2 : 1;
         const char* w = static_cast<const char*>(t.w) + (k0 * t.N + n0) * E;
@@ -266,7 +259,15 @@ void ColsPanel(const gptoss::DenseTask& t) {
       }
     }
   }
-  if (full_end < t.hi) ColsTail<F32>(t, full_end, t.hi, 0, t.K);
+  for (int64_t m = 0; m < t.M; ++m)  // the last columns (fewer than 16), scalar, from the same packed x
+    for (int64_t n = full_end; n < t.hi; ++n) {
+      float acc = 0.0f;
+      for (int64_t k = 0; k < t.K; ++k)
+        acc += t.x[((k / kPanelK) * tiles + m / kPanelTB) * kPanelK * kPanelTB + (k % kPanelK) * kPanelTB +
+                   m % kPanelTB] *
+               Scalar<F32>(static_cast<const char*>(t.w) + k * t.N * E, n);
+      t.y[m * t.N + n] = acc;
+    }
 }
 
 template <bool F32>

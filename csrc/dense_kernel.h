@@ -30,8 +30,11 @@ struct DenseTask {
 
 using DenseFn = void (*)(const DenseTask&);
 
-// dense_cols_avx2 runs a compute-bound panel GEMM from this many tokens (the driver then splits only columns).
-constexpr int64_t kColsPanelMinTokens = 8;
+// dense_cols_avx2 runs a compute-bound panel GEMM from this many tokens (the driver then splits only columns). Its x
+// comes packed by the driver (DenseTask::x, ldx unused): per chunk c of kColsPanelK rows of K, per tile of
+// kColsPanelTB tokens, [k][kColsPanelTB] floats, at x + (c * tiles + tile) * kColsPanelK * kColsPanelTB
+// (tiles = ceil(M / kColsPanelTB); a short last chunk or tile leaves its unused floats unread).
+constexpr int64_t kColsPanelMinTokens = 8, kColsPanelK = 128, kColsPanelTB = 6;
 
 void dense_rows_scalar(const DenseTask& t);
 void dense_cols_scalar(const DenseTask& t);

@@ -127,6 +127,16 @@ void PrepareInputs(const Problem& pr, int64_t ldx, bool permute, std::vector<flo
 
 int64_t CeilDiv(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
+// x -> the packed fp32 layout of AVX2's cols panel GEMM (dense_kernel.h, kColsPanelMinTokens).
+void PackColsPanel(const Problem& pr, std::vector<float>& xp) {
+  const int64_t tiles = CeilDiv(pr.M, kColsPanelTB), chunk = kColsPanelK * kColsPanelTB;
+  xp.assign(static_cast<size_t>(CeilDiv(pr.K, kColsPanelK) * tiles * chunk), 0.0f);
+  for (int64_t m = 0; m < pr.M; ++m)
+    for (int64_t k = 0; k < pr.K; ++k)
+      xp[((k / kColsPanelK) * tiles + m / kColsPanelTB) * chunk + (k % kColsPanelK) * kColsPanelTB + m % kColsPanelTB] =
+          InputAt(pr, m * pr.K + k);
+}
+
 // AMX from this many tokens: both are memory bound, but the AVX-512 rows GEMV slows down past 4 tokens (measured
 // at [201088, 2880]: 8 tokens 108 ms vs ~60 ms on the tiles).
 constexpr int64_t kAmxMinTokens = 4;
@@ -239,7 +249,11 @@ void MakePlan(const Problem& pr, VecPlan& p) {
   const bool pad = vec && pr.w_nk;  // the vector rows paths read x 16 or 32 elements at a time
   const int64_t ldx = pad ? CeilDiv(pr.K, 32) * 32 : pr.K;
   const float* x = static_cast<const float*>(pr.x);
-  if (pr.x_bf16 || pad) {
+  const bool panel = vec && !avx512 && !pr.w_nk && pr.M >= kColsPanelMinTokens;  // dense_avx2.cc's panel GEMM
+  if (panel) {
+    PackColsPanel(pr, p.xp);
+    x = p.xp.data();
+  } else if (pr.x_bf16 || pad) {
     PrepareInputs(pr, ldx, avx512 && pr.w_nk && !pr.w_f32, p.xp);  // the AVX-512 bf16 rows path's order
     x = p.xp.data();
   }
@@ -260,7 +274,7 @@ void MakePlan(const Problem& pr, VecPlan& p) {
     // slab of W, and K is split into `want` slabs of at least 64 rows.
     // AVX2's panel GEMM (kColsPanelMinTokens or more) is compute-bound: `want` strips of 32-column multiples.
     const int64_t cap = (int64_t{8} << 10) / std::min<int64_t>(pr.M, 8);
-    if (pr.M >= kColsPanelMinTokens && vec && !avx512) {
+    if (panel) {
       j.per = CeilDiv(CeilDiv(pr.N, want), 32) * 32;
     } else if (pr.M == 1 && vec && !avx512 && pr.N <= cap) {
       j.per = pr.N;
