@@ -186,9 +186,10 @@ void ColsOne(const gptoss::DenseTask& t) {
   }
 }
 
-// Prefill-sized M (kColsPanelMinTokens or more), a GEMM: per kPanelK rows of W, x's chunk is packed once as [token tile]
-// [k][6] and, for each 32 columns, W's chunk is converted once to fp32 panels [k][16] (two strips, 16 KiB, L1; the
-// next 32 columns' lines prefetched meanwhile), then every 6-token tile runs a 6 x 16 micro-kernel (12 accumulators,
+// Prefill-sized M (kColsPanelMinTokens or more), a GEMM: x arrives packed by the driver (per kPanelK rows of K, per
+// 6-token tile, [k][6]); per kPanelK rows and 32 columns, W's chunk is converted once to fp32 panels [k][16] (two
+// strips, 16 KiB, L1; the next 32 columns' lines prefetched meanwhile), then every 6-token tile runs a 6 x 16
+// micro-kernel (12 accumulators,
 // two panel loads and six broadcasts per k), y accumulating in place between chunks. The kKG sweep below converts
 // each weight again for every 4 tokens; XLA's bf16 GEMM repacks W on every call: at 128 tokens this is 1.3-1.4x
 // XLA on attention's wq and wo on a 2-core Zen 3 (unpacked x broadcast from 6 rows: ~25 % slower).
