@@ -92,31 +92,21 @@ def test_pool_sizes_and_gpt_oss_width(threads, w_nk):
         mxfp4_cpu.set_num_threads(0)
 
 
-# Prefill-sized bf16 x times bf16 [N, K] with K % 32 == 0: the AMX tile path where the CPU has it, the
-# AVX-512 / scalar paths otherwise (M >= 4 on the tiles). Row tails (N % 32), token tails (M % 16), several 256-token
-# blocks.
+# Prefill-sized bf16 x. Times bf16 [N, K] with K % 32 == 0: the AMX tile path where the CPU has it, the AVX-512 /
+# scalar paths otherwise (M >= 4 on the tiles); row tails (N % 32), token tails (M % 16), several 256-token blocks.
 AMX_CASES = [(4, 64, 40), (5, 32, 17), (16, 32, 32), (17, 96, 45), (40, 2880, 70), (300, 64, 33), (530, 128, 64)]
-
-
-@pytest.mark.parametrize("case", AMX_CASES, ids=lambda c: "M{}K{}N{}".format(*c))
-def test_prefill_sized_bf16_rows(isa, case):
-    M, K, N = case
-    rng = np.random.default_rng(list(case))
-    x, w = operands(rng, M, K, N, True, x_dtype=ml_dtypes.bfloat16)
-    check(jit_matmul(jnp.asarray(x), w, w_nk=True), x, w, True)
-
-
-# Prefill-sized bf16 x times W [K, N]: on AVX2 the panel GEMM (8+ tokens; column strips of 32-multiples, a 16-column
-# strip and a scalar tail; K chunks of 128; 6-token tiles and tails; blocks of 384 tokens), elsewhere the sweep.
+# Times W [K, N]: on AVX2 the panel GEMM (8+ tokens; column strips of 32-multiples, a 16-column strip and a scalar
+# tail; K chunks of 128; 6-token tiles and tails; blocks of 384 tokens), elsewhere the sweep.
 COLS_CASES = [(8, 128, 32), (13, 300, 48), (35, 129, 70), (390, 200, 83)]
+PREFILL_CASES = [(*c, True) for c in AMX_CASES] + [(*c, False) for c in COLS_CASES]
 
 
-@pytest.mark.parametrize("case", COLS_CASES, ids=lambda c: "M{}K{}N{}".format(*c))
-def test_prefill_sized_bf16_cols(isa, case):
-    M, K, N = case
-    rng = np.random.default_rng(list(case))
-    x, w = operands(rng, M, K, N, False, x_dtype=ml_dtypes.bfloat16)
-    check(jit_matmul(jnp.asarray(x), w, w_nk=False), x, w, False)
+@pytest.mark.parametrize("case", PREFILL_CASES, ids=lambda c: "M{}K{}N{}{}".format(*c[:3], "" if c[3] else "_kn"))
+def test_prefill_sized_bf16(isa, case):
+    M, K, N, w_nk = case
+    rng = np.random.default_rng(list(case[:3]))
+    x, w = operands(rng, M, K, N, w_nk, x_dtype=ml_dtypes.bfloat16)
+    check(jit_matmul(jnp.asarray(x), w, w_nk=w_nk), x, w, w_nk)
 
 
 def test_prefill_sized_nan_and_inf_on_every_path():
