@@ -28,7 +28,20 @@ struct Tile {
   float* const* y;        // ntok pointers to output rows; writes y[t][col0 + r]
   int64_t col0;
   const float* scale_lut;  // 256 floats: E8M0 byte -> 2**(s-127) (255 -> NaN)
+  const uint8_t* xi = nullptr;  // one token's input in the x16 layout below (AVX2 GEMV), or null: fp32 x only
 };
+
+// The AVX2 one-token GEMV's integer input ("x16"), written by the driver once per token. Each 32-block of x is
+// rounded to q * 2**(E - 13), E = floor(log2 max|x|) of the block, q an integer in [-16384, 16383]: 15-bit block
+// floating point, off by at most 2**-14 * max|x| of the block per element (bf16 elements within 2**6 of the
+// block's largest are exact). The weights are looked up as the unsigned bytes 2 * value + 12 and multiplied with
+// the two signed bytes of q = 128 h + l (vpmaddubsw); -12 * sum(q) corrects the offset. Per 8 blocks,
+// kX16GroupBytes: for each pair of blocks (2p, 2p + 1), 4 x 32 bytes, l of the even elements, l of the odd, h of
+// the even, h of the odd (byte i of 128-bit lane L is element 2i, or 2i + 1, of block 2p + L); then per pair 8
+// int32, -12 * sum(q) of block 2p in lane 0 and of block 2p + 1 in lane 4, zeros elsewhere; then 8 floats
+// 2**(E - 14) of the group's blocks in the order 0, 2, 4, 6, 1, 3, 5, 7. Blocks past the last whole group run
+// on the fp32 path.
+constexpr int64_t kX16Blocks = 8, kX16GroupBytes = 4 * 128 + 4 * 32 + 32;
 
 using TileFn = void (*)(const Tile&);
 

@@ -27,6 +27,7 @@
 // sized by GPTOSS_MXFP4_THREADS or the CPUs this process may run on.
 #include <algorithm>
 #include <atomic>
+#include <cmath>
 #include <cstdlib>
 #include <cstring>
 #include <string>
@@ -229,6 +230,7 @@ struct Job {
   const int32_t* idx;
   std::vector<int64_t> pairs;    // the unskipped pairs
   std::vector<const float*> xs;  // input rows, per unskipped pair (gather) or per sorted pair (grouped)
+  std::vector<const uint8_t*> xis;  // gather on the AVX2 tile: the pair's x16 input, or null (fp32 only)
   std::vector<float*> ys;
   // grouped: one task per (expert, token block, row chunk)
   struct Group { int64_t e, first, count; };
@@ -257,7 +259,8 @@ void GatherTask(void* ctx, int64_t task) {
   const int64_t a = task / j.chunks, n0 = (task % j.chunks) * j.rows_per_task;
   const int64_t e = j.idx[j.pairs[a]];
   Tile t{j.blocks + (e * j.N + n0) * j.G * 16, j.scales + (e * j.N + n0) * j.G, j.G,
-         std::min(j.rows_per_task, j.N - n0), &j.xs[a], 1, &j.ys[a], n0, g_scales.v};
+         std::min(j.rows_per_task, j.N - n0), &j.xs[a], 1, &j.ys[a], n0, g_scales.v,
+         j.xis.empty() ? nullptr : j.xis[a]};
   j.fn(t);
 }
 
@@ -289,6 +292,60 @@ void PermuteInputs(const Problem& pr, bool xq, std::vector<float>& xp) {
   for (int64_t m = 0; m < pr.M; ++m)
     for (int64_t g = 0; g < G; ++g)
       for (int j = 0; j < 32; ++j) xp[m * pr.K + 32 * g + at[j]] = InputAt(pr, m * pr.K + 32 * g + j);
+}
+
+// Whether one-token GEMVs on the AVX2 tile read x16 inputs (mxfp4_kernel.h); GPTOSS_MXFP4_EXACT_GEMV=1 or
+// gptoss_mxfp4_set_exact_gemv(1) keeps them on exact fp32 inputs.
+std::atomic<bool> g_x16{[] {
+  const char* env = std::getenv("GPTOSS_MXFP4_EXACT_GEMV");
+  return env == nullptr || std::string(env) != "1";
+}()};
+
+// Writes token m's x16 input (G / kX16Blocks groups) at `out` (32-byte aligned). Returns false, leaving the token
+// on the fp32 path, where the block exponent could leave the range the kernel's scale product assumes: a
+// non-finite element, or a block whose largest magnitude is >= 2**60 or nonzero below 2**-100.
+bool PrepareX16(const Problem& pr, int64_t m, uint8_t* out) {
+  const int64_t groups = pr.K / 32 / kX16Blocks;
+  for (int64_t g8 = 0; g8 < groups; ++g8) {
+    uint8_t* dst = out + g8 * kX16GroupBytes;
+    int8_t* planes = reinterpret_cast<int8_t*>(dst);  // [pair][l even, l odd, h even, h odd][32]
+    int32_t corr[4][8] = {};
+    float xscale[8];
+    for (int b = 0; b < kX16Blocks; ++b) {
+      const int64_t k0 = m * pr.K + 32 * (g8 * kX16Blocks + b);
+      float v[32], amax = 0.0f;
+      for (int i = 0; i < 32; ++i) v[i] = InputAt(pr, k0 + i), amax = std::max(amax, std::fabs(v[i]));
+      if (!(amax < 0x1p60f) || (amax > 0.0f && amax < 0x1p-100f)) return false;  // NaN fails the first test
+      int e = 0;
+      if (amax > 0.0f) e = std::ilogb(amax);  // amax in [2**e, 2**(e+1))
+      int32_t q[32];
+      for (int pass = 0; pass < 2; ++pass) {  // an fp32 element just below 2**(e+1) may round up to 16384: e + 1
+        const float up = std::ldexp(1.0f, 13 - e), magic = 0x1.8p23f;  // (y + magic) - magic: y rounded to even
+        bool over = false;
+        for (int i = 0; i < 32; ++i) {
+          const float t = v[i] * up + magic;  // v[i] * up is exact (a power of two); the add rounds it
+          q[i] = static_cast<int32_t>(t - magic);
+          over |= q[i] > 16383;
+        }
+        if (!over) break;
+        ++e;
+      }
+      const int p = b / 2, lane = b % 2;
+      int32_t sum = 0;
+      for (int i = 0; i < 32; ++i) {
+        sum += q[i];
+        const int at = 16 * lane + i / 2, odd = i % 2;
+        planes[(4 * p + odd) * 32 + at] = static_cast<int8_t>(q[i] & 127);
+        planes[(4 * p + 2 + odd) * 32 + at] = static_cast<int8_t>(q[i] >> 7);  // arithmetic: floor(q / 128)
+      }
+      corr[p][4 * lane] = -12 * sum;
+      static constexpr int kOrder[8] = {0, 4, 1, 5, 2, 6, 3, 7};  // block b's slot in 0, 2, 4, 6, 1, 3, 5, 7
+      xscale[kOrder[b]] = std::ldexp(1.0f, e - 14);
+    }
+    std::memcpy(dst + 512, corr, sizeof(corr));
+    std::memcpy(dst + 640, xscale, sizeof(xscale));
+  }
+  return true;
 }
 
 // Unskipped pairs (m, s) bucketed by expert, stable: order[start[e] .. start[e+1]) are expert e's pairs
@@ -459,6 +516,17 @@ std::string Compute(const Problem& pr, bool grouped) {
     for (int64_t a = 0; a < A; ++a) {
       j.xs[a] = xp.data() + (j.pairs[a] / pr.S) * pr.K;
       j.ys[a] = pr.y + j.pairs[a] * pr.N;
+    }
+    thread_local std::vector<uint8_t> xi;
+    if (tile_reads_xq(j.fn) && g_x16.load() && j.G >= kX16Blocks) {
+      const int64_t per = j.G / kX16Blocks * kX16GroupBytes;
+      xi.resize(static_cast<size_t>(pr.M * per + 32));
+      uint8_t* base = xi.data() + (-reinterpret_cast<uintptr_t>(xi.data()) & 31);
+      std::vector<const uint8_t*> token(pr.M, nullptr);
+      for (int64_t m = 0; m < pr.M; ++m)
+        if (PrepareX16(pr, m, base + m * per)) token[m] = base + m * per;
+      j.xis.resize(A);
+      for (int64_t a = 0; a < A; ++a) j.xis[a] = token[j.pairs[a] / pr.S];
     }
     workers.Run(A * j.chunks, GatherTask, &j);
     return "";
@@ -633,6 +701,9 @@ GPTOSS_EXPORT int gptoss_mxfp4_set_isa(int isa) {
   gptoss::g_isa.store(isa == gptoss::kAmxEmulated ? isa : std::max(0, std::min(isa, gptoss::best_isa())));
   return gptoss::g_isa.load();
 }
+
+// 1: one-token GEMVs on the AVX2 tile use exact fp32 inputs; 0: x16 inputs (the default). Returns the previous value.
+GPTOSS_EXPORT int gptoss_mxfp4_set_exact_gemv(int exact) { return gptoss::g_x16.exchange(exact == 0) ? 0 : 1; }
 
 GPTOSS_EXPORT int gptoss_mxfp4_num_threads() { return gptoss::pool().size(); }
 
