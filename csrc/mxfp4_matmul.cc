@@ -305,6 +305,7 @@ std::atomic<bool> g_x16{[] {
 // on the fp32 path, where the block exponent could leave the range the kernel's scale product assumes: a
 // non-finite element, or a block whose largest magnitude is >= 2**60 or nonzero below 2**-100.
 bool PrepareX16(const Problem& pr, int64_t m, uint8_t* out) {
+  const ExactFp fp;  // the caller may be an XLA thread (denormals-are-zero): subnormal x must count as nonzero
   const int64_t groups = pr.K / 32 / kX16Blocks;
   for (int64_t g8 = 0; g8 < groups; ++g8) {
     uint8_t* dst = out + g8 * kX16GroupBytes;

@@ -607,12 +607,16 @@ def test_x16_gemv_falls_back_to_fp32_for_out_of_range_tokens(x16):
     rng = np.random.default_rng(13)
     blocks, scales = random_packed(rng, 2, 16, 8)
     w = MXFP4Array(jnp.asarray(blocks), jnp.asarray(scales), jnp.float32)
-    x = rng.normal(size=(5, 256)).astype(np.float32) * np.exp2(rng.uniform(-6, 6, (5, 256))).astype(np.float32)
+    x = rng.normal(size=(6, 256)).astype(np.float32) * np.exp2(rng.uniform(-6, 6, (6, 256))).astype(np.float32)
     x[1, 40] = np.inf
     x[2, 200] = 2.0**61
     x[3, 32:64] = rng.normal(size=32) * 2.0**-110
-    idx = np.array([[0], [1], [0], [1], [0]], np.int32)
-    got = np.asarray(mxfp4_cpu.mx_gather_matmul(x, w, idx, grouped=False))
+    x[5] = (rng.normal(size=256) * 2.0**-135).astype(np.float32)  # fp32 subnormals: not zero (under DAZ either)
+    idx = np.array([[0], [1], [0], [1], [0], [1]], np.int32)
+    got = np.asarray(jax.jit(lambda x: mxfp4_cpu.mx_gather_matmul(x, w, idx, grouped=False))(x))
+    W5 = unpack_ref(blocks, scales).astype(np.float64)[1]
+    want5, mag5 = W5 @ x[5].astype(np.float64), np.abs(W5) @ np.abs(x[5].astype(np.float64))
+    assert (np.abs(got[5, 0] - want5) <= 1e-5 * mag5).all() and (got[5, 0] != 0).all()
     W = unpack_ref(blocks, scales).astype(np.float64)[idx[:, 0]]
     with np.errstate(invalid="ignore", over="ignore"):
         inf_want = np.einsum("nk,k->n", W[1], x[1].astype(np.float64))
