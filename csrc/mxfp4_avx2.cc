@@ -7,7 +7,8 @@
 // the decode GEMV runs ~2x faster (7.4 vs 3.6 GB/s of packed bytes from cache), two cores reach ~75 % of the read
 // bandwidth. (Widening by unpacking with zeros instead of shift/mask: 5.6 GB/s.) The shuffles work within 128-bit
 // lanes, so the values come out in the "xq" order the driver permutes x into (Decoder below). One token (gemv_rows):
-// each row's block is summed unscaled, then times the block scale (a power of two, so exact). Several tokens
+// each row's block is summed unscaled, then times the block scale (a power of two, so exact); by default one token
+// runs on integers instead (gemv_x16_row, on the driver's 15-bit block floating point x). Several tokens
 // (run_panel): each block is decoded and scaled once per task into an L1 panel that an fp32 GEMM micro-kernel
 // multiplies with every token.
 #include <immintrin.h>

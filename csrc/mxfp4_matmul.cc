@@ -9,7 +9,9 @@
 //
 // The packed weights are read in place: nibbles are decoded in registers (mxfp4_{avx512,avx2,scalar}.cc,
 // chosen at run time from the CPU's features) and the dequantized matrix never exists in memory.
-//   grouped = 0 (decode): each (m, s) pair is a GEMV over the rows of its expert.
+//   grouped = 0 (decode): each (m, s) pair is a GEMV over the rows of its expert. On the AVX2 tile x is first
+//                          rounded to 15-bit block floating point (PrepareX16) and the GEMV runs on integers
+//                          unless set_exact_gemv / GPTOSS_MXFP4_EXACT_GEMV=1 keeps it on fp32 x.
 //   grouped = 1 (prefill): pairs are bucketed by expert; each task streams a chunk of one expert's rows once
 //                          and multiplies it with a block of that expert's inputs (register-tiled GEMM).
 //                          With bf16 inputs on a CPU with AMX (mxfp4_amx.cc), the chunk is dequantized to bf16
