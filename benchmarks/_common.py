@@ -188,7 +188,8 @@ def kernel_state() -> dict[str, Any]:
         return {"present": False}
     mode = select.default_kernels()
     return {"present": True, "mode": mode, "enabled": select.cpu_kernels(mode), "isa": mxfp4_cpu.isa(),
-            "load_error": mxfp4_cpu.load_error(), "env": os.environ.get(select.ENV)}
+            "exact_gemv": mxfp4_cpu.exact_gemv(), "load_error": mxfp4_cpu.load_error(),
+            "env": os.environ.get(select.ENV)}
 
 
 def print_table(title: str, headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> None:

@@ -707,6 +707,7 @@ GPTOSS_EXPORT int gptoss_mxfp4_set_isa(int isa) {
 
 // 1: one-token GEMVs on the AVX2 tile use exact fp32 inputs; 0: x16 inputs (the default). Returns the previous value.
 GPTOSS_EXPORT int gptoss_mxfp4_set_exact_gemv(int exact) { return gptoss::g_x16.exchange(exact == 0) ? 0 : 1; }
+GPTOSS_EXPORT int gptoss_mxfp4_exact_gemv() { return gptoss::g_x16.load() ? 0 : 1; }
 
 GPTOSS_EXPORT int gptoss_mxfp4_num_threads() { return gptoss::pool().size(); }
 

@@ -202,6 +202,12 @@ def set_exact_gemv(exact: bool) -> bool:
     return bool(lib.gptoss_mxfp4_set_exact_gemv(int(bool(exact))))
 
 
+def exact_gemv() -> bool | None:
+    """Whether one-token GEMVs on the AVX2 path keep x exact (`set_exact_gemv`); None without the library."""
+    lib = load_library()
+    return bool(lib.gptoss_mxfp4_exact_gemv()) if lib is not None else None
+
+
 def set_num_threads(n: int) -> int:
     """Resizes the kernel's thread pool (n <= 0: GPTOSS_MXFP4_THREADS or the CPU count); returns the size."""
     lib = load_library()

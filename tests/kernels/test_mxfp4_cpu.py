@@ -644,5 +644,6 @@ def test_x16_is_the_default_and_switchable():
 
     if os.environ.get("GPTOSS_MXFP4_EXACT_GEMV") == "1":
         pytest.skip("GPTOSS_MXFP4_EXACT_GEMV=1 in this environment")
-    assert mxfp4_cpu.set_exact_gemv(True) is False  # this test is outside the autouse fixture (its name says x16)
-    assert mxfp4_cpu.set_exact_gemv(False) is True
+    assert mxfp4_cpu.exact_gemv() is False  # this test is outside the autouse fixture (its name says x16)
+    assert mxfp4_cpu.set_exact_gemv(True) is False and mxfp4_cpu.exact_gemv() is True
+    assert mxfp4_cpu.set_exact_gemv(False) is True and mxfp4_cpu.exact_gemv() is False
