@@ -64,6 +64,16 @@ inline float hsum(__m256 a) {
   return _mm_cvtss_f32(q);
 }
 
+// One block's 32 unscaled products with x (its four xq-ordered vectors), in 8 lanes.
+inline __m256 block_sum(const Decoder& decode, const uint8_t* block, __m256 x0, __m256 x1, __m256 x2, __m256 x3) {
+  __m256 v[4];
+  decode(block, v);
+  __m256 blk = _mm256_mul_ps(v[0], x0);
+  blk = _mm256_fmadd_ps(v[1], x1, blk);
+  blk = _mm256_fmadd_ps(v[2], x2, blk);
+  return _mm256_fmadd_ps(v[3], x3, blk);
+}
+
 // One token: rows r0..r0+R-1 of the tile, each over its whole row.
 template <int R>
 void gemv_rows(const gptoss::Tile& t, int64_t r0) {
@@ -83,15 +93,9 @@ void gemv_rows(const gptoss::Tile& t, int64_t r0) {
     const __m256 x0 = _mm256_loadu_ps(xg), x1 = _mm256_loadu_ps(xg + 8), x2 = _mm256_loadu_ps(xg + 16),
                  x3 = _mm256_loadu_ps(xg + 24);
 #pragma GCC unroll 4
-    for (int r = 0; r < R; ++r) {
-      __m256 v[4];
-      decode(w + r * G * 16 + 16 * g, v);
-      __m256 blk = _mm256_mul_ps(v[0], x0);
-      blk = _mm256_fmadd_ps(v[1], x1, blk);
-      blk = _mm256_fmadd_ps(v[2], x2, blk);
-      blk = _mm256_fmadd_ps(v[3], x3, blk);
-      acc[r] = _mm256_fmadd_ps(blk, _mm256_broadcast_ss(t.scale_lut + s[r * G + g]), acc[r]);
-    }
+    for (int r = 0; r < R; ++r)
+      acc[r] = _mm256_fmadd_ps(block_sum(decode, w + r * G * 16 + 16 * g, x0, x1, x2, x3),
+                               _mm256_broadcast_ss(t.scale_lut + s[r * G + g]), acc[r]);
   }
 #pragma GCC unroll 4
   for (int r = 0; r < R; ++r) t.y[0][t.col0 + r0 + r] = hsum(acc[r]);
@@ -157,12 +161,8 @@ void gemv_x16_row(const gptoss::Tile& t, int64_t r) {
   const float* x = t.x[0];
   for (int64_t g = groups * gptoss::kX16Blocks; g < G; ++g) {
     const float* xg = x + 32 * g;
-    __m256 v[4];
-    decode(w + 16 * g, v);
-    __m256 blk = _mm256_mul_ps(v[0], _mm256_loadu_ps(xg));
-    blk = _mm256_fmadd_ps(v[1], _mm256_loadu_ps(xg + 8), blk);
-    blk = _mm256_fmadd_ps(v[2], _mm256_loadu_ps(xg + 16), blk);
-    blk = _mm256_fmadd_ps(v[3], _mm256_loadu_ps(xg + 24), blk);
+    const __m256 blk = block_sum(decode, w + 16 * g, _mm256_loadu_ps(xg), _mm256_loadu_ps(xg + 8),
+                                 _mm256_loadu_ps(xg + 16), _mm256_loadu_ps(xg + 24));
     acc = _mm256_fmadd_ps(blk, _mm256_broadcast_ss(t.scale_lut + s[g]), acc);
   }
   t.y[0][t.col0 + r] = hsum(acc);
@@ -344,11 +344,11 @@ struct MKT {
 
 void gptoss::tile_avx2(const gptoss::Tile& t) {
   if (t.ntok > 1) return run_panel(t);
-  int64_t r = 0;
   if (t.xi != nullptr) {
-    for (; r < t.rows; ++r) gemv_x16_row(t, r);
+    for (int64_t r = 0; r < t.rows; ++r) gemv_x16_row(t, r);
     return;
   }
+  int64_t r = 0;
   for (; r + 4 <= t.rows; r += 4) gemv_rows<4>(t, r);
   for (; r < t.rows; ++r) gemv_rows<1>(t, r);
 }
