@@ -512,9 +512,10 @@ std::string Compute(const Problem& pr, bool grouped) {
   j.G = pr.K / 32, j.N = pr.N, j.blocks = pr.blocks, j.scales = pr.scales, j.idx = pr.idx;
   j.xs.resize(A), j.ys.resize(A);
   if (!grouped) {
-    // rows per task: large enough to amortize a task, small enough for ~8 tasks per thread
+    // rows per task: ~8 tasks per thread, at most kGatherRows; a task is one forward stream, and each start (a
+    // claim, a cold stream) costs
     const int64_t per = std::max<int64_t>(1, A * pr.N / (8 * workers.size()));
-    j.rows_per_task = std::min<int64_t>(std::max<int64_t>(std::min<int64_t>(per, 64), 4), pr.N);
+    j.rows_per_task = std::min<int64_t>(std::max<int64_t>(std::min<int64_t>(per, kGatherRows), 4), pr.N);
     j.chunks = (pr.N + j.rows_per_task - 1) / j.rows_per_task;
     for (int64_t a = 0; a < A; ++a) {
       j.xs[a] = xp.data() + (j.pairs[a] / pr.S) * pr.K;

@@ -555,6 +555,7 @@ X16_SHAPES = [  # (M, S, E, N, G): one group, two, groups plus 1 and 2 fp32 tail
     (1, 1, 2, 17, 17),
     (2, 4, 3, 9, 90),
     (1, 2, 2, 5, 7),  # no whole group: all fp32
+    (1, 4, 4, 1100, 9),  # tasks of kGatherRows rows and a shorter last one
 ]
 
 
