@@ -18,6 +18,7 @@ llama.cpp the gptoss side still runs. Not part of `make test`.
     .venv/bin/python benchmarks/vs_llama_cpp.py              # 6 layers, prompt 128, 32 tokens, 2 threads
     .venv/bin/python benchmarks/vs_llama_cpp.py --shape-20b  # plus the 24-layer 20b shape (~26 GiB of /tmp)
     .venv/bin/python benchmarks/vs_llama_cpp.py --no-amx     # an AMX CPU with AMX denied to both sides
+    .venv/bin/python benchmarks/vs_llama_cpp.py --paired 6   # decode also alternated llama.cpp / gptoss, 6 rounds
 """
 
 from __future__ import annotations
@@ -346,8 +347,28 @@ def child_ours(spec: dict) -> dict:
     res["decode"] = {"tok_s": N / decode_s, "decode_s": decode_s, "full_runs_s": fulls}
     res["loadavg1"] = os.getloadavg()[0]  # a shared machine: other load slows either side
     log(f"gptoss: prefill {res['prefill']['tok_s']:.1f} tok/s, decode {res['decode']['tok_s']:.2f} tok/s")
+    if spec.get("paired_cmd"):
+        res["paired"] = paired_decode(spec["paired_cmd"], spec["paired"], lambda: N / max(
+            min(run(prompts, N + 1)[0] for _ in range(2)) - min(run(prompts, 1)[0] for _ in range(2)), 1e-9))
     res["check"] = greedy_check(model, generate, load_tokenizer(), spec.get("llama_text"))
     return res
+
+
+def paired_decode(cmd: list[str], rounds: int, ours) -> dict:
+    """Decode tok/s of llama-bench (decode only, best of its runs) and of ours, alternated `rounds` times while
+    this process keeps its model: a shared machine's bandwidth drifts by +-15 % within minutes, so a ratio of two
+    runs minutes apart says little; the median of per-round ratios is firmer."""
+    out: list[dict] = []
+    for i in range(rounds):
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=1800)
+        if proc.returncode != 0:
+            return {"error": f"llama-bench exited with {proc.returncode}: {proc.stderr[-800:]}", "rounds": out}
+        theirs = max(json.loads(proc.stdout)[0]["samples_ts"])
+        mine = ours()
+        out.append({"gptoss_tok_s": mine, "llama_tok_s": theirs, "ratio": mine / theirs})
+        log(f"paired round {i}: gptoss {mine:.2f} / llama.cpp {theirs:.2f} tok/s = {mine / theirs:.3f}x")
+    ratios = sorted(r["ratio"] for r in out)
+    return {"rounds": out, "median_ratio": (ratios[(rounds - 1) // 2] + ratios[rounds // 2]) / 2, "cmd": cmd}
 
 
 def greedy_check(model, generate, tok, llama_text: str | None) -> dict:
@@ -381,6 +402,15 @@ def child_main(spec: dict) -> None:
 
 
 # ---------------------------------------------------------------------------------------------- parent
+def available_memory() -> int:
+    """MemAvailable of /proc/meminfo in bytes (0 where unknown: then nothing is run that needs it)."""
+    try:
+        with open("/proc/meminfo") as f:
+            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
+    except (OSError, StopIteration, ValueError):
+        return 0
+
+
 def isa_flags() -> list[str]:
     """The SIMD/matrix flags of /proc/cpuinfo (what GGML_NATIVE and gptoss's kernels can use)."""
     try:
@@ -449,8 +479,20 @@ def run_shape(name: str, layers: int, fill: str, args, llama: dict | None, work:
     if not args.skip_ours:
         spec = {"ckpt": ckpt, "prompt": args.prompt, "new": args.new, "runs": args.runs, "threads": args.threads,
                 "llama_text": res.get("llama_check", {}).get("text"), "out": os.path.join(work, f"ours-{name}.json")}
+        if args.paired and llama and os.path.exists(gguf) and "error" not in res.get("llama", {}):
+            # both models resident at once: ours in memory, llama.cpp's GGUF mapped (page cache)
+            need, avail = 2 * ckpt_bytes, available_memory()
+            if need > 0.9 * avail:
+                res["paired"] = {"skipped": f"both models need ~{need / GIB:.1f} GiB, {avail / GIB:.1f} GiB available"}
+                log(f"{name}: paired decode skipped: {res['paired']['skipped']}")
+            else:
+                spec["paired"] = args.paired
+                spec["paired_cmd"] = [llama["bench"], "-m", gguf, "-p", "0", "-n", str(args.new), "-t",
+                                      str(args.threads), "-r", "2", "-o", "json"]
         log(f"{name}: gptoss side (own process)")
         res["gptoss"] = run_child(script, spec, timeout=3600)
+    if "paired" in res.get("gptoss", {}):
+        res["paired"] = res["gptoss"].pop("paired")
     for path in ([] if args.keep else [ckpt, gguf]):
         shutil.rmtree(path, ignore_errors=True) if os.path.isdir(path) else Path(path).unlink(missing_ok=True)
     return res
@@ -465,6 +507,8 @@ def main() -> None:
     ap.add_argument("--new", type=int, default=32, help="decode steps timed")
     ap.add_argument("--runs", type=int, default=3, help="repetitions per measurement (best is reported)")
     ap.add_argument("--quick", action="store_true", help="2 layers, prompt 32, 8 tokens: a smoke run")
+    ap.add_argument("--paired", type=int, default=0, metavar="R",
+                    help="also R rounds of decode alternating llama-bench and gptoss (where both models fit in RAM)")
     ap.add_argument("--skip-ours", action="store_true")
     ap.add_argument("--skip-llama", action="store_true")
     ap.add_argument("--llama-bench", help="a llama-bench binary (else $LLAMA_BENCH, PATH, or a cached build)")
@@ -548,6 +592,13 @@ def report(out: dict) -> None:
                               f"{100 * mine['llama_top1_agreement']:.0f}%, logit gaps {mine['llama_logit_gap']}")
             elif "llama_reencode" in mine:
                 checks.append(f"{name}: {mine['llama_reencode']}")
+        paired = r.get("paired")
+        if paired and "rounds" in paired and "error" not in paired:
+            checks.append(f"{name}: paired decode, {len(paired['rounds'])} rounds alternating the two sides: median "
+                          f"gptoss / llama.cpp {paired['median_ratio']:.2f}x (rounds: "
+                          + ", ".join(f"{p['ratio']:.2f}" for p in paired["rounds"]) + ")")
+        elif paired:
+            checks.append(f"{name}: paired decode: {paired.get('skipped') or paired.get('error')}")
     print_table(f"gptoss vs llama.cpp, CPU, batch 1, {out['threads']} threads, prompt {out['prompt']}, decode "
                 f"{out['new']} tokens, best of {out['runs']}; read bandwidth {out['read_gbps']:.1f} GB/s"
                 + ("; AMX denied (--no-amx)" if out.get("amx_denied") else ""),

@@ -158,19 +158,18 @@ void ColsTail(const gptoss::DenseTask& t, int64_t n0, int64_t n1, int64_t k0, in
 // One token (decode): kOneRows input rows at a time, each read once along the strip (whole rows when the driver
 // gives one task all columns: a contiguous stream), y accumulating in place in L1. 1.3-1.5x the kKG sweep's
 // GB/s at M = 1 on a Zen 3 (attention's wq and wo: 11-13 -> 16-17 GB/s on two cores), which kept 16 rows' streams
-// open at once.
-// Whole rows of at most kOneShortRow bytes (k and v: 1 KiB) are too short for the hardware prefetcher to ramp up
-// on: each is prefetched kOneRowPrefetch ahead and, past its end, on into the same row of the next group (a 2880 x
-// 512 bf16 projection on two Zen 3 cores: 5.5 -> 7-8 GB/s). Wider rows stream faster without (2880 x 4096:
-// 13.6 vs 12.2 GB/s with it).
-constexpr int kOneRows = 8;
-constexpr int64_t kOneShortRow = 2048, kOneRowPrefetch = 1024;
+// open at once. Whole rows are prefetched kOneRowPrefetch ahead and, past their end, on into the same row of the
+// next group: the hardware prefetcher does not ramp up on short rows (k and v: 1 KiB; 5.5 -> 7-8 GB/s with it).
+// 4 rows with the prefetch vs 8 without: q, k, v and o of one layer on two Zen 3 cores 10.6 -> 12.1 GB/s (8 rows
+// with a 1 KiB prefetch were slower than without on wide rows).
+constexpr int kOneRows = 4;
+constexpr int64_t kOneRowPrefetch = 512;
 
 template <bool F32>
 void ColsOne(const gptoss::DenseTask& t) {
   constexpr int64_t E = F32 ? 4 : 2;
   const int64_t ws = t.N * E, n_end = t.lo + ((t.hi - t.lo) & ~int64_t{7});
-  const bool prefetch = t.lo == 0 && t.hi == t.N && ws <= kOneShortRow;
+  const bool prefetch = t.lo == 0 && t.hi == t.N;
   const float* x = t.x;
   float* y = t.y;
   int64_t k0 = 0;
