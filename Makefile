@@ -30,7 +30,7 @@ lint: $(TEST_STAMP)
 
 # Two workers, one test file each at a time: most of the suite is XLA compiling, one core per program.
 test: $(TEST_STAMP) lint
-	$(PY) -m pytest -q -n 2 --dist loadfile
+	$(PY) -m pytest -q -n 2 --dist loadfile --durations=20
 
 demo: $(STAMP)
 	$(VENV)/bin/gptoss run configs/inference/demo.yaml
