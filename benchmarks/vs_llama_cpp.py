@@ -474,12 +474,14 @@ def run_shape(name: str, layers: int, fill: str, args, llama: dict | None, work:
         except (OSError, ImportError, ValueError, RuntimeError, KeyError) as e:  # the llama.cpp side is optional
             res["llama"] = {"error": f"{type(e).__name__}: {e}"}
             log(f"{name}: llama.cpp side failed: {e}")
-        if not args.keep:
-            Path(gguf).unlink(missing_ok=True)  # disk: the 20b GGUF is ~13 GiB
+        if not args.keep and not args.paired:
+            Path(gguf).unlink(missing_ok=True)  # disk: the 20b GGUF is ~13 GiB (--paired needs it until the end)
     if not args.skip_ours:
         spec = {"ckpt": ckpt, "prompt": args.prompt, "new": args.new, "runs": args.runs, "threads": args.threads,
                 "llama_text": res.get("llama_check", {}).get("text"), "out": os.path.join(work, f"ours-{name}.json")}
-        if args.paired and llama and os.path.exists(gguf) and "error" not in res.get("llama", {}):
+        if args.paired and not (llama and os.path.exists(gguf) and "error" not in res.get("llama", {})):
+            res["paired"] = {"skipped": "no llama.cpp decode to pair with (see the llama.cpp side's error)"}
+        elif args.paired:
             # both models resident at once: ours in memory, llama.cpp's GGUF mapped (page cache)
             need, avail = 2 * ckpt_bytes, available_memory()
             if need > 0.9 * avail:
