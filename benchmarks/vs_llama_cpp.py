@@ -336,20 +336,26 @@ def child_ours(spec: dict) -> dict:
 
     P, N = spec["prompt"], spec["new"]
     prompts = prompts_for(1, P, model.config.vocab_size)
+    def timed(runs):  # best time to first token, best time to 1 + N tokens, and all the runs of each
+        ttfts = [run(prompts, 1)[0] for _ in range(runs)]
+        fulls = [run(prompts, N + 1)[0] for _ in range(runs)]
+        return min(ttfts), min(fulls), ttfts, fulls
+
     log("gptoss: warm-up (compiles)")
     run(prompts, 1)
     run(prompts, N + 1)
-    ttfts = [run(prompts, 1)[0] for _ in range(spec["runs"])]
-    fulls = [run(prompts, N + 1)[0] for _ in range(spec["runs"])]
-    ttft, full = min(ttfts), min(fulls)
+    ttft, full, ttfts, fulls = timed(spec["runs"])
     decode_s = max(full - ttft, 1e-9)
     res["prefill"] = {"tok_s": P / ttft, "ttft_s": ttft, "ttft_runs_s": ttfts}
     res["decode"] = {"tok_s": N / decode_s, "decode_s": decode_s, "full_runs_s": fulls}
     res["loadavg1"] = os.getloadavg()[0]  # a shared machine: other load slows either side
     log(f"gptoss: prefill {res['prefill']['tok_s']:.1f} tok/s, decode {res['decode']['tok_s']:.2f} tok/s")
     if spec.get("paired_cmd"):
-        res["paired"] = paired_decode(spec["paired_cmd"], spec["paired"], lambda: N / max(
-            min(run(prompts, N + 1)[0] for _ in range(2)) - min(run(prompts, 1)[0] for _ in range(2)), 1e-9))
+        def decode_tok_s():
+            ttft, full, _, _ = timed(2)
+            return N / max(full - ttft, 1e-9)
+
+        res["paired"] = paired_decode(spec["paired_cmd"], spec["paired"], decode_tok_s)
     res["check"] = greedy_check(model, generate, load_tokenizer(), spec.get("llama_text"))
     return res
 

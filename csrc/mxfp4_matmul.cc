@@ -524,11 +524,12 @@ std::string Compute(const Problem& pr, bool grouped) {
     thread_local std::vector<uint8_t> xi;
     thread_local std::vector<const uint8_t*> token_xi;  // per token: its x16 input, or null (fp32 only)
     if (tile_reads_xq(j.fn) && g_x16.load() && j.G >= kX16Blocks) {
-      const int64_t per = j.G / kX16Blocks * kX16GroupBytes;
-      xi.resize(static_cast<size_t>(pr.M * per + 32));
+      const int64_t stride = j.G / kX16Blocks * kX16GroupBytes;  // one token's x16 input
+      xi.resize(static_cast<size_t>(pr.M * stride + 32));
       uint8_t* base = xi.data() + (-reinterpret_cast<uintptr_t>(xi.data()) & 31);
       token_xi.resize(pr.M);
-      for (int64_t m = 0; m < pr.M; ++m) token_xi[m] = PrepareX16(pr, m, base + m * per) ? base + m * per : nullptr;
+      for (int64_t m = 0; m < pr.M; ++m)
+        token_xi[m] = PrepareX16(pr, m, base + m * stride) ? base + m * stride : nullptr;
       j.xis.resize(A);
       for (int64_t a = 0; a < A; ++a) j.xis[a] = token_xi[j.pairs[a] / pr.S];
     }
