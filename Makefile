@@ -28,9 +28,10 @@ install-test: $(TEST_STAMP)
 lint: $(TEST_STAMP)
 	$(PY) -m ruff check .
 
-# Two workers, one test file each at a time: most of the suite is XLA compiling, one core per program.
+# Two workers, one test file each at a time: most of the suite is XLA compiling, one core per program. Files go
+# in the order tests/conftest.py gives them (longest first); xdist would otherwise sort them by their test count.
 test: $(TEST_STAMP) lint
-	$(PY) -m pytest -q -n 2 --dist loadfile --durations=20
+	$(PY) -m pytest -q -n 2 --dist loadfile --no-loadscope-reorder --durations=20
 
 demo: $(STAMP)
 	$(VENV)/bin/gptoss run configs/inference/demo.yaml

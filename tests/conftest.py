@@ -55,11 +55,13 @@ def production_compiler_options() -> dict:
 
 
 # -------------------------------------------------------------------------------- schedule
-# `make test` hands whole files to two xdist workers in collection order, so the longest files, which sort last
-# (sharding/, the notebooks, the README), used to start near the end and leave one worker idle for minutes. They go
-# first; the rest keeps its order. (Each took 40-150 s of a loaded 2-core run, 2026-11-30.)
-FIRST = ("sharding/test_sharded_training.py", "sharding/test_sharded.py", "test_notebooks.py", "apps/test_train_job.py",
-         "test_readme.py", "model/test_remat.py", "apps/test_demo.py", "sharding/test_multihost.py")
+# `make test` hands whole files to two xdist workers in collection order (with --no-loadscope-reorder: xdist 3.8
+# otherwise sorts the files by their number of tests, which put the one-test train-job file last, alone for two
+# minutes). Longest first keeps both workers busy to the end: these files go first, in this order (each took
+# 40-160 s of a loaded 2-core run, 2026-12-01); the rest keeps its order.
+FIRST = ("test_notebooks.py", "apps/test_train_job.py", "sharding/test_sharded_training.py", "sharding/test_sharded.py",
+         "model/test_remat.py", "train/test_step.py", "apps/test_demo.py", "test_readme.py", "apps/test_cli.py",
+         "apps/test_cli_errors.py", "eval/test_harness.py", "sharding/test_multihost.py")
 
 
 def pytest_collection_modifyitems(config, items):

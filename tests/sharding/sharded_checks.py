@@ -112,7 +112,7 @@ def gradient_checks(folder: str, tokens) -> dict:
     """jax.grad of the mean token NLL on 8 devices vs one device vs torch autograd through transformers, for every
     strategy, with packed experts (frozen) and with dense ones (trained): worst per-parameter relative errors."""
     out = {}
-    dense_folder = folder + "-dense"
+    dense_folder = os.path.join(folder, "dense")  # inside the temporary folder: removed with it
     t0 = time.perf_counter()
     single = gptoss.from_pretrained(folder, dtype="float32", progress=False)
     gptoss.save_pretrained(single, dense_folder, experts="dense")
