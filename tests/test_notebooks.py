@@ -28,7 +28,7 @@ def _router(outputs: str) -> None:
     assert "adjacent layers choosing the same experts" in outputs and outputs.count("digits go first") == 4
 
 
-# The suite trains the fine-tuning notebook for 20 steps instead of 100 (its loss halves by step 10; the full run
+# The suite trains the fine-tuning notebook for 20 steps instead of 100 (its loss halves well within them; the full run
 # is ~3 min of a 2-core CI): the edit must still apply, or this would silently test the long run again.
 SHORTER = {"02_finetune.ipynb": [("total_steps=100", "total_steps=20"), ("range(100)", "range(20)")]}
 
