@@ -485,13 +485,14 @@ def run_shape(name: str, layers: int, fill: str, args, llama: dict | None, work:
     if not args.skip_ours:
         spec = {"ckpt": ckpt, "prompt": args.prompt, "new": args.new, "runs": args.runs, "threads": args.threads,
                 "llama_text": res.get("llama_check", {}).get("text"), "out": os.path.join(work, f"ours-{name}.json")}
-        if args.paired and not (llama and os.path.exists(gguf) and "error" not in res.get("llama", {})):
-            res["paired"] = {"skipped": "no llama.cpp decode to pair with (see the llama.cpp side's error)"}
-        elif args.paired:
+        if args.paired:
             # both models resident at once: ours in memory, llama.cpp's GGUF mapped (page cache)
             need, avail = 2 * ckpt_bytes, available_memory()
-            if need > 0.9 * avail:
+            if not (llama and os.path.exists(gguf) and "error" not in res.get("llama", {})):
+                res["paired"] = {"skipped": "no llama.cpp decode to pair with (see the llama.cpp side's error)"}
+            elif need > 0.9 * avail:
                 res["paired"] = {"skipped": f"both models need ~{need / GIB:.1f} GiB, {avail / GIB:.1f} GiB available"}
+            if "skipped" in res.get("paired", {}):
                 log(f"{name}: paired decode skipped: {res['paired']['skipped']}")
             else:
                 spec["paired"] = args.paired
