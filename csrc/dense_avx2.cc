@@ -2,10 +2,10 @@
 //
 // Same tiling as dense_avx512.cc at half the vector width, with inputs in their natural order: 8 bf16 weights
 // are one 16-byte load, zero-extended to dwords and shifted left by 16 (the fp32 values, exactly).
-// rows (W [N, K]): R <= 4 output rows x TB <= 2 tokens of 8-lane accumulators over the whole of K; the rows stay
-//   in L1 for further token blocks. cols (W [K, N]): sweeps of kKG input rows across a strip, 16 columns by
-//   TB <= 4 tokens, accumulating in y; one token streams kOneRows rows at a time instead (ColsOne), and 8 tokens
-//   or more run a packed fp32 GEMM (ColsPanel).
+// rows (W [N, K]): R <= 4 output rows (one from each quarter of the task: four memory streams) x TB <= 2 tokens of
+//   8-lane accumulators over the whole of K; the rows stay in L1 for further token blocks. cols (W [K, N]): sweeps
+//   of kKG input rows across a strip, 16 columns by TB <= 4 tokens, accumulating in y; one token reads kOneRows
+//   rows at a time from four streams instead (ColsOne), and 8 tokens or more run a packed fp32 GEMM (ColsPanel).
 #include <immintrin.h>
 
 #include <algorithm>
@@ -40,20 +40,21 @@ inline float Sum8(__m256 v) {
 
 // ------------------------------------------------------------------------------------------ rows layout
 template <int R, int TB, bool F32>
-void RowsMK(const gptoss::DenseTask& t, int64_t n0, int64_t m0, bool prefetch) {
+void RowsMK(const gptoss::DenseTask& t, int64_t n0, int64_t rs, int64_t m0, bool prefetch) {
   constexpr int64_t E = F32 ? 4 : 2;
   const int64_t K = t.K, kfull = K & ~int64_t{15};
   const char* w[R];
-  for (int r = 0; r < R; ++r) w[r] = static_cast<const char*>(t.w) + (n0 + r) * K * E;
+  for (int r = 0; r < R; ++r) w[r] = static_cast<const char*>(t.w) + (n0 + r * rs) * K * E;
   const float* x[TB];
   for (int i = 0; i < TB; ++i) x[i] = t.x + (m0 + i) * t.ldx;
   __m256 acc[R][TB];
   for (int r = 0; r < R; ++r)
     for (int i = 0; i < TB; ++i) acc[r][i] = _mm256_setzero_ps();
-  // Past a row's end the prefetch runs on into the same row of the next R-row group (R - 1 rows further on): the
-  // hardware prefetcher does not see R interleaved streams coming, and every group's first kRowPrefetch bytes per
-  // row used to arrive unprefetched (the 201088 x 2880 bf16 unembedding on two Zen 3 cores: 14-16 -> 17-20 GB/s).
-  const int64_t wrap_at = K * E - kRowPrefetch, wrap = (R - 1) * K * E;
+  // Past a row's end the prefetch runs on into the row each stream reads next: the next row of its stream
+  // (rs > 1: Rows' streams), or the same row of the next R-row group (rs = 1, R - 1 rows further on). The hardware
+  // prefetcher does not see interleaved streams coming, and every group's first kRowPrefetch bytes per row used to
+  // arrive unprefetched (the 201088 x 2880 bf16 unembedding on two Zen 3 cores: 14-16 -> 17-20 GB/s).
+  const int64_t wrap_at = K * E - kRowPrefetch, wrap = (rs == 1 ? R - 1 : 0) * K * E;
   for (int64_t k = 0; k < kfull; k += 16) {
 #pragma GCC unroll 4
     for (int r = 0; r < R; ++r) {
@@ -69,33 +70,41 @@ void RowsMK(const gptoss::DenseTask& t, int64_t n0, int64_t m0, bool prefetch) {
     for (int r = 0; r < R; ++r) {
       float s = Sum8(acc[r][i]);
       for (int64_t k = kfull; k < K; ++k) s += Scalar<F32>(w[r], k) * x[i][k];  // the tail, in order
-      t.y[(m0 + i) * t.N + n0 + r] = s;
+      t.y[(m0 + i) * t.N + n0 + r * rs] = s;
     }
 }
 
 template <int R, bool F32>
-void RowsTokens(const gptoss::DenseTask& t, int64_t n0, int64_t m0, int64_t nt, bool prefetch) {
+void RowsTokens(const gptoss::DenseTask& t, int64_t n0, int64_t rs, int64_t m0, int64_t nt, bool prefetch) {
   if (nt == 1)
-    RowsMK<R, 1, F32>(t, n0, m0, prefetch);
+    RowsMK<R, 1, F32>(t, n0, rs, m0, prefetch);
   else
-    RowsMK<R, 2, F32>(t, n0, m0, prefetch);
+    RowsMK<R, 2, F32>(t, n0, rs, m0, prefetch);
 }
 
+// R rows, rs apart from row n on, for every token (the rows stay in L1 after the first token block).
+template <int R, bool F32>
+void RowsGroup(const gptoss::DenseTask& t, int64_t n, int64_t rs) {
+  constexpr int kTB = 2;
+  for (int64_t m0 = 0; m0 < t.M; m0 += kTB) RowsTokens<R, F32>(t, n, rs, m0, t.M - m0 < kTB ? t.M - m0 : kTB, m0 == 0);
+}
+
+// The task's rows as kR streams (quarters of [lo, hi), each read front to back), one row of each at a time: four
+// far-apart forward streams per core keep more of the memory system busy than four adjacent rows, which it sees
+// as one stream (a plain read loop on two Zen 3 cores: 14 GB/s one stream, 16 four streams 8 KiB apart, 20-21 four
+// streams >= 64 KiB apart). The unembedding (201088 x 2880 bf16, one token): 16.1 -> 20.4 GB/s. Each output is
+// the same dot product as before, in the same order; the < kR rows past the last whole group come last.
 template <bool F32>
 void Rows(const gptoss::DenseTask& t) {
-  constexpr int kR = 4, kTB = 2;
-  for (int64_t n = t.lo; n < t.hi; n += kR) {
-    const int64_t nr = t.hi - n < kR ? t.hi - n : kR;
-    for (int64_t m0 = 0; m0 < t.M; m0 += kTB) {
-      const int64_t nt = t.M - m0 < kTB ? t.M - m0 : kTB;
-      const bool prefetch = m0 == 0;
-      switch (nr) {
-        case 1: RowsTokens<1, F32>(t, n, m0, nt, prefetch); break;
-        case 2: RowsTokens<2, F32>(t, n, m0, nt, prefetch); break;
-        case 3: RowsTokens<3, F32>(t, n, m0, nt, prefetch); break;
-        default: RowsTokens<4, F32>(t, n, m0, nt, prefetch); break;
-      }
-    }
+  constexpr int kR = 4;
+  const int64_t q = (t.hi - t.lo) / kR;
+  for (int64_t j = 0; j < q; ++j) RowsGroup<kR, F32>(t, t.lo + j, q);
+  const int64_t n = t.lo + kR * q;
+  switch (t.hi - n) {
+    case 1: RowsGroup<1, F32>(t, n, 1); break;
+    case 2: RowsGroup<2, F32>(t, n, 1); break;
+    case 3: RowsGroup<3, F32>(t, n, 1); break;
+    default: break;
   }
 }
 
@@ -155,45 +164,39 @@ void ColsTail(const gptoss::DenseTask& t, int64_t n0, int64_t n1, int64_t k0, in
     }
 }
 
-// One token (decode): kOneRows input rows at a time, each read once along the strip (whole rows when the driver
-// gives one task all columns: a contiguous stream), y accumulating in place in L1. 1.3-1.5x the kKG sweep's
-// GB/s at M = 1 on a Zen 3 (attention's wq and wo: 11-13 -> 16-17 GB/s on two cores), which kept 16 rows' streams
-// open at once. Whole rows are prefetched kOneRowPrefetch ahead and, past their end, on into the same row of the
-// next group: the hardware prefetcher does not ramp up on short rows (k and v: 1 KiB; 5.5 -> 7-8 GB/s with it).
-// 4 rows with the prefetch vs 8 without: q, k, v and o of one layer on two Zen 3 cores 10.6 -> 12.1 GB/s (8 rows
-// with a 1 KiB prefetch were slower than without on wide rows).
+// One token (decode): kOneRows input rows at a time, each read once along the strip, y accumulating in place in L1.
+// The rows come from kOneRows streams, the quarters of the task's K range, each read front to back (a contiguous
+// stream when the driver gives one task all columns): as in Rows, four far-apart streams per core read faster
+// than four adjacent rows (q, k, v and o of 16 layers on two Zen 3 cores: 12.6 -> 14.1 GB/s median; k and v alone,
+// 1 KiB rows, 7.1 -> 10.7). No software prefetch: with far-apart streams it was no faster (13.9), and slower on the
+// short rows (8.6). The rows past the last whole group come last, one at a time. (Earlier: one stream of adjacent
+// rows, prefetched 512 B ahead; before that the kKG sweep, 11-13 GB/s, which kept 16 rows' streams open at once.)
 constexpr int kOneRows = 4;
-constexpr int64_t kOneRowPrefetch = 512;
 
 template <bool F32>
 void ColsOne(const gptoss::DenseTask& t) {
   constexpr int64_t E = F32 ? 4 : 2;
   const int64_t ws = t.N * E, n_end = t.lo + ((t.hi - t.lo) & ~int64_t{7});
-  const bool prefetch = t.lo == 0 && t.hi == t.N;
+  const int64_t rs = t.K / kOneRows;  // rows per stream; input row j + r * rs is stream r's j-th
   const float* x = t.x;
   float* y = t.y;
-  int64_t k0 = 0;
-  for (; k0 + kOneRows <= t.K; k0 += kOneRows) {
-    const char* w = static_cast<const char*>(t.w) + k0 * ws;
+  for (int64_t j = 0; j < rs; ++j) {
+    const char* w = static_cast<const char*>(t.w) + j * ws;
     __m256 xk[kOneRows];
-    for (int r = 0; r < kOneRows; ++r) xk[r] = _mm256_set1_ps(x[k0 + r]);
+    for (int r = 0; r < kOneRows; ++r) xk[r] = _mm256_set1_ps(x[j + r * rs]);
     for (int64_t n = t.lo; n < n_end; n += 8) {
-      if (prefetch && (n & (64 / E - 1)) == 0) {  // once per cache line of each row
-        const int64_t ahead = n * E + kOneRowPrefetch, next = ahead >= ws ? (kOneRows - 1) * ws : 0;
-        for (int r = 0; r < kOneRows; ++r) _mm_prefetch(w + r * ws + ahead + next, _MM_HINT_T0);
-      }
-      __m256 acc = k0 == 0 ? _mm256_setzero_ps() : _mm256_loadu_ps(y + n);
+      __m256 acc = j == 0 ? _mm256_setzero_ps() : _mm256_loadu_ps(y + n);
 #pragma GCC unroll 8
-      for (int r = 0; r < kOneRows; ++r) acc = _mm256_fmadd_ps(Load8<F32>(w + r * ws + n * E), xk[r], acc);
+      for (int r = 0; r < kOneRows; ++r) acc = _mm256_fmadd_ps(Load8<F32>(w + r * rs * ws + n * E), xk[r], acc);
       _mm256_storeu_ps(y + n, acc);
     }
     for (int64_t n = n_end; n < t.hi; ++n) {
-      float a = k0 == 0 ? 0.0f : y[n];
-      for (int r = 0; r < kOneRows; ++r) a += x[k0 + r] * Scalar<F32>(w + r * ws, n);
+      float a = j == 0 ? 0.0f : y[n];
+      for (int r = 0; r < kOneRows; ++r) a += x[j + r * rs] * Scalar<F32>(w + r * rs * ws, n);
       y[n] = a;
     }
   }
-  for (; k0 < t.K; ++k0) {  // the K tail, one row at a time
+  for (int64_t k0 = kOneRows * rs; k0 < t.K; ++k0) {  // the K tail, one row at a time
     const char* w = static_cast<const char*>(t.w) + k0 * ws;
     for (int64_t n = t.lo; n < t.hi; ++n) y[n] = (k0 == 0 ? 0.0f : y[n]) + x[k0] * Scalar<F32>(w, n);
   }
