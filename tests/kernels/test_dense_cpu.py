@@ -71,6 +71,17 @@ def test_matches_float64_oracle(isa, shape, w_nk):
 
 
 @pytest.mark.parametrize("w_nk", [True, False], ids=["w_nk", "w_kn"])
+def test_one_token_streams(isa, w_nk):
+    """Decode reads a task as four streams (its quarters: AVX2 rows of W, or rows of K for W [K, N]) and the rows
+    past the last whole group after them: fewer rows than streams, 0-3 rows left over, one row per stream."""
+    rng = np.random.default_rng(5)
+    for n in (1, 2, 3, 4, 5, 6, 7, 8, 9, 42):
+        K, N = (40, n) if w_nk else (n, 40)
+        x, w = operands(rng, 1, K, N, w_nk)
+        check(jit_matmul(x, w, w_nk=w_nk), x, w, w_nk)
+
+
+@pytest.mark.parametrize("w_nk", [True, False], ids=["w_nk", "w_kn"])
 def test_fp32_weights(isa, w_nk):
     rng = np.random.default_rng(11)
     for M, K, N in [(1, 37, 19), (8, 700, 301), (33, 300, 1031)]:
