@@ -8,7 +8,7 @@
 // bandwidth. (Widening by unpacking with zeros instead of shift/mask: 5.6 GB/s.) The shuffles work within 128-bit
 // lanes, so the values come out in the "xq" order the driver permutes x into (Decoder below). One token (gemv_rows):
 // each row's block is summed unscaled, then times the block scale (a power of two, so exact); by default one token
-// runs on integers instead (gemv_x16_row, on the driver's 15-bit block floating point x). Several tokens
+// runs on integers instead (gemv_x16, on the driver's 15-bit block floating point x). Several tokens
 // (run_panel): each block is decoded and scaled once per task into an L1 panel that an fp32 GEMM micro-kernel
 // multiplies with every token.
 #include <immintrin.h>
@@ -24,9 +24,9 @@ namespace {
 #endif
 constexpr int kPrefetch = GPTOSS_PREFETCH;  // bytes ahead of the decode GEMV's read position (0: off)
 #ifndef GPTOSS_X16_PREFETCH
-#define GPTOSS_X16_PREFETCH 4096
+#define GPTOSS_X16_PREFETCH 1024
 #endif
-constexpr int kX16Prefetch = GPTOSS_X16_PREFETCH;  // the same for the x16 GEMV, which reads one row at a time
+constexpr int kX16Prefetch = GPTOSS_X16_PREFETCH;  // the same for each of the x16 GEMV's four streams
 // The transposed product's rows per pass; each pass prefetches (to L2) the same blocks of the next pass's rows,
 // which a hardware prefetcher does not see coming (a few bytes every G * 16).
 constexpr int kRowsPerPass = 64;
@@ -103,38 +103,26 @@ void gemv_rows(const gptoss::Tile& t, int64_t r0) {
 
 // One token on integers (t.xi: the driver's x16 input, mxfp4_kernel.h): the 2 x 16 codes of a pair of blocks are
 // looked up as unsigned bytes 2 * value + 12, multiplied with the low and the high signed byte of q (4 vpmaddubsw,
-// int16 sums of at most 4 x 24 x 128), widened (2 vpmaddwd: the high part times 128), offset-corrected, converted
-// to fp32 (exact: < 2**24) and scaled by 2**(s - 127) * 2**(E - 14) per block: ~13 vector operations per 64 values
-// where the fp32 path's decode and FMAs take ~22 and keep a Zen 3 core compute-bound below the read bandwidth.
-// One row at a time, prefetched 4 KiB ahead: a single forward stream per thread (4 interleaved rows, as gemv_rows
-// reads, ran at 12-13 GB/s on two cores against ~20 for one). 4 experts' gate_up / down on two Zen 3 cores, cold:
-// 12.1 -> 19.5-20.2 GB/s of packed bytes (median; the fp32 path 10.7-12.4). Blocks past the last group of 8 take
-// the fp32 path.
+// int16 sums of at most 4 x 24 x 128), widened (2 vpmaddwd: the high part times 128). Three vphaddd fold a group's
+// four pairs into one int32 sum per block (exact: < 2**24 after the offset correction), in the order of the
+// group's scales, so a group of 8 blocks takes one conversion and one FMA (~17 vector operations per 64 values; a
+// conversion and FMA per pair ~20; the fp32 path's decode and FMAs ~22). A task's rows run as four streams, one row
+// from each quarter in turn, a group each, every stream prefetched 1 KiB ahead (four far-apart streams read ~1.4x
+// one forward stream on a Zen 3 VM). 4 experts' gate_up / down on two Zen 3 cores, cold (median of 100 rounds, a
+// C harness): 15.3 -> 18.3 / 15.2 -> 17.3 GB/s of packed bytes against per-pair sums one row at a time (hadd alone:
+// 16.3 / 15.8); through the library in a faster spell 19.8 -> 20.7 / 19.0 -> 19.9. Blocks past the last group of 8
+// take the fp32 path.
 #define GPTOSS_WU 12, 13, 14, 15, 16, 18, 20, 24, 12, 11, 10, 9, 8, 6, 4, 0
 
-void gemv_x16_row(const gptoss::Tile& t, int64_t r) {
-  const int64_t G = t.G, groups = G / gptoss::kX16Blocks;
-  const uint8_t* w = t.w + r * G * 16;
-  const uint8_t* s = t.s + r * G;
+struct X16 {
   const __m256i table = _mm256_setr_epi8(GPTOSS_WU, GPTOSS_WU), low4 = _mm256_set1_epi8(0x0F);
   const __m256i ones = _mm256_set1_epi16(1), h128 = _mm256_set1_epi16(128), nan_byte = _mm256_set1_epi32(255);
-  const __m128i order = _mm_setr_epi8(0, 2, 4, 6, 1, 3, 5, 7, 8, 9, 10, 11, 12, 13, 14, 15);  // xi's scale order
-  __m256 acc = _mm256_setzero_ps();
-  for (int64_t g8 = 0; g8 < groups; ++g8) {
-    const uint8_t* xg = t.xi + g8 * gptoss::kX16GroupBytes;
+  const __m128i order = _mm_setr_epi8(0, 2, 4, 6, 1, 3, 5, 7, 8, 9, 10, 11, 12, 13, 14, 15);  // xi's block order
+
+  // sum(q * 2 * value) of each block of the group at wg (128 bytes), in the order 0, 2, 4, 6, 1, 3, 5, 7.
+  inline __m256i sums(const uint8_t* wg, const uint8_t* xg) const {
     const __m256i* X = reinterpret_cast<const __m256i*>(xg);
-    const __m256i* corr = reinterpret_cast<const __m256i*>(xg + 512);
-    const uint8_t* wg = w + 128 * g8;
-    if (kX16Prefetch > 0)
-      _mm_prefetch((const char*)(wg + kX16Prefetch), _MM_HINT_T0),
-          _mm_prefetch((const char*)(wg + kX16Prefetch + 64), _MM_HINT_T0);
-    // 2**(s - 127) (s = 0 -> 0, a lost 2**-127; 255 -> inf, made NaN below) times 2**(E - 14): IEEE rounding
-    // handles the products that leave fp32's range
-    const __m256i sb =
-        _mm256_cvtepu8_epi32(_mm_shuffle_epi8(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(s + 8 * g8)), order));
-    const __m256 c8 = _mm256_or_ps(
-        _mm256_mul_ps(_mm256_castsi256_ps(_mm256_slli_epi32(sb, 23)), _mm256_load_ps(reinterpret_cast<const float*>(xg + 640))),
-        _mm256_castsi256_ps(_mm256_cmpeq_epi32(sb, nan_byte)));
+    __m256i d[4];  // [block 2p x 4 | block 2p + 1 x 4]
 #pragma GCC unroll 4
     for (int p = 0; p < 4; ++p) {
       const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wg + 32 * p));
@@ -145,27 +133,57 @@ void gemv_x16_row(const gptoss::Tile& t, int64_t r) {
                                           _mm256_maddubs_epi16(wo, _mm256_load_si256(xp + 1)));
       const __m256i hi = _mm256_add_epi16(_mm256_maddubs_epi16(we, _mm256_load_si256(xp + 2)),
                                           _mm256_maddubs_epi16(wo, _mm256_load_si256(xp + 3)));
-      const __m256i d = _mm256_add_epi32(_mm256_add_epi32(_mm256_madd_epi16(lo, ones), _mm256_madd_epi16(hi, h128)),
-                                         _mm256_load_si256(corr + p));
-      __m256 c;  // [block 2p x 4 | block 2p + 1 x 4]
-      switch (p) {
-        case 0: c = _mm256_permute_ps(c8, 0x00); break;
-        case 1: c = _mm256_permute_ps(c8, 0x55); break;
-        case 2: c = _mm256_permute_ps(c8, 0xAA); break;
-        default: c = _mm256_permute_ps(c8, 0xFF); break;
-      }
-      acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(d), c, acc);
+      d[p] = _mm256_add_epi32(_mm256_madd_epi16(lo, ones), _mm256_madd_epi16(hi, h128));
+    }
+    const __m256i folded = _mm256_hadd_epi32(_mm256_hadd_epi32(d[0], d[1]), _mm256_hadd_epi32(d[2], d[3]));
+    return _mm256_add_epi32(folded, _mm256_load_si256(reinterpret_cast<const __m256i*>(xg + 512)));
+  }
+
+  // 2**(s - 127) (s = 0 -> 0, a lost 2**-127; 255 -> inf, made NaN) times 2**(E - 14), in the same order: IEEE
+  // rounding handles the products that leave fp32's range.
+  inline __m256 scales(const uint8_t* sg, const uint8_t* xg) const {
+    const __m256i sb =
+        _mm256_cvtepu8_epi32(_mm_shuffle_epi8(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(sg)), order));
+    return _mm256_or_ps(_mm256_mul_ps(_mm256_castsi256_ps(_mm256_slli_epi32(sb, 23)),
+                                      _mm256_load_ps(reinterpret_cast<const float*>(xg + 544))),
+                        _mm256_castsi256_ps(_mm256_cmpeq_epi32(sb, nan_byte)));
+  }
+};
+
+// Rows r0 + j * stride (j < R) of the tile, a group of each in turn.
+template <int R>
+void gemv_x16(const gptoss::Tile& t, int64_t r0, int64_t stride) {
+  const int64_t G = t.G, groups = G / gptoss::kX16Blocks;
+  const uint8_t* w[R];
+  const uint8_t* s[R];
+  __m256 acc[R];
+#pragma GCC unroll 4
+  for (int j = 0; j < R; ++j)
+    w[j] = t.w + (r0 + j * stride) * G * 16, s[j] = t.s + (r0 + j * stride) * G, acc[j] = _mm256_setzero_ps();
+  const X16 x16;
+  for (int64_t g8 = 0; g8 < groups; ++g8) {
+    const uint8_t* xg = t.xi + g8 * gptoss::kX16GroupBytes;
+#pragma GCC unroll 4
+    for (int j = 0; j < R; ++j) {
+      const uint8_t* wg = w[j] + 128 * g8;
+      if (kX16Prefetch > 0)
+        _mm_prefetch((const char*)(wg + kX16Prefetch), _MM_HINT_T0),
+            _mm_prefetch((const char*)(wg + kX16Prefetch + 64), _MM_HINT_T0);
+      acc[j] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(x16.sums(wg, xg)), x16.scales(s[j] + 8 * g8, xg), acc[j]);
     }
   }
   const Decoder decode;  // the blocks past the last group, exactly, on the fp32 input
   const float* x = t.x[0];
-  for (int64_t g = groups * gptoss::kX16Blocks; g < G; ++g) {
-    const float* xg = x + 32 * g;
-    const __m256 blk = block_sum(decode, w + 16 * g, _mm256_loadu_ps(xg), _mm256_loadu_ps(xg + 8),
-                                 _mm256_loadu_ps(xg + 16), _mm256_loadu_ps(xg + 24));
-    acc = _mm256_fmadd_ps(blk, _mm256_broadcast_ss(t.scale_lut + s[g]), acc);
+#pragma GCC unroll 4
+  for (int j = 0; j < R; ++j) {
+    for (int64_t g = groups * gptoss::kX16Blocks; g < G; ++g) {
+      const float* xg = x + 32 * g;
+      const __m256 blk = block_sum(decode, w[j] + 16 * g, _mm256_loadu_ps(xg), _mm256_loadu_ps(xg + 8),
+                                   _mm256_loadu_ps(xg + 16), _mm256_loadu_ps(xg + 24));
+      acc[j] = _mm256_fmadd_ps(blk, _mm256_broadcast_ss(t.scale_lut + s[j][g]), acc[j]);
+    }
+    t.y[0][t.col0 + r0 + j * stride] = hsum(acc[j]);
   }
-  t.y[0][t.col0 + r] = hsum(acc);
 }
 
 // Several tokens (the grouped prefill): a task's rows are decoded kPanelBlocks blocks at a time into an L1 panel,
@@ -345,7 +363,9 @@ struct MKT {
 void gptoss::tile_avx2(const gptoss::Tile& t) {
   if (t.ntok > 1) return run_panel(t);
   if (t.xi != nullptr) {
-    for (int64_t r = 0; r < t.rows; ++r) gemv_x16_row(t, r);
+    const int64_t q = t.rows / 4;
+    for (int64_t i = 0; i < q; ++i) gemv_x16<4>(t, i, q);
+    for (int64_t r = 4 * q; r < t.rows; ++r) gemv_x16<1>(t, r, 0);
     return;
   }
   int64_t r = 0;

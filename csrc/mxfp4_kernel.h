@@ -37,11 +37,10 @@ struct Tile {
 // block's largest are exact). The weights are looked up as the unsigned bytes 2 * value + 12 and multiplied with
 // the two signed bytes of q = 128 h + l (vpmaddubsw); -12 * sum(q) corrects the offset. Per 8 blocks,
 // kX16GroupBytes: for each pair of blocks (2p, 2p + 1), 4 x 32 bytes, l of the even elements, l of the odd, h of
-// the even, h of the odd (byte i of 128-bit lane L is element 2i, or 2i + 1, of block 2p + L); then per pair 8
-// int32, -12 * sum(q) of block 2p in lane 0 and of block 2p + 1 in lane 4, zeros elsewhere; then 8 floats
-// 2**(E - 14) of the group's blocks in the order 0, 2, 4, 6, 1, 3, 5, 7. Blocks past the last whole group run
-// on the fp32 path.
-constexpr int64_t kX16Blocks = 8, kX16GroupBytes = 4 * 128 + 4 * 32 + 32;
+// the even, h of the odd (byte i of 128-bit lane L is element 2i, or 2i + 1, of block 2p + L); then 8 int32
+// -12 * sum(q) and 8 floats 2**(E - 14), both for the group's blocks in the order 0, 2, 4, 6, 1, 3, 5, 7 (the
+// order in which the kernel's vphaddd leave the block sums). Blocks past the last whole group run on the fp32 path.
+constexpr int64_t kX16Blocks = 8, kX16GroupBytes = 4 * 128 + 32 + 32;
 
 using TileFn = void (*)(const Tile&);
 

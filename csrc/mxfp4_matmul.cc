@@ -312,7 +312,7 @@ bool PrepareX16(const Problem& pr, int64_t m, uint8_t* out) {
   for (int64_t g8 = 0; g8 < groups; ++g8) {
     uint8_t* dst = out + g8 * kX16GroupBytes;
     int8_t* planes = reinterpret_cast<int8_t*>(dst);  // [pair][l even, l odd, h even, h odd][32]
-    int32_t corr[4][8] = {};
+    int32_t corr[8];  // in the scale order below
     float xscale[8];
     for (int b = 0; b < kX16Blocks; ++b) {
       const int64_t k0 = m * pr.K + 32 * (g8 * kX16Blocks + b);
@@ -341,12 +341,12 @@ bool PrepareX16(const Problem& pr, int64_t m, uint8_t* out) {
         planes[(4 * p + odd) * 32 + at] = static_cast<int8_t>(q[i] & 127);
         planes[(4 * p + 2 + odd) * 32 + at] = static_cast<int8_t>(q[i] >> 7);  // arithmetic: floor(q / 128)
       }
-      corr[p][4 * lane] = -12 * sum;
       static constexpr int kOrder[8] = {0, 4, 1, 5, 2, 6, 3, 7};  // block b's slot in 0, 2, 4, 6, 1, 3, 5, 7
+      corr[kOrder[b]] = -12 * sum;
       xscale[kOrder[b]] = std::ldexp(1.0f, e - 14);
     }
     std::memcpy(dst + 512, corr, sizeof(corr));
-    std::memcpy(dst + 640, xscale, sizeof(xscale));
+    std::memcpy(dst + 544, xscale, sizeof(xscale));
   }
   return true;
 }
