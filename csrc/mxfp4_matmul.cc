@@ -718,4 +718,8 @@ GPTOSS_EXPORT int gptoss_mxfp4_set_num_threads(int n) {
   return gptoss::set_pool_threads(n);
 }
 
+// How long idle pool workers poll for the next call before sleeping (us); n < 0 restores the default
+// (GPTOSS_POOL_SPIN_US or 1000). Returns the value in use.
+GPTOSS_EXPORT int gptoss_mxfp4_set_spin_micros(int us) { return gptoss::set_spin_micros(us); }
+
 }  // extern "C"

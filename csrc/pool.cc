@@ -4,10 +4,39 @@
 #include <sched.h>
 
 #include <algorithm>
+#include <chrono>
 #include <cstdlib>
 #include <thread>
 
 namespace gptoss {
+namespace {
+
+int default_spin() {
+  const char* env = std::getenv("GPTOSS_POOL_SPIN_US");
+  return env != nullptr ? std::max(0, std::atoi(env)) : 1000;
+}
+std::atomic<int> g_spin{default_spin()};
+
+// Polls done() for up to spin_micros(); whether it became true. Yields now and then, so a spinning worker leaves
+// its core to any other runnable thread (XLA's own between the kernel calls).
+template <typename Done>
+bool Poll(Done done) {
+  const int us = g_spin.load(std::memory_order_relaxed);
+  if (us <= 0) return done();
+  const auto until = std::chrono::steady_clock::now() + std::chrono::microseconds(us);
+  for (int i = 1;; ++i) {
+    if (done()) return true;
+#if defined(__x86_64__) || defined(__i386__)
+    __builtin_ia32_pause();
+#endif
+    if (i % 64 == 0) {
+      if (std::chrono::steady_clock::now() >= until) return done();
+      sched_yield();
+    }
+  }
+}
+
+}  // namespace
 
 Pool::Pool(int n) : n_(std::max(1, n)) {
   for (int i = 1; i < n_; ++i) std::thread([this] { Loop(); }).detach();
@@ -29,12 +58,17 @@ void Pool::Run(int64_t ntasks, TaskFn fn, void* ctx) {
     std::lock_guard<std::mutex> l(mu_);
     fn_ = fn, ctx_ = ctx, ntasks_ = ntasks, open_ = true;
     next_.store(0);
-    ++gen_;
+    posted_gen_.store(++gen_, std::memory_order_release);
   }
-  cv_.notify_all();
+  cv_.notify_all();  // no system call while every worker polls
   Work();
   std::unique_lock<std::mutex> l(mu_);
   open_ = false;
+  if (joined_ != 0) {
+    l.unlock();
+    Poll([this] { return joined_now_.load(std::memory_order_acquire) == 0; });
+    l.lock();
+  }
   done_.wait(l, [this] { return joined_ == 0; });  // no worker may still hold ctx when we return
 }
 
@@ -45,17 +79,19 @@ void Pool::Work() {
 void Pool::Loop() {
   uint64_t seen = 0;
   for (;;) {
+    Poll([&] { return posted_gen_.load(std::memory_order_acquire) != seen; });
     {
       std::unique_lock<std::mutex> l(mu_);
       cv_.wait(l, [&] { return stop_ || gen_ != seen; });
       if (stop_) return;
       seen = gen_;
       if (!open_) continue;  // woke after the job was done
-      ++joined_;
+      joined_now_.store(++joined_, std::memory_order_relaxed);
     }
     Work();
     std::lock_guard<std::mutex> l(mu_);
-    if (--joined_ == 0) done_.notify_one();
+    joined_now_.store(--joined_, std::memory_order_release);
+    if (joined_ == 0) done_.notify_one();
   }
 }
 
@@ -91,6 +127,13 @@ Pool& pool() {
     g_pool = new Pool(want);
   }
   return *g_pool;
+}
+
+int spin_micros() { return g_spin.load(); }
+
+int set_spin_micros(int us) {
+  g_spin.store(us < 0 ? default_spin() : us);
+  return g_spin.load();
 }
 
 int set_pool_threads(int n) {

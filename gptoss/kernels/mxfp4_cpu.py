@@ -77,7 +77,8 @@ def _declare(lib) -> None:
     i64, ptr = ctypes.c_int64, ctypes.c_void_p
     lib.gptoss_mxfp4_matmul.argtypes = [ptr, ctypes.c_int, ptr, ptr, ptr, ptr, i64, i64, i64, i64, i64, ctypes.c_int]
     lib.gptoss_mxfp4_matmul.restype = ctypes.c_int
-    for name in ("gptoss_mxfp4_set_isa", "gptoss_mxfp4_set_num_threads", "gptoss_mxfp4_set_exact_gemv"):
+    for name in ("gptoss_mxfp4_set_isa", "gptoss_mxfp4_set_num_threads", "gptoss_mxfp4_set_exact_gemv",
+                 "gptoss_mxfp4_set_spin_micros"):
         getattr(lib, name).argtypes = [ctypes.c_int]
 
 
@@ -214,3 +215,14 @@ def set_num_threads(n: int) -> int:
     if lib is None:
         raise RuntimeError(f"the MXFP4 CPU kernel is unavailable: {_state['error']}")
     return lib.gptoss_mxfp4_set_num_threads(int(n))
+
+
+def set_spin_micros(us: int) -> int:
+    """How long the kernels' idle pool workers poll for the next call before they sleep, in microseconds (shared by
+    the MXFP4 and dense kernels). Decode's calls come every 0.1-2 ms; a sleeping worker's wake-up costs ~30 us of
+    each. 0 sleeps at once (a machine whose cores other work needs); < 0 restores the default: GPTOSS_POOL_SPIN_US,
+    else 1000. Returns the value in use."""
+    lib = load_library()
+    if lib is None:
+        raise RuntimeError(f"the MXFP4 CPU kernel is unavailable: {_state['error']}")
+    return lib.gptoss_mxfp4_set_spin_micros(int(us))

@@ -502,8 +502,10 @@ def test_missing_library_falls_back_with_one_warning(missing_library):
         select.cpu_kernels("cpu")
 
 
-def test_concurrent_calls_and_pool_sizes():
-    """Calls from several threads at once (one gets the pool, the others run inline) and pool resizes."""
+@pytest.mark.parametrize("spin", [0, 1000])
+def test_concurrent_calls_and_pool_sizes(spin):
+    """Calls from several threads at once (one gets the pool, the others run inline) and pool resizes, with idle
+    workers sleeping at once (spin 0) or polling for the next call first."""
     from concurrent.futures import ThreadPoolExecutor
 
     rng = np.random.default_rng(7)
@@ -513,6 +515,7 @@ def test_concurrent_calls_and_pool_sizes():
     cases = [(rng.normal(size=(9, 96)).astype(np.float32), rng.integers(0, 3, (9, 2)).astype(np.int32), g % 2 == 0)
              for g in range(8)]
     try:
+        assert mxfp4_cpu.set_spin_micros(spin) == spin
         for n_threads in (3, 1, 0):
             mxfp4_cpu.set_num_threads(n_threads)
             with ThreadPoolExecutor(4) as ex:
@@ -521,6 +524,18 @@ def test_concurrent_calls_and_pool_sizes():
                 check(got, x, blocks, scales, idx)
     finally:
         mxfp4_cpu.set_num_threads(0)
+        mxfp4_cpu.set_spin_micros(-1)
+
+
+def test_spin_micros_setting(monkeypatch):
+    """The default is 1000 us (this suite does not set GPTOSS_POOL_SPIN_US); -1 restores it, negatives never stick."""
+    monkeypatch.delenv("GPTOSS_POOL_SPIN_US", raising=False)
+    try:
+        assert mxfp4_cpu.set_spin_micros(-1) == 1000
+        assert mxfp4_cpu.set_spin_micros(0) == 0
+        assert mxfp4_cpu.set_spin_micros(250) == 250
+    finally:
+        assert mxfp4_cpu.set_spin_micros(-5) == 1000
 
 
 # ------------------------------------------------------------------------------ x16 (AVX2 one-token GEMV)
