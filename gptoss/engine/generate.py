@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from gptoss.engine.sampling import SamplingParams, row_keys, sample
+from gptoss.engine.sampling import SamplingParams, row_keys, sample, token_logprob
 from gptoss.layers.kv_cache import LayerCache
 
 MIN_BUCKET = 16
@@ -90,19 +90,19 @@ def _decode_step(model, tok_B, pos_B, cache):
     return model.logits(x)[:, 0], cache
 
 
-@functools.partial(jax.jit, static_argnums=(0, 5, 6, 11))
+@functools.partial(jax.jit, static_argnums=(0, 5, 6, 11, 12))
 def _generate_jit(graphdef, state, tokens, positions, lens, cache_len, buffer, max_new, params, stop_arr, seeds,
-                  progress=False):
+                  progress=False, logprobs=False):
     """`buffer` (static) bounds the output; max_new, sampling parameters, stop ids and seed are traced,
-    so changing them does not recompile. `progress` (static) reports each step's new tokens to the host."""
+    so changing them does not recompile. `progress` (static) reports each step's new tokens to the host;
+    `logprobs` (static) computes each token's log-probability (else zeros)."""
     model = nnx.merge(graphdef, state)
     B = tokens.shape[0]
     logits, cache = _prefill(model, tokens, positions, lens, cache_len)
 
     def pick(logits, step):
         tok = sample(logits, row_keys(seeds, step), params)
-        lp = jnp.take_along_axis(jax.nn.log_softmax(logits, axis=-1), tok[:, None], axis=-1)[:, 0]
-        return tok, lp
+        return tok, token_logprob(logits, tok) if logprobs else jnp.zeros(tok.shape, jnp.float32)
 
     tok, lp = pick(logits, 0)
     out = jnp.zeros((B, buffer), jnp.int32).at[:, 0].set(tok)
@@ -181,7 +181,8 @@ def generate(model, prompts: Sequence[Sequence[int]], *, max_new_tokens: int, te
     try:
         out, out_lp, n_out, done = _generate_jit(graphdef, state, tokens, positions, lens, cache_len,
                                                  bucket(max_new_tokens), jnp.int32(max_new_tokens), params.arrays(),
-                                                 stop_arr, row_seeds(seed, len(prompts)), progress)
+                                                 stop_arr, row_seeds(seed, len(prompts)), progress,
+                                                 bool(return_logprobs))
         out, out_lp, n_out, done = (np.asarray(a) for a in (out, out_lp, n_out, done))
     finally:
         if progress:

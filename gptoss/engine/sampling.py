@@ -49,11 +49,35 @@ def row_keys(seeds_B, step):
     return jax.vmap(lambda s: jax.random.fold_in(jax.random.key(s), step))(seeds_B)
 
 
+ARGMAX_BLOCK = 128
+
+
+def greedy(logits_BV):
+    """jnp.argmax over the last axis (the first largest; NaN counts as largest), found block by block: the largest
+    block maximum, then the position within that block. XLA:CPU runs argmax's (value, index) reduction one element
+    at a time: ~0.5 ms over gpt-oss's 201088 logits, ~0.1 ms this way."""
+    B, V = logits_BV.shape
+    blocks_BNC = jnp.pad(logits_BV, ((0, 0), (0, -V % ARGMAX_BLOCK)), constant_values=-jnp.inf).reshape(
+        B, -1, ARGMAX_BLOCK)
+    n_B = jnp.argmax(jnp.max(blocks_BNC, axis=-1), axis=-1)  # the block holding the first largest logit
+    row_BC = jnp.take_along_axis(blocks_BNC, n_B[:, None, None], axis=1)[:, 0]
+    fast = (n_B * ARGMAX_BLOCK + jnp.argmax(row_BC, axis=-1)).astype(jnp.int32)
+    # XLA:CPU's max reduction need not propagate NaN: with a NaN (or +inf and -inf) anywhere, the plain argmax
+    nan = jnp.isnan(jnp.sum(jnp.sum(blocks_BNC, axis=-1)))
+    return jax.lax.cond(nan, lambda: jnp.argmax(logits_BV, axis=-1).astype(jnp.int32), lambda: fast)
+
+
+def token_logprob(logits_BV, tok_B):
+    """log softmax(logits)[tok] per row, from one log-sum-exp (no [B, V] log-softmax array)."""
+    x = logits_BV.astype(jnp.float32)
+    return jnp.take_along_axis(x, tok_B[:, None], axis=-1)[:, 0] - jax.nn.logsumexp(x, axis=-1)
+
+
 def sample(logits_BV, keys_B, params: SamplingParams | tuple):
     """One token per row (int32 [B]), row b drawn with keys_B[b]; greedy when the temperature is 0."""
     temperature = params.arrays()[0] if isinstance(params, SamplingParams) else params[0]
     return jax.lax.cond(
         temperature == 0.0,
-        lambda: jnp.argmax(logits_BV, axis=-1).astype(jnp.int32),
+        lambda: greedy(logits_BV),
         lambda: jax.vmap(jax.random.categorical)(keys_B, filter_logits(logits_BV, params)).astype(jnp.int32),
     )

@@ -8,6 +8,7 @@ import torch
 
 import gptoss
 from gptoss.engine import SamplingParams, filter_logits, generate, generate_stream
+from gptoss.engine.sampling import greedy
 
 NEW = 24
 
@@ -124,6 +125,7 @@ def test_default_stop_tokens_are_the_configs_eos_ids(ours, prompts):
 
 def test_logprobs_are_the_model_distribution(ours, prompts):
     got = generate(ours, prompts, max_new_tokens=NEW, return_logprobs=True)
+    assert got.tokens == generate(ours, prompts, max_new_tokens=NEW).tokens  # computed only when asked for
     seq = prompts[0] + got.tokens[0]
     logits = np.asarray(ours(np.array([seq + [0] * (64 - len(seq))])))[0, len(prompts[0]) - 1 : len(seq) - 1]
     ref = jax.nn.log_softmax(logits, axis=-1)[np.arange(NEW), got.tokens[0]]
@@ -177,6 +179,21 @@ def test_top_k_then_top_p_over_the_renormalised_top_k(temperature, top_k, top_p)
         keep = _kept_reference(row.astype(np.float64), temperature, top_k, top_p)
         np.testing.assert_array_equal(np.isfinite(g), keep)
         np.testing.assert_allclose(g[keep], row[keep] / temperature, rtol=1e-6)
+
+
+@pytest.mark.parametrize("V", [1, 5, 127, 128, 129, 300, 1000])
+def test_greedy_is_numpys_argmax(V):
+    """The blockwise greedy pick is np.argmax: the first of tied maxima (values on a coarse grid tie often), the
+    first NaN, index 0 for a row of -inf, +inf wins; any V, in and across the 128-wide blocks."""
+    rng = np.random.default_rng(V)
+    logits = np.round(rng.normal(size=(6, V)) * 2).astype(np.float32)
+    logits[1] = -np.inf
+    logits[2, rng.integers(0, V, 2)] = np.nan
+    logits[3, rng.integers(0, V)] = np.inf
+    logits[4, rng.integers(0, V, 3)] = logits[4].max() + 1  # up to three tied maxima anywhere
+    got = np.asarray(jax.jit(greedy)(jnp.asarray(logits)))
+    np.testing.assert_array_equal(got, np.argmax(logits, axis=-1))
+    assert got.dtype == np.int32
 
 
 def _frequencies(logits, params, n=20000):
