@@ -10,7 +10,7 @@ import pytest
 from flax import nnx
 
 from gptoss.config import ModelConfig
-from gptoss.kernels import mxfp4_cpu
+from gptoss.kernels import dense_cpu, mxfp4_cpu
 from gptoss.layers.dispatch import GroupedRows
 from gptoss.layers.experts import ExpertAdapters, ExpertWeights, choose_strategy, moe_ffn, swiglu
 from gptoss.layers.moe import MoE, route
@@ -111,6 +111,25 @@ def test_route_bias_changes_selection_and_bf16_inputs_route_in_fp32():
                                              np.zeros(E), TOPK)
     close(logits, want_logits)
     np.testing.assert_array_equal(np.asarray(idx), want_idx)
+
+
+@pytest.mark.skipif(not dense_cpu.kernel_available() or jax.default_backend() != "cpu", reason="no dense kernel")
+@pytest.mark.parametrize("T", [1, 3])
+def test_route_on_the_dense_kernel(T):
+    """kernels=True on a bf16 router weight with decode-sized inputs: the dense kernel computes the logits (fp32 x
+    times the exact bf16 weight), the same choices and weights as numpy's float64 routing."""
+    rng = np.random.default_rng(20 + T)
+    x = rng.normal(size=(T, D)).astype(np.float32)
+    w = jnp.asarray(rng.normal(size=(E, D)), jnp.bfloat16)
+    b = rng.normal(size=(E,)).astype(np.float32)
+    fn = jax.jit(lambda x, w, b: route(x, w, b, TOPK, kernels=True))
+    assert dense_cpu.TARGET in fn.lower(x, w, b).as_text()
+    assert dense_cpu.TARGET not in jax.jit(lambda x, w, b: route(x, w, b, TOPK)).lower(x, w, b).as_text()
+    logits, idx, weights = fn(x, w, b)
+    want_logits, want_idx, want_w = np_route(x, np.asarray(w, np.float32), b, TOPK)
+    close(logits, want_logits)
+    np.testing.assert_array_equal(np.asarray(idx), want_idx)
+    close(weights, want_w)
 
 
 # ------------------------------------------------------------------------------------------------ experts

@@ -35,8 +35,9 @@ def test_logits_with_kernel_on_and_off(bf16_model):
     hlo, on = _forward(bf16_model, tokens, "cpu")
     hlo_off, off = _forward(bf16_model, tokens, "xla")
     n_layers = bf16_model.config.num_hidden_layers
-    # per layer q, k and v in one call and o in another, then the logits (TARGET is a prefix of TARGET_MANY)
-    assert hlo.count(dense_cpu.TARGET_MANY) == n_layers and hlo.count(dense_cpu.TARGET) == 2 * n_layers + 1
+    # per layer q, k and v in one call, o and the router in two more, then the logits (TARGET is a prefix of
+    # TARGET_MANY)
+    assert hlo.count(dense_cpu.TARGET_MANY) == n_layers and hlo.count(dense_cpu.TARGET) == 3 * n_layers + 1
     assert dense_cpu.TARGET not in hlo_off
     assert on.dtype == off.dtype == np.float32
     # bf16 activations: the two paths may round a q/k/v/o element differently (fp32 sums in another order)
