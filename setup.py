@@ -30,6 +30,7 @@ UNITS = {
     "dense_scalar.cc": ([], None),
     "dense_avx2.cc": (["-mavx2", "-mfma"], "GPTOSS_HAVE_DENSE_AVX2"),
     "dense_avx512.cc": (["-mavx512f", "-mavx512bw", "-mfma"], "GPTOSS_HAVE_DENSE_AVX512"),
+    "attention_avx2.cc": (["-mavx2", "-mfma"], "GPTOSS_HAVE_ATTENTION_AVX2"),
     "mxfp4_avx512bf16.cc": (["-mavx512f", "-mavx512bw", "-mavx512dq", "-mavx512vl", "-mavx512bf16", "-mfma"],
                             "GPTOSS_HAVE_AVX512BF16"),
     "mxfp4_amx.cc": (["-mavx512f", "-mavx512bw", "-mavx512dq", "-mavx512vl", "-mavx512bf16", "-mfma", "-mamx-tile",
@@ -37,9 +38,9 @@ UNITS = {
     "mxfp4_amx_emulated.cc": ([], None),  # the AMX algorithm on emulated tile instructions, for tests on any CPU
 }
 DRIVER = "mxfp4_matmul.cc"
-COMMON = ["pool.cc", "dense_matmul.cc"]  # compiled without ISA flags, like the driver
+COMMON = ["pool.cc", "dense_matmul.cc", "attention_decode.cc"]  # compiled without ISA flags, like the driver
 HEADERS = ["mxfp4_kernel.h", "mxfp4_tile_loop.h", "mxfp4_tile_t_loop.h", "mxfp4_amx_loop.h", "mxfp4_bf16_block.h",
-           "pool.h", "dense_kernel.h"]
+           "pool.h", "dense_kernel.h", "attention_kernel.h"]
 BASE_FLAGS = ["-O3", "-std=c++17", "-fPIC", "-fvisibility=hidden", "-pthread"]
 
 

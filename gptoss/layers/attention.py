@@ -8,7 +8,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from gptoss.config import ModelConfig
-from gptoss.kernels import attention_pallas
+from gptoss.kernels import attention_cpu, attention_pallas
 from gptoss.layers.flash import attend_flash
 from gptoss.layers.kv_cache import LayerCache
 from gptoss.layers.linear import project, project_many
@@ -165,6 +165,8 @@ class Attention(nnx.Module):
             return self.output(o, rt), None
         if q.shape[1] == 1:  # decode: the new key cannot evict anything still inside the window
             cache = cache.write(k, v, positions_BT)
+            if not pallas and attention_cpu.serves(q, cache.k_BSKH, enabled=rt.cpu_kernels):
+                attend_ = attention_cpu.decode_attention
             o = attend_(q, cache.k_BSKH, cache.v_BSKH, sinks, positions_BT, cache.pos_BS,
                         window=self.window, scale=self.scale)
             return self.output(o, rt), cache
