@@ -55,7 +55,8 @@ ARGMAX_BLOCK = 128
 def greedy(logits_BV):
     """jnp.argmax over the last axis (the first largest; NaN counts as largest), found block by block: the largest
     block maximum, then the position within that block. XLA:CPU runs argmax's (value, index) reduction one element
-    at a time: ~0.5 ms over gpt-oss's 201088 logits, ~0.1 ms this way."""
+    at a time: over gpt-oss's 201088 logits ~0.5 ms, this way ~0.1 ms as its own call (generate_stream); inside
+    generate's decode loop XLA runs the block reductions no faster (~0.4-0.5 ms either way, measured on a Zen 3)."""
     B, V = logits_BV.shape
     blocks_BNC = jnp.pad(logits_BV, ((0, 0), (0, -V % ARGMAX_BLOCK)), constant_values=-jnp.inf).reshape(
         B, -1, ARGMAX_BLOCK)
