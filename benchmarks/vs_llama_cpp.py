@@ -4,8 +4,8 @@ Checkpoints: 6 layers at real gpt-oss-20b widths (32 experts), and with `--shape
 (24 layers). llama.cpp side: its own converter (`convert_hf_to_gguf.py`, experts stay GGML MXFP4, the rest bf16)
 and `llama-bench -p P -n N -t T` (pp: a P-token prompt; tg: N decoded tokens from an empty context). gptoss side:
 `from_pretrained(dtype="bfloat16")` + `engine.generate` at batch 1 on a P-token prompt, pinned to T cores;
-prefill = P / time to first token, decode = N / (time(1+N new tokens) - time(1 new token)), as decode.py. Each
-side in its own process. Also a greedy cross-check: the same text prompt, 8 greedy tokens from each side.
+prefill = P / time to first token (median), decode = N / (time(1+N new tokens) - time(1 new token)), each
+full run less the first-token runs either side of it, median over the runs. Each side in its own process. Also a greedy cross-check: the same text prompt, 8 greedy tokens from each side.
 
 llama.cpp comes from `--llama-bench PATH`, `$LLAMA_BENCH` or `llama-bench` on PATH, else is built once from the
 llama.cpp vendored in the `llama-cpp-python` sdist (pip download; cmake + ninja + a C++ compiler) into
@@ -336,24 +336,30 @@ def child_ours(spec: dict) -> dict:
 
     P, N = spec["prompt"], spec["new"]
     prompts = prompts_for(1, P, model.config.vocab_size)
-    def timed(runs):  # best time to first token, best time to 1 + N tokens, and all the runs of each
-        ttfts = [run(prompts, 1)[0] for _ in range(runs)]
-        fulls = [run(prompts, N + 1)[0] for _ in range(runs)]
-        return min(ttfts), min(fulls), ttfts, fulls
+    def timed(pairs):
+        """Runs alternated first-token, full, first-token, ..., first-token: prefill = median first-token time; decode =
+        median over the full runs of full - mean(the first-token runs either side). A difference of two minima taken
+        minutes apart over-states on a drifting machine; each difference here comes from neighbouring runs."""
+        ttfts, fulls = [run(prompts, 1)[0]], []
+        for _ in range(pairs):
+            fulls.append(run(prompts, N + 1)[0])
+            ttfts.append(run(prompts, 1)[0])
+        decodes = sorted(f - (ttfts[i] + ttfts[i + 1]) / 2 for i, f in enumerate(fulls))
+        decode_s = (decodes[(pairs - 1) // 2] + decodes[pairs // 2]) / 2
+        return sorted(ttfts)[len(ttfts) // 2], max(decode_s, 1e-9), ttfts, fulls
 
     log("gptoss: warm-up (compiles)")
     run(prompts, 1)
     run(prompts, N + 1)
-    ttft, full, ttfts, fulls = timed(spec["runs"])
-    decode_s = max(full - ttft, 1e-9)
+    ttft, decode_s, ttfts, fulls = timed(spec["runs"])
     res["prefill"] = {"tok_s": P / ttft, "ttft_s": ttft, "ttft_runs_s": ttfts}
-    res["decode"] = {"tok_s": N / decode_s, "decode_s": decode_s, "full_runs_s": fulls}
+    res["decode"] = {"tok_s": N / decode_s, "decode_s": decode_s, "full_runs_s": fulls,
+                     "timing": "median of full - mean(neighbouring first-token runs)"}
     res["loadavg1"] = os.getloadavg()[0]  # a shared machine: other load slows either side
     log(f"gptoss: prefill {res['prefill']['tok_s']:.1f} tok/s, decode {res['decode']['tok_s']:.2f} tok/s")
     if spec.get("paired_cmd"):
         def decode_tok_s():
-            ttft, full, _, _ = timed(2)
-            return N / max(full - ttft, 1e-9)
+            return N / timed(3)[1]
 
         res["paired"] = paired_decode(spec["paired_cmd"], spec["paired"], decode_tok_s)
     res["check"] = greedy_check(model, generate, load_tokenizer(), spec.get("llama_text"))
@@ -514,7 +520,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2, help="llama-bench -t; gptoss is pinned to as many cores")
     ap.add_argument("--prompt", type=int, default=128, help="prompt tokens (prefill)")
     ap.add_argument("--new", type=int, default=32, help="decode steps timed")
-    ap.add_argument("--runs", type=int, default=3, help="repetitions per measurement (best is reported)")
+    ap.add_argument("--runs", type=int, default=3, help="repetitions per measurement (llama-bench: mean; gptoss: median, see timed())")
     ap.add_argument("--quick", action="store_true", help="2 layers, prompt 32, 8 tokens: a smoke run")
     ap.add_argument("--paired", type=int, default=0, metavar="R",
                     help="also R rounds of decode alternating llama-bench and gptoss (where both models fit in RAM)")
