@@ -5,7 +5,8 @@ Checkpoints: 6 layers at real gpt-oss-20b widths (32 experts), and with `--shape
 and `llama-bench -p P -n N -t T` (pp: a P-token prompt; tg: N decoded tokens from an empty context). gptoss side:
 `from_pretrained(dtype="bfloat16")` + `engine.generate` at batch 1 on a P-token prompt, pinned to T cores;
 prefill = P / time to first token (median), decode = N / (time(1+N new tokens) - time(1 new token)), each
-full run less the first-token runs either side of it, median over the runs. Each side in its own process. Also a greedy cross-check: the same text prompt, 8 greedy tokens from each side.
+full run less the first-token runs either side of it, median over the runs. Each side in its own process. Also a
+greedy cross-check: the same text prompt, 8 greedy tokens from each side.
 
 llama.cpp comes from `--llama-bench PATH`, `$LLAMA_BENCH` or `llama-bench` on PATH, else is built once from the
 llama.cpp vendored in the `llama-cpp-python` sdist (pip download; cmake + ninja + a C++ compiler) into
@@ -520,7 +521,8 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2, help="llama-bench -t; gptoss is pinned to as many cores")
     ap.add_argument("--prompt", type=int, default=128, help="prompt tokens (prefill)")
     ap.add_argument("--new", type=int, default=32, help="decode steps timed")
-    ap.add_argument("--runs", type=int, default=3, help="repetitions per measurement (llama-bench: mean; gptoss: median, see timed())")
+    ap.add_argument("--runs", type=int, default=3,
+                    help="repetitions per measurement (llama-bench: mean; gptoss: median, see child_ours)")
     ap.add_argument("--quick", action="store_true", help="2 layers, prompt 32, 8 tokens: a smoke run")
     ap.add_argument("--paired", type=int, default=0, metavar="R",
                     help="also R rounds of decode alternating llama-bench and gptoss (where both models fit in RAM)")

@@ -1,14 +1,17 @@
-"""One-token (decode) attention over a KV cache (csrc/attention_decode.cc) as a jit-able JAX op, for XLA:CPU.
+"""One decode step of attention (RoPE, KV cache write, attention; csrc/attention_decode.cc) as a jit-able JAX op, for
+XLA:CPU.
 
-`decode_attention(q [B, 1, N, H], k_cache, v_cache [B, S, K, H], sinks [N], q_pos [B, 1], k_pos [B, S], *, window,
-scale) -> fp32 [B, 1, N, H]`: gptoss.layers.attention.attend for one query per row (its reference twin, which the
-tests hold it to), reading the cache in place. Why: for one query XLA:CPU converts and transposes the whole cache
-to fp32, runs a batched dot of 8 queries per kv head and a chain of small softmax ops, and copies the cache before
-updating it in place: 0.2-0.4 ms of a decode layer for ~1 MFLOP of arithmetic.
+`decode_attention(q [B, 1, N, H], k, v [B, 1, K, H] (before RoPE), cos, sin [B, 1, H/2], k_cache, v_cache [B, S, K, H],
+k_pos [B, S], sinks [N], q_pos [B, 1], *, window, scale, ring) -> (fp32 [B, 1, N, H], k_cache, v_cache, k_pos)`:
+gptoss.layers.attention's decode step (apply_rope, LayerCache.write, attend; its reference twin, which the tests hold
+it to), with the caches updated in place (aliased). Why: for one query XLA:CPU converts and transposes the whole
+cache to fp32, runs a batched dot of 8 queries per kv head and a chain of small softmax ops (0.2-0.4 ms of a decode
+layer for ~1 MFLOP of arithmetic); its cache write became a loop over the whole cache (a convert fused into the
+update keeps it from being in place) followed by a copy, and each layer recomputed cos and sin per element of q.
 
 Selection (`serves`, at trace time): the model's `kernels` option allows the CPU kernels, one query per row, query
-heads a multiple of the kv heads (at most 64 per kv head), head_dim <= 256, float32 or bfloat16 inputs, one JAX
-device. Inference only: it has no derivative (training never attends through a KV cache).
+heads a multiple of the kv heads (at most 64 per kv head), an even head_dim <= 256, float32 or bfloat16 inputs, one
+JAX device. Inference only: it has no derivative (training never attends through a KV cache).
 """
 
 from __future__ import annotations
@@ -61,36 +64,45 @@ def set_portable(portable: bool) -> None:
 
 
 def serves(q_BTNH, k_BSKH, *, enabled: bool = True) -> bool:
-    """Whether attention of these queries over this cache, traced now, goes to the kernel."""
+    """Whether a decode step of these queries over this cache, traced now, goes to the kernel."""
     B, T, N, H = q_BTNH.shape
     K = k_BSKH.shape[2]
     floats = all(jnp.dtype(a.dtype) in (jnp.float32, jnp.bfloat16) for a in (q_BTNH, k_BSKH))
-    return (enabled and T == 1 and floats and K > 0 and N % K == 0 and N // K <= MAX_GROUP and H <= MAX_HEAD_DIM
-            and jax.device_count() == 1 and kernel_available())
+    return (enabled and T == 1 and floats and K > 0 and N % K == 0 and N // K <= MAX_GROUP and H % 2 == 0
+            and H <= MAX_HEAD_DIM and jax.device_count() == 1 and kernel_available())
 
 
-def decode_attention(q_BTNH, k_BSKH, v_BSKH, sinks_N, q_pos_BT, k_pos_BS, *, window: int | None, scale: float):
-    """attend(...) for T = 1 on the kernel (see the module docstring); call it only where `serves` says so."""
+def decode_attention(q_BTNH, k_BTKH, v_BTKH, cos_BTh, sin_BTh, k_cache_BSKH, v_cache_BSKH, k_pos_BS, sinks_N, q_pos_BT,
+                     *, window: int | None, scale: float, ring: bool):
+    """The decode step on the kernel (see the module docstring); call it only where `serves` says so. Returns
+    (attention output fp32 [B, 1, N, H], k cache, v cache, k_pos)."""
     if load_library() is None:
         raise RuntimeError(f"the decode attention kernel is unavailable: {_state['error']}")
-    if k_BSKH.dtype != v_BSKH.dtype:
-        v_BSKH = v_BSKH.astype(k_BSKH.dtype)
-    return _attend(q_BTNH, k_BSKH, v_BSKH, sinks_N, q_pos_BT.astype(jnp.int32), k_pos_BS.astype(jnp.int32),
-                   int(window or 0), float(scale))
+    if v_BTKH.dtype != k_BTKH.dtype:
+        v_BTKH = v_BTKH.astype(k_BTKH.dtype)
+    if v_cache_BSKH.dtype != k_cache_BSKH.dtype:
+        raise ValueError(f"decode attention: the k cache is {k_cache_BSKH.dtype}, the v cache {v_cache_BSKH.dtype}")
+    f32 = functools.partial(jnp.asarray, dtype=jnp.float32)
+    return _step(q_BTNH, k_BTKH, v_BTKH, f32(cos_BTh), f32(sin_BTh), k_cache_BSKH, v_cache_BSKH,
+                 k_pos_BS.astype(jnp.int32), sinks_N, q_pos_BT.astype(jnp.int32), int(window or 0), float(scale),
+                 bool(ring))
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7))
-def _attend(q, k, v, sinks, q_pos, k_pos, window, scale):
-    call = jax.ffi.ffi_call(TARGET, jax.ShapeDtypeStruct(q.shape, jnp.float32), vmap_method="sequential")
-    return call(q, k, v, sinks, q_pos, k_pos, window=np.int64(window), scale=np.float32(scale))
+@functools.partial(jax.custom_vjp, nondiff_argnums=(10, 11, 12))
+def _step(q, k, v, cos, sin, k_cache, v_cache, k_pos, sinks, q_pos, window, scale, ring):
+    shapes = (jax.ShapeDtypeStruct(q.shape, jnp.float32), jax.ShapeDtypeStruct(k_cache.shape, k_cache.dtype),
+              jax.ShapeDtypeStruct(v_cache.shape, v_cache.dtype), jax.ShapeDtypeStruct(k_pos.shape, jnp.int32))
+    call = jax.ffi.ffi_call(TARGET, shapes, vmap_method="sequential", input_output_aliases={5: 1, 6: 2, 7: 3})
+    return tuple(call(q, k, v, cos, sin, k_cache, v_cache, k_pos, sinks, q_pos, window=np.int64(window),
+                      scale=np.float32(scale), ring=np.int64(ring)))
 
 
-def _attend_fwd(q, k, v, sinks, q_pos, k_pos, window, scale):
-    return _attend(q, k, v, sinks, q_pos, k_pos, window, scale), None
+def _step_fwd(*args):
+    return _step(*args), None
 
 
-def _attend_bwd(window, scale, res, do):
+def _step_bwd(window, scale, ring, res, do):
     raise NotImplementedError("the decode attention kernel has no derivative; differentiate with kernels='xla'")
 
 
-_attend.defvjp(_attend_fwd, _attend_bwd)
+_step.defvjp(_step_fwd, _step_bwd)

@@ -126,14 +126,15 @@ class Attention(nnx.Module):
         self.adapters = AttentionLoRA(self.adapter_shapes(), targets, rank, alpha, dtype=self.wq_DNH.dtype,
                                       rngs=rngs, dropout=dropout)
 
-    def qkv(self, x_BTD, cos, sin, rt: Runtime = DEFAULT):
+    def qkv(self, x_BTD, rt: Runtime = DEFAULT):
+        """q, k, v with their biases (and adapters), before RoPE."""
         q, k, v = project_many(("btd,dnh->btnh", "btd,dkh->btkh", "btd,dkh->btkh"), x_BTD,
                                (self.wq_DNH[...], self.wk_DKH[...], self.wv_DKH[...]), precision=rt.precision,
                                kernels=rt.cpu_kernels)
         q, k, v = q + self.bq_NH[...], k + self.bk_KH[...], v + self.bv_KH[...]
         if self.adapters is not None:
             q, k, v = (self.adapters.apply(n, x_BTD, y, rt.precision) for n, y in zip("qkv", (q, k, v)))
-        return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
+        return q, k, v
 
     def output(self, o_BTNH, rt: Runtime = DEFAULT):
         o_BTNH = o_BTNH.astype(self.wo_NHD.dtype)
@@ -147,11 +148,17 @@ class Attention(nnx.Module):
         """Returns (output, updated cache). With a cache, new tokens attend to it and are written into it.
         `in_order`: each row's non-negative positions are its indices plus a constant, which lets a prefill
         attend block by block (attend_blocked). `rt`: precision and kernels (gptoss.layers.runtime)."""
-        q, k, v = self.qkv(x_BTD, cos, sin, rt)
         sinks = self.sinks_N[...]
+        pallas = rt.pallas_kernels and attention_pallas.supports(self.wq_DNH.shape[-1])
+        q, k, v = self.qkv(x_BTD, rt)
+        if cache is not None and not pallas and attention_cpu.serves(q, cache.k_BSKH, enabled=rt.cpu_kernels):
+            o, k_cache, v_cache, k_pos = attention_cpu.decode_attention(  # RoPE, cache write, attention: one op
+                q, k, v, cos, sin, cache.k_BSKH, cache.v_BSKH, cache.pos_BS, sinks, positions_BT,
+                window=self.window, scale=self.scale, ring=cache.ring)
+            return self.output(o, rt), LayerCache(k_cache, v_cache, k_pos, cache.ring)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         attend_ = functools.partial(attend, precision=rt.precision)
         run = functools.partial(attend_blocked, n_prefix=0, precision=rt.precision) if in_order else attend_
-        pallas = rt.pallas_kernels and attention_pallas.supports(q.shape[-1])
         if pallas:  # one flash kernel for prefill, chunks and decode (packed training rows stay XLA)
             attend_ = run = functools.partial(attention_pallas.flash_attend_pallas, precision=rt.precision)
         if segments_BT is not None:  # packed rows (training): no cache, positions restart per segment
@@ -165,8 +172,6 @@ class Attention(nnx.Module):
             return self.output(o, rt), None
         if q.shape[1] == 1:  # decode: the new key cannot evict anything still inside the window
             cache = cache.write(k, v, positions_BT)
-            if not pallas and attention_cpu.serves(q, cache.k_BSKH, enabled=rt.cpu_kernels):
-                attend_ = attention_cpu.decode_attention
             o = attend_(q, cache.k_BSKH, cache.v_BSKH, sinks, positions_BT, cache.pos_BS,
                         window=self.window, scale=self.scale)
             return self.output(o, rt), cache
