@@ -617,7 +617,8 @@ def report(out: dict) -> None:
         elif paired:
             checks.append(f"{name}: paired decode: {paired.get('skipped') or paired.get('error')}")
     print_table(f"gptoss vs llama.cpp, CPU, batch 1, {out['threads']} threads, prompt {out['prompt']}, decode "
-                f"{out['new']} tokens, best of {out['runs']}; read bandwidth {out['read_gbps']:.1f} GB/s"
+                f"{out['new']} tokens, {out['runs']} runs (llama-bench: mean; gptoss: median); "
+                f"read bandwidth {out['read_gbps']:.1f} GB/s"
                 + ("; AMX denied (--no-amx)" if out.get("amx_denied") else ""),
                 ["shape", "side", "prefill tok/s", "decode tok/s", "ms/token", "% read bw", "peak RSS GiB", "load"],
                 rows)

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import ctypes
 import functools
-import threading
 
 import jax
 import jax.numpy as jnp
@@ -29,25 +28,17 @@ from gptoss.kernels import mxfp4_cpu
 TARGET = "gptoss_decode_attention"
 MAX_GROUP, MAX_HEAD_DIM = 64, 256  # as in the kernel
 
-_lock = threading.Lock()
-_state: dict = {"tried": False, "lib": None, "error": None}
+def _setup(lib) -> None:
+    jax.ffi.register_ffi_target(TARGET, jax.ffi.pycapsule(lib.GptossDecodeAttention), platform="cpu")
+    lib.gptoss_decode_attention_set_isa.argtypes = [ctypes.c_int]
+
+
+_family = mxfp4_cpu.KernelFamily(_setup)
 
 
 def load_library():
     """The shared library (loaded by mxfp4_cpu) with this op's FFI target registered, once; None if unavailable."""
-    with _lock:
-        if not _state["tried"]:
-            _state["tried"] = True
-            lib = mxfp4_cpu.load_library()
-            try:
-                if lib is None:
-                    raise OSError(mxfp4_cpu.load_error())
-                jax.ffi.register_ffi_target(TARGET, jax.ffi.pycapsule(lib.GptossDecodeAttention), platform="cpu")
-                lib.gptoss_decode_attention_set_isa.argtypes = [ctypes.c_int]
-                _state["lib"] = lib
-            except (OSError, AttributeError) as e:  # AttributeError: a library built before this kernel existed
-                _state["error"] = f"{type(e).__name__}: {e}"
-    return _state["lib"]
+    return _family.load()
 
 
 def kernel_available() -> bool:
@@ -59,7 +50,7 @@ def set_portable(portable: bool) -> None:
     its AVX2 + FMA task where the CPU has it and head_dim is a multiple of 8."""
     lib = load_library()
     if lib is None:
-        raise RuntimeError(f"the decode attention kernel is unavailable: {_state['error']}")
+        raise RuntimeError(f"the decode attention kernel is unavailable: {_family.error}")
     lib.gptoss_decode_attention_set_isa(0 if portable else 1)
 
 
@@ -77,7 +68,7 @@ def decode_attention(q_BTNH, k_BTKH, v_BTKH, cos_BTh, sin_BTh, k_cache_BSKH, v_c
     """The decode step on the kernel (see the module docstring); call it only where `serves` says so. Returns
     (attention output fp32 [B, 1, N, H], k cache, v cache, k_pos)."""
     if load_library() is None:
-        raise RuntimeError(f"the decode attention kernel is unavailable: {_state['error']}")
+        raise RuntimeError(f"the decode attention kernel is unavailable: {_family.error}")
     if v_BTKH.dtype != k_BTKH.dtype:
         v_BTKH = v_BTKH.astype(k_BTKH.dtype)
     if v_cache_BSKH.dtype != k_cache_BSKH.dtype:

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import ctypes
 import functools
-import threading
 
 import jax
 import jax.numpy as jnp
@@ -43,30 +42,21 @@ TILE_ISAS = ("avx512bf16", "amx")
 # XLA's bf16 GEMM at 128 tokens on attention's wq and wo on a 2-core Zen 3)
 PANEL_COLS_ISAS = ("avx2",)
 
-_lock = threading.Lock()
-_state: dict = {"tried": False, "lib": None, "error": None}
+def _setup(lib) -> None:
+    i64, ptr, c_int = ctypes.c_int64, ctypes.c_void_p, ctypes.c_int
+    lib.gptoss_dense_matmul.argtypes = [ptr, c_int, ptr, c_int, c_int, ptr, i64, i64, i64]
+    lib.gptoss_dense_matmul.restype = c_int
+    lib.gptoss_dense_set_isa.argtypes = [c_int]
+    jax.ffi.register_ffi_target(TARGET, jax.ffi.pycapsule(lib.GptossDenseMatmul), platform="cpu")
+    jax.ffi.register_ffi_target(TARGET_MANY, jax.ffi.pycapsule(lib.GptossDenseMatmulMany), platform="cpu")
+
+
+_family = mxfp4_cpu.KernelFamily(_setup)
 
 
 def load_library():
-    """The shared library (loaded by mxfp4_cpu) with this op's FFI target registered, once; None if unavailable."""
-    with _lock:
-        if not _state["tried"]:
-            _state["tried"] = True
-            lib = mxfp4_cpu.load_library()
-            try:
-                if lib is None:
-                    raise OSError(mxfp4_cpu.load_error())
-                i64, ptr, c_int = ctypes.c_int64, ctypes.c_void_p, ctypes.c_int
-                lib.gptoss_dense_matmul.argtypes = [ptr, c_int, ptr, c_int, c_int, ptr, i64, i64, i64]
-                lib.gptoss_dense_matmul.restype = c_int
-                lib.gptoss_dense_set_isa.argtypes = [c_int]
-                jax.ffi.register_ffi_target(TARGET, jax.ffi.pycapsule(lib.GptossDenseMatmul), platform="cpu")
-                jax.ffi.register_ffi_target(TARGET_MANY, jax.ffi.pycapsule(lib.GptossDenseMatmulMany),
-                                            platform="cpu")
-                _state["lib"] = lib
-            except (OSError, AttributeError) as e:  # AttributeError: a library built before this kernel existed
-                _state["error"] = f"{type(e).__name__}: {e}"
-    return _state["lib"]
+    """The shared library (loaded by mxfp4_cpu) with this op's FFI targets registered, once; None if unavailable."""
+    return _family.load()
 
 
 def kernel_available() -> bool:
@@ -75,7 +65,7 @@ def kernel_available() -> bool:
 
 def load_error() -> str | None:
     load_library()
-    return _state["error"]
+    return _family.error
 
 
 def serves(tokens: int, w, *, xla_bf16_gemm: bool = False, w_nk: bool = True, tile_rows: bool = False,
@@ -125,7 +115,7 @@ def _checked(name: str, x_MK, ws: tuple, w_nk: bool):
     if x_MK.dtype not in (jnp.float32, jnp.bfloat16):
         x_MK = x_MK.astype(jnp.float32)
     if load_library() is None:
-        raise RuntimeError(f"the dense CPU kernel is unavailable: {_state['error']}")
+        raise RuntimeError(f"the dense CPU kernel is unavailable: {_family.error}")
     return x_MK, ws
 
 
@@ -183,7 +173,7 @@ def set_isa(isa: str) -> str:
     CPU); returns the one in use."""
     lib = load_library()
     if lib is None:
-        raise RuntimeError(f"the dense CPU kernel is unavailable: {_state['error']}")
+        raise RuntimeError(f"the dense CPU kernel is unavailable: {_family.error}")
     return _ISA_CODES[lib.gptoss_dense_set_isa(_ISA_CODES.index(isa))]
 
 

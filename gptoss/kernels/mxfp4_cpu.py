@@ -82,6 +82,30 @@ def _declare(lib) -> None:
         getattr(lib, name).argtypes = [ctypes.c_int]
 
 
+class KernelFamily:
+    """Another kernel family's FFI targets on this library, set up once by `setup(lib)` (ctypes signatures, target
+    registration); `load()` returns the library, or None with the reason in `error` (a library built before the
+    family existed lacks its symbols: AttributeError)."""
+
+    def __init__(self, setup):
+        self._setup, self._lock, self._tried = setup, threading.Lock(), False
+        self.lib, self.error = None, None
+
+    def load(self):
+        with self._lock:
+            if not self._tried:
+                self._tried = True
+                lib = load_library()
+                try:
+                    if lib is None:
+                        raise OSError(load_error())
+                    self._setup(lib)
+                    self.lib = lib
+                except (OSError, AttributeError) as e:
+                    self.error = f"{type(e).__name__}: {e}"
+        return self.lib
+
+
 def kernel_available() -> bool:
     """Whether the library is built and loads (regardless of the platform)."""
     return load_library() is not None
