@@ -4,9 +4,9 @@ Checkpoints: 6 layers at real gpt-oss-20b widths (32 experts), and with `--shape
 (24 layers). llama.cpp side: its own converter (`convert_hf_to_gguf.py`, experts stay GGML MXFP4, the rest bf16)
 and `llama-bench -p P -n N -t T` (pp: a P-token prompt; tg: N decoded tokens from an empty context). gptoss side:
 `from_pretrained(dtype="bfloat16")` + `engine.generate` at batch 1 on a P-token prompt, pinned to T cores;
-prefill = P / time to first token (median), decode = N / (time(1+N new tokens) - time(1 new token)), each
-full run less the first-token runs either side of it, median over the runs. Each side in its own process. Also a
-greedy cross-check: the same text prompt, 8 greedy tokens from each side.
+prefill = P / time to first token (median of runs), decode = 1 / the median time between decode steps (generate's
+per-step progress callback, all steps of the runs). Each side in its own process. Also a greedy cross-check: the
+same text prompt, 8 greedy tokens from each side.
 
 llama.cpp comes from `--llama-bench PATH`, `$LLAMA_BENCH` or `llama-bench` on PATH, else is built once from the
 llama.cpp vendored in the `llama-cpp-python` sdist (pip download; cmake + ninja + a C++ compiler) into
@@ -330,37 +330,41 @@ def child_ours(spec: dict) -> dict:
     model = gptoss.from_pretrained(spec["ckpt"], dtype="bfloat16", progress=False)
     res: dict = {"load_s": time.perf_counter() - t0, "kernel": kernel_state(), "cpus": cpus}
 
-    def run(prompts, n):
+    def run(prompts, n, stamps=None):
         t0 = time.perf_counter()
-        out = generate(model, prompts, max_new_tokens=n, stop_tokens=[])
+        clock = (lambda _: stamps.append(time.perf_counter())) if stamps is not None else False
+        out = generate(model, prompts, max_new_tokens=n, stop_tokens=[], progress=clock)
         return time.perf_counter() - t0, out.tokens
 
     P, N = spec["prompt"], spec["new"]
     prompts = prompts_for(1, P, model.config.vocab_size)
-    def timed(pairs):
-        """Runs alternated first-token, full, first-token, ..., first-token: prefill = median first-token time; decode =
-        median over the full runs of full - mean(the first-token runs either side). A difference of two minima taken
-        minutes apart over-states on a drifting machine; each difference here comes from neighbouring runs."""
-        ttfts, fulls = [run(prompts, 1)[0]], []
-        for _ in range(pairs):
-            fulls.append(run(prompts, N + 1)[0])
-            ttfts.append(run(prompts, 1)[0])
-        decodes = sorted(f - (ttfts[i] + ttfts[i + 1]) / 2 for i, f in enumerate(fulls))
-        decode_s = (decodes[(pairs - 1) // 2] + decodes[pairs // 2]) / 2
-        return sorted(ttfts)[len(ttfts) // 2], max(decode_s, 1e-9), ttfts, fulls
+
+    def timed(runs):
+        """prefill: the median time to the first token; decode: N x the median time between decode steps, from
+        generate's per-step progress callback (a host callback per step, ~0.1 ms), over all steps of `runs` full
+        runs. The prefill's report is not used: it does not wait for the prefill (no data dependence). A difference
+        of whole runs (1 + N tokens minus 1) carried the prefill's run-to-run noise into the decode figure."""
+        ttfts = [run(prompts, 1)[0] for _ in range(runs)]
+        steps = []
+        for _ in range(runs):
+            stamps: list[float] = []
+            run(prompts, N + 1, stamps)
+            assert len(stamps) == N + 1, f"{len(stamps)} progress reports for {N + 1} tokens"
+            steps += [b - a for a, b in zip(stamps[1:], stamps[2:])]
+        return sorted(ttfts)[runs // 2], N * sorted(steps)[len(steps) // 2], ttfts, steps
 
     log("gptoss: warm-up (compiles)")
     run(prompts, 1)
-    run(prompts, N + 1)
-    ttft, decode_s, ttfts, fulls = timed(spec["runs"])
+    run(prompts, N + 1, [])
+    ttft, decode_s, ttfts, steps = timed(spec["runs"])
     res["prefill"] = {"tok_s": P / ttft, "ttft_s": ttft, "ttft_runs_s": ttfts}
-    res["decode"] = {"tok_s": N / decode_s, "decode_s": decode_s, "full_runs_s": fulls,
-                     "timing": "median of full - mean(neighbouring first-token runs)"}
+    res["decode"] = {"tok_s": N / decode_s, "decode_s": decode_s, "step_s": steps,
+                     "timing": "N x the median time between decode steps (generate's progress callback)"}
     res["loadavg1"] = os.getloadavg()[0]  # a shared machine: other load slows either side
     log(f"gptoss: prefill {res['prefill']['tok_s']:.1f} tok/s, decode {res['decode']['tok_s']:.2f} tok/s")
     if spec.get("paired_cmd"):
         def decode_tok_s():
-            return N / timed(3)[1]
+            return N / timed(2)[1]
 
         res["paired"] = paired_decode(spec["paired_cmd"], spec["paired"], decode_tok_s)
     res["check"] = greedy_check(model, generate, load_tokenizer(), spec.get("llama_text"))

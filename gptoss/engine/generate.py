@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -18,6 +18,20 @@ MIN_BUCKET = 16
 # The progress bar of the generate() call in flight: the jitted decode loop reports each step to it through a host
 # callback (looked up at call time: a compiled loop outlives the bar it was first traced with).
 _PROGRESS: dict = {"bar": None}
+
+
+class _Report:
+    """`progress` given as a callable, in the bar's place."""
+
+    def __init__(self, fn):
+        self.fn, self.n, self.total = fn, 0, 0
+
+    def update(self, n: int) -> None:
+        self.n += n
+        self.fn(n)
+
+    def close(self) -> None:
+        pass
 
 
 def _tick(tokens) -> None:
@@ -157,15 +171,16 @@ def row_seeds(seed: int | Sequence[int], rows: int) -> np.ndarray:
 def generate(model, prompts: Sequence[Sequence[int]], *, max_new_tokens: int, temperature: float = 0.0,
              top_p: float = 1.0, top_k: int = 0, seed: int | Sequence[int] = 0,
              stop_tokens: Sequence[int] | None = None,
-             return_logprobs: bool = False, progress: bool = False) -> Generation:
+             return_logprobs: bool = False, progress: bool | Callable[[int], None] = False) -> Generation:
     """Continues each prompt (a list of token ids; lengths may differ) by up to `max_new_tokens` tokens.
 
     Greedy when temperature is 0. Stops a row at any of `stop_tokens` (default: the model config's eos_token_id,
     e.g. harmony's <|return|>, <|endoftext|> and <|call|> for gpt-oss). Rows are independent: padding never leaks
     into other rows, and a sampled row depends only on its prompt and its seed (`seed`: an int, row b then uses
     seed + b, or one seed per row, e.g. n samples of one prompt for pass@k). `progress`: a tqdm bar of new tokens
-    and tokens/s on stderr, shown once a call takes more than a second (one model on one device; a sharded model
-    generates without it).
+    and tokens/s on stderr, shown once a call takes more than a second, or a callable given the number of new
+    tokens as each step (the prefill's first token included) finishes, e.g. to time the steps (one model on one
+    device; a sharded model generates without it).
     """
     params = SamplingParams(float(temperature), float(top_p), int(top_k))
     tokens, positions, lens, cache_len = prepare(model, prompts, max_new_tokens)
@@ -173,11 +188,13 @@ def generate(model, prompts: Sequence[Sequence[int]], *, max_new_tokens: int, te
     stop_arr = np.full(bucket(len(stop) + 1), -1, np.int32)  # padded with -1, which no token equals
     stop_arr[: len(stop)] = stop
     graphdef, state = nnx.split(model)
+    report = progress if callable(progress) else None
     progress = bool(progress) and model.layout is None
     if progress:
         from tqdm.auto import tqdm
 
-        _PROGRESS["bar"] = tqdm(total=len(prompts) * max_new_tokens, unit="tok", desc="generating", delay=1.0)
+        _PROGRESS["bar"] = _Report(report) if report else tqdm(total=len(prompts) * max_new_tokens, unit="tok",
+                                                                 desc="generating", delay=1.0)
     try:
         out, out_lp, n_out, done = _generate_jit(graphdef, state, tokens, positions, lens, cache_len,
                                                  bucket(max_new_tokens), jnp.int32(max_new_tokens), params.arrays(),

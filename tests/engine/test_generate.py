@@ -262,3 +262,14 @@ def test_progress_counts_every_new_token(ours, prompts, monkeypatch):
     assert shown.tokens == plain.tokens and shown.logprobs == plain.logprobs
     assert seen[0] == ("total", 9 * len(prompts)) and seen[-1] == ("close", None)
     assert sum(n for kind, n in seen if kind == "update") == sum(len(t) for t in shown.tokens) > 0
+
+
+def test_progress_callable_sees_each_step(ours, prompts):
+    """progress=callable: called with the new tokens of the prefill (one per row), then of each decode step; the
+    output is the same as without it (benchmarks time the steps this way)."""
+    calls = []
+    plain = generate(ours, prompts, max_new_tokens=6)
+    shown = generate(ours, prompts, max_new_tokens=6, progress=calls.append)
+    assert shown.tokens == plain.tokens
+    assert calls[0] == len(prompts) and len(calls) == max(len(t) for t in shown.tokens)
+    assert sum(calls) == sum(len(t) for t in shown.tokens)
