@@ -28,6 +28,7 @@ from gptoss.kernels import mxfp4_cpu
 TARGET = "gptoss_decode_attention"
 MAX_GROUP, MAX_HEAD_DIM = 64, 256  # as in the kernel
 
+
 def _setup(lib) -> None:
     jax.ffi.register_ffi_target(TARGET, jax.ffi.pycapsule(lib.GptossDecodeAttention), platform="cpu")
     lib.gptoss_decode_attention_set_isa.argtypes = [ctypes.c_int]

@@ -42,6 +42,7 @@ TILE_ISAS = ("avx512bf16", "amx")
 # XLA's bf16 GEMM at 128 tokens on attention's wq and wo on a 2-core Zen 3)
 PANEL_COLS_ISAS = ("avx2",)
 
+
 def _setup(lib) -> None:
     i64, ptr, c_int = ctypes.c_int64, ctypes.c_void_p, ctypes.c_int
     lib.gptoss_dense_matmul.argtypes = [ptr, c_int, ptr, c_int, c_int, ptr, i64, i64, i64]
