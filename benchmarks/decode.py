@@ -2,12 +2,13 @@
 
 Real gpt-oss widths (hidden 2880, 64/8 heads, 32 experts top-4, vocab 201088) with few layers. Each side runs in
 its own subprocess. Per side: time to first token (prefill of a P-token prompt + one sampled token), prefill
-tokens/s, and decode tokens/s at batch 1 and batch 8, greedy, from `generate` timed with 1 and with 1+N new
-tokens (the difference is N decode steps). Roofline: the weight bytes one decode step reads, in each side's
-own storage format (ours: packed MXFP4 experts + model-dtype rest; transformers: bf16 everywhere, since it
-dequantizes MXFP4 at load on CPU), divided by the step time, over the numpy streaming-read bandwidth measured
-in the same run. `--shape-20b` also writes a gpt-oss-20b-shaped checkpoint (12.8 GiB, removed afterwards) and
-decodes it with ours at batch 1.
+tokens/s, and decode tokens/s at batch 1 and batch 8, greedy: TTFT the median of `generate` calls for 1 new
+token; decode from the median time between new tokens of calls for 1+N (ours: generate's progress callback;
+transformers: a streamer), not a difference of whole calls, which carried the prefill's run-to-run noise.
+Roofline: the weight bytes one decode step reads, in each side's own storage format (ours: packed MXFP4 experts +
+model-dtype rest; transformers: bf16 everywhere, since it dequantizes MXFP4 at load on CPU), divided by the step
+time, over the numpy streaming-read bandwidth measured in the same run. `--shape-20b` also writes a
+gpt-oss-20b-shaped checkpoint (12.8 GiB, removed afterwards) and decodes it with ours at batch 1.
 
     .venv/bin/python benchmarks/decode.py --quick      # 2 layers, short: a smoke run
     .venv/bin/python benchmarks/decode.py              # 6 layers
@@ -85,9 +86,10 @@ def child_ours(spec: dict) -> dict:
     model = gptoss.from_pretrained(spec["ckpt"], dtype=spec["dtype"], progress=False)
     res = {"load_s": time.perf_counter() - t0, "kernel": kernel_state()}
 
-    def run(prompts, n):
+    def run(prompts, n, stamps=None):  # stamps: a time per progress report (the prefill's comes early: unused)
         t0 = time.perf_counter()
-        out = generate(model, prompts, max_new_tokens=n, stop_tokens=[])
+        clock = (lambda _: stamps.append(time.perf_counter())) if stamps is not None else False
+        out = generate(model, prompts, max_new_tokens=n, stop_tokens=[], progress=clock)
         return time.perf_counter() - t0, out.tokens
 
     return res | measure(spec, run, model.config.vocab_size)
@@ -103,12 +105,23 @@ def child_hf(spec: dict) -> dict:
                                               dtype=torch.bfloat16, attn_implementation="eager").eval()
     res = {"load_s": time.perf_counter() - t0}
 
-    def run(prompts, n):
+    class Clock:  # a streamer: put() gets the prompt, then each new token (stamps[0]: the prompt, unused)
+        def __init__(self, stamps):
+            self.stamps = stamps
+
+        def put(self, value):
+            self.stamps.append(time.perf_counter())
+
+        def end(self):
+            pass
+
+    def run(prompts, n, stamps=None):
         ids = torch.tensor(prompts)
         t0 = time.perf_counter()
         with torch.inference_mode():
             out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, min_new_tokens=n,
-                                 do_sample=False, eos_token_id=None, pad_token_id=0)
+                                 do_sample=False, eos_token_id=None, pad_token_id=0,
+                                 streamer=Clock(stamps) if stamps is not None else None)
         return time.perf_counter() - t0, out[:, ids.shape[1]:].tolist()
 
     return res | measure(spec, run, model.config.vocab_size)
@@ -121,12 +134,17 @@ def measure(spec: dict, run, vocab: int) -> dict:
         log(f"{spec['name']}: batch {batch}: warm-up")
         run(prompts, 1)
         run(prompts, spec["new"] + 1)  # compiles the decode loop (ours); warms caches (both)
-        ttft = min(run(prompts, 1)[0] for _ in range(spec["runs"]))
-        full, tokens = min((run(prompts, spec["new"] + 1) for _ in range(spec["runs"])), key=lambda r: r[0])
-        decode_s = max(full - ttft, 1e-9)
+        ttfts = sorted(run(prompts, 1)[0] for _ in range(spec["runs"]))
+        ttft = ttfts[len(ttfts) // 2]
+        steps = []  # the time between consecutive new tokens after the first, over all runs
+        for _ in range(spec["runs"]):
+            stamps: list[float] = []
+            _, tokens = run(prompts, spec["new"] + 1, stamps)
+            steps += [b - a for a, b in zip(stamps[1:], stamps[2:])]
+        step = sorted(steps)[len(steps) // 2]
+        decode_s = step * spec["new"]
         entry = {"ttft_s": ttft, "prefill_tok_s": batch * spec["prompt_len"] / ttft, "decode_s": decode_s,
-                 "step_s": decode_s / spec["new"], "decode_tok_s": batch * spec["new"] / decode_s,
-                 "tokens": tokens}
+                 "step_s": step, "decode_tok_s": batch * spec["new"] / decode_s, "tokens": tokens}
         res["batches"][str(batch)] = entry
         log(f"{spec['name']}: batch {batch}: ttft {ttft:.2f}s, decode {entry['decode_tok_s']:.2f} tok/s")
     return res
