@@ -31,6 +31,8 @@ UNITS = {
     "dense_avx2.cc": (["-mavx2", "-mfma"], "GPTOSS_HAVE_DENSE_AVX2"),
     "dense_avx512.cc": (["-mavx512f", "-mavx512bw", "-mfma"], "GPTOSS_HAVE_DENSE_AVX512"),
     "attention_avx2.cc": (["-mavx2", "-mfma"], "GPTOSS_HAVE_ATTENTION_AVX2"),
+    "mxfp4_avx512vnni.cc": (["-mavx512f", "-mavx512bw", "-mavx512dq", "-mavx512vl", "-mavx512vnni", "-mavx512vbmi",
+                             "-mfma"], "GPTOSS_HAVE_AVX512VNNI"),
     "mxfp4_avx512bf16.cc": (["-mavx512f", "-mavx512bw", "-mavx512dq", "-mavx512vl", "-mavx512bf16", "-mfma"],
                             "GPTOSS_HAVE_AVX512BF16"),
     "mxfp4_amx.cc": (["-mavx512f", "-mavx512bw", "-mavx512dq", "-mavx512vl", "-mavx512bf16", "-mfma", "-mamx-tile",

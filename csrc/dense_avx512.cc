@@ -1,11 +1,12 @@
 // AVX-512 dense matmul (compiled with -mavx512f -mavx512bw -mfma; called only when the CPU has them).
 //
-// rows (W [N, K]): a micro-kernel computes R <= 4 output rows for TB <= 4 tokens over the whole of K with
-//   R x TB vector accumulators; the R rows (R x K x 2 bytes, 23 KiB at K = 2880) stay in L1 while further
-//   token blocks reuse them, so W is read from memory once per call for any M.
+// rows (W [N, K]): a micro-kernel computes R <= 4 output rows (one from each quarter of the task: four memory
+//   streams) for TB <= 4 tokens over the whole of K with R x TB vector accumulators; the R rows (R x K x 2 bytes,
+//   23 KiB at K = 2880) stay in L1 while further token blocks reuse them, so W is read from memory once per call.
 // cols (W [K, N]): a task owns a strip of columns (and a range of K); it sweeps kKG input rows at a time across
 //   the strip, 32 columns by TB <= 8 tokens per micro-kernel, with the accumulators kept in y (L1-sized strips),
-//   so memory sees kKG sequential row runs at a time, with a software prefetch ahead along them.
+//   so memory sees kKG sequential row runs at a time, with a software prefetch ahead along them; one token reads
+//   kOneRows rows at a time from four streams instead (ColsOne).
 // bf16 weights: 32 of them are one 64-byte load; a dword's low half is the even element (<< 16 makes it the
 // fp32 value), its high half the odd one (mask the low half). fp32 weights: two plain loads.
 #include <immintrin.h>
@@ -47,12 +48,15 @@ inline void LoadW(const void* p, __m512& a, __m512& b) {
 }
 
 // ------------------------------------------------------------------------------------------ rows layout
+// R rows, rs apart from row n0 on, times TB tokens. Past a row's end the prefetch runs on into the row its stream
+// reads next (as in dense_avx2.cc): the next row of the stream (rs > 1), or of the next R-row group (rs = 1).
 template <int R, int TB, bool F32>
-void RowsMK(const gptoss::DenseTask& t, int64_t n0, int64_t m0, bool prefetch) {
+void RowsMK(const gptoss::DenseTask& t, int64_t n0, int64_t rs, int64_t m0, bool prefetch) {
   constexpr int64_t E = F32 ? 4 : 2;  // bytes per weight
   const int64_t K = t.K, kfull = K & ~int64_t{31};
   const char* w[R];
-  for (int r = 0; r < R; ++r) w[r] = static_cast<const char*>(t.w) + (n0 + r) * K * E;
+  for (int r = 0; r < R; ++r) w[r] = static_cast<const char*>(t.w) + (n0 + r * rs) * K * E;
+  const int64_t wrap_at = K * E - kRowPrefetch, wrap = (rs == 1 ? R - 1 : 0) * K * E;
   const float* x[TB];
   for (int i = 0; i < TB; ++i) x[i] = t.x + (m0 + i) * t.ldx;
   __m512 acc[R][TB];
@@ -71,8 +75,9 @@ void RowsMK(const gptoss::DenseTask& t, int64_t n0, int64_t m0, bool prefetch) {
 #pragma GCC unroll 4
     for (int r = 0; r < R; ++r) {
       if (kRowPrefetch > 0 && prefetch) {
-        _mm_prefetch(w[r] + k * E + kRowPrefetch, _MM_HINT_T0);
-        if (F32) _mm_prefetch(w[r] + k * E + kRowPrefetch + 64, _MM_HINT_T0);
+        const char* pf = w[r] + k * E + kRowPrefetch + (k * E >= wrap_at ? wrap : 0);
+        _mm_prefetch(pf, _MM_HINT_T0);
+        if (F32) _mm_prefetch(pf + 64, _MM_HINT_T0);
       }
       LoadW<F32>(w[r] + k * E, wa[r], wb[r]);
     }
@@ -85,34 +90,39 @@ void RowsMK(const gptoss::DenseTask& t, int64_t n0, int64_t m0, bool prefetch) {
     step(kfull, wa, wb);
   }
   for (int i = 0; i < TB; ++i)
-    for (int r = 0; r < R; ++r) t.y[(m0 + i) * t.N + n0 + r] = _mm512_reduce_add_ps(acc[r][i]);
+    for (int r = 0; r < R; ++r) t.y[(m0 + i) * t.N + n0 + r * rs] = _mm512_reduce_add_ps(acc[r][i]);
 }
 
 template <int R, bool F32>
-void RowsTokens(const gptoss::DenseTask& t, int64_t n0, int64_t m0, int64_t nt, bool prefetch) {
+void RowsTokens(const gptoss::DenseTask& t, int64_t n0, int64_t rs, int64_t m0, int64_t nt, bool prefetch) {
   switch (nt) {
-    case 1: RowsMK<R, 1, F32>(t, n0, m0, prefetch); break;
-    case 2: RowsMK<R, 2, F32>(t, n0, m0, prefetch); break;
-    case 3: RowsMK<R, 3, F32>(t, n0, m0, prefetch); break;
-    default: RowsMK<R, 4, F32>(t, n0, m0, prefetch); break;
+    case 1: RowsMK<R, 1, F32>(t, n0, rs, m0, prefetch); break;
+    case 2: RowsMK<R, 2, F32>(t, n0, rs, m0, prefetch); break;
+    case 3: RowsMK<R, 3, F32>(t, n0, rs, m0, prefetch); break;
+    default: RowsMK<R, 4, F32>(t, n0, rs, m0, prefetch); break;
   }
 }
 
+// R rows, rs apart from row n on, for every token (the rows stay in L1 after the first token block).
+template <int R, bool F32>
+void RowsGroup(const gptoss::DenseTask& t, int64_t n, int64_t rs) {
+  constexpr int kTB = 4;
+  for (int64_t m0 = 0; m0 < t.M; m0 += kTB) RowsTokens<R, F32>(t, n, rs, m0, t.M - m0 < kTB ? t.M - m0 : kTB, m0 == 0);
+}
+
+// The task's rows as kR far-apart streams (the quarters of [lo, hi)), one row of each at a time, as dense_avx2.cc's
+// Rows (why: there); the < kR rows past the last whole group come last.
 template <bool F32>
 void Rows(const gptoss::DenseTask& t) {
-  constexpr int kR = 4, kTB = 4;
-  for (int64_t n = t.lo; n < t.hi; n += kR) {
-    const int64_t nr = t.hi - n < kR ? t.hi - n : kR;
-    for (int64_t m0 = 0; m0 < t.M; m0 += kTB) {
-      const int64_t nt = t.M - m0 < kTB ? t.M - m0 : kTB;
-      const bool prefetch = m0 == 0;  // later token blocks find the rows in L1
-      switch (nr) {
-        case 1: RowsTokens<1, F32>(t, n, m0, nt, prefetch); break;
-        case 2: RowsTokens<2, F32>(t, n, m0, nt, prefetch); break;
-        case 3: RowsTokens<3, F32>(t, n, m0, nt, prefetch); break;
-        default: RowsTokens<4, F32>(t, n, m0, nt, prefetch); break;
-      }
-    }
+  constexpr int kR = 4;
+  const int64_t q = (t.hi - t.lo) / kR;
+  for (int64_t j = 0; j < q; ++j) RowsGroup<kR, F32>(t, t.lo + j, q);
+  const int64_t n = t.lo + kR * q;
+  switch (t.hi - n) {
+    case 1: RowsGroup<1, F32>(t, n, 1); break;
+    case 2: RowsGroup<2, F32>(t, n, 1); break;
+    case 3: RowsGroup<3, F32>(t, n, 1); break;
+    default: break;
   }
 }
 
@@ -210,11 +220,59 @@ void Unsplit(const gptoss::DenseTask& t) {
     }
 }
 
+// One token (decode), as dense_avx2.cc's ColsOne (why: there): kOneRows input rows at a time, one from each quarter
+// of the task's K range, each read once along the strip, y accumulating in place (split order, as in ColsMK).
+constexpr int kOneRows = 4;
+
+// y[lo, hi) += sum_r x[k_r] W[k_r, lo:hi) over R input rows at w[r] (+= unless first).
+template <int R, bool F32>
+void OneRows(const gptoss::DenseTask& t, const char* const* w, const float* xk, bool first) {
+  constexpr int64_t E = F32 ? 4 : 2;
+  __m512 xv[R];
+  for (int r = 0; r < R; ++r) xv[r] = _mm512_set1_ps(xk[r]);
+  for (int64_t n0 = t.lo; n0 < t.hi; n0 += 32) {
+    const int64_t width = t.hi - n0 < 32 ? t.hi - n0 : 32;
+    const Block blk(width, F32);
+    const __mmask32 m = width >= 32 ? ~__mmask32{0} : static_cast<__mmask32>((uint64_t{1} << width) - 1);
+    float* y = t.y + n0;
+    __m512 a = first ? _mm512_setzero_ps() : _mm512_maskz_loadu_ps(blk.a, y);
+    __m512 b = first ? _mm512_setzero_ps() : _mm512_maskz_loadu_ps(blk.b, y + blk.b_at);
+#pragma GCC unroll 4
+    for (int r = 0; r < R; ++r) {
+      __m512 wa, wb;
+      LoadW<F32>(w[r] + n0 * E, m, wa, wb);
+      a = _mm512_fmadd_ps(wa, xv[r], a);
+      b = _mm512_fmadd_ps(wb, xv[r], b);
+    }
+    _mm512_mask_storeu_ps(y, blk.a, a);
+    _mm512_mask_storeu_ps(y + blk.b_at, blk.b, b);
+  }
+}
+
+template <bool F32>
+void ColsOne(const gptoss::DenseTask& t) {
+  constexpr int64_t E = F32 ? 4 : 2;
+  const int64_t ws = t.N * E, rs = t.K / kOneRows;  // input row j + r * rs is stream r's j-th
+  const char* base = static_cast<const char*>(t.w);
+  for (int64_t j = 0; j < rs; ++j) {
+    const char* w[kOneRows];
+    float xk[kOneRows];
+    for (int r = 0; r < kOneRows; ++r) w[r] = base + (j + r * rs) * ws, xk[r] = t.x[j + r * rs];
+    OneRows<kOneRows, F32>(t, w, xk, j == 0);
+  }
+  for (int64_t k = kOneRows * rs; k < t.K; ++k) {  // the K tail, one row at a time
+    const char* w = base + k * ws;
+    OneRows<1, F32>(t, &w, t.x + k, k == 0);
+  }
+  if (!F32) Unsplit(t);
+}
+
 // The strip [lo, hi) of y: sweeps of kKG input rows across the strip, 32 columns by TB <= 8 tokens at a time
 // (a sweep's weights, kKG x strip, are reused from L1 by further token blocks); each sweep prefetches
 // kColsPrefetch bytes ahead along its rows, continuing into the next sweep's rows near the strip's end.
 template <bool F32>
 void Cols(const gptoss::DenseTask& t) {
+  if (t.M == 1) return ColsOne<F32>(t);
   constexpr int64_t E = F32 ? 4 : 2, kTB = 8;
   const char* w = static_cast<const char*>(t.w);
   const int64_t strip = (t.hi - t.lo) * E, ws = t.N * E;

@@ -270,13 +270,13 @@ void MakePlan(const Problem& pr, VecPlan& p) {
     // Column strips, 32-column multiples: at most what keeps the strip's accumulators (8 tokens) within 32 KiB
     // of L1, at least 512 columns (1 KiB runs of each bf16 row stream well) unless N is smaller; then, if that
     // leaves fewer than two tasks per thread, K is split into slabs of at least 256 rows.
-    // One token on AVX2 (ColsOne reads whole rows, from the four quarters of its slab at once): every task takes
+    // One token (ColsOne reads whole rows, from the four quarters of its slab at once): every task takes
     // all columns, so each of its four streams is contiguous, and K is split into `want` slabs of at least 64 rows.
     // AVX2's panel GEMM (kColsPanelMinTokens or more) is compute-bound: `want` strips of 32-column multiples.
     const int64_t cap = (int64_t{8} << 10) / std::min<int64_t>(pr.M, 8);
     if (panel) {
       j.per = CeilDiv(CeilDiv(pr.N, want), 32) * 32;
-    } else if (pr.M == 1 && vec && !avx512 && pr.N <= cap) {
+    } else if (pr.M == 1 && vec && pr.N <= cap) {
       j.per = pr.N;
       slabs = std::max<int64_t>(1, std::min(want, pr.K / 64));
     } else {

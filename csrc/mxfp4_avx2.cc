@@ -112,10 +112,10 @@ void gemv_rows(const gptoss::Tile& t, int64_t r0) {
 // C harness): 15.3 -> 18.3 / 15.2 -> 17.3 GB/s of packed bytes against per-pair sums one row at a time (hadd alone:
 // 16.3 / 15.8); through the library in a faster spell 19.8 -> 20.7 / 19.0 -> 19.9. Blocks past the last group of 8
 // take the fp32 path.
-#define GPTOSS_WU 12, 13, 14, 15, 16, 18, 20, 24, 12, 11, 10, 9, 8, 6, 4, 0
 
 struct X16 {
-  const __m256i table = _mm256_setr_epi8(GPTOSS_WU, GPTOSS_WU), low4 = _mm256_set1_epi8(0x0F);
+  const __m256i table = _mm256_setr_epi8(GPTOSS_X16_WEIGHT_BYTES, GPTOSS_X16_WEIGHT_BYTES);
+  const __m256i low4 = _mm256_set1_epi8(0x0F);
   const __m256i ones = _mm256_set1_epi16(1), h128 = _mm256_set1_epi16(128), nan_byte = _mm256_set1_epi32(255);
   const __m128i order = _mm_setr_epi8(0, 2, 4, 6, 1, 3, 5, 7, 8, 9, 10, 11, 12, 13, 14, 15);  // xi's block order
 

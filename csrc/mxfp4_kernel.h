@@ -28,19 +28,22 @@ struct Tile {
   float* const* y;        // ntok pointers to output rows; writes y[t][col0 + r]
   int64_t col0;
   const float* scale_lut;  // 256 floats: E8M0 byte -> 2**(s-127) (255 -> NaN)
-  const uint8_t* xi = nullptr;  // one token's input in the x16 layout below (AVX2 GEMV), or null: fp32 x only
+  const uint8_t* xi = nullptr;  // one token's input in the x16 layout below (x16 GEMVs), or null: fp32 x only
 };
 
-// The AVX2 one-token GEMV's integer input ("x16"), written by the driver once per token. Each 32-block of x is
-// rounded to q * 2**(E - 13), E = floor(log2 max|x|) of the block, q an integer in [-16384, 16383]: 15-bit block
-// floating point, off by at most 2**-14 * max|x| of the block per element (bf16 elements within 2**6 of the
-// block's largest are exact). The weights are looked up as the unsigned bytes 2 * value + 12 and multiplied with
-// the two signed bytes of q = 128 h + l (vpmaddubsw); -12 * sum(q) corrects the offset. Per 8 blocks,
-// kX16GroupBytes: for each pair of blocks (2p, 2p + 1), 4 x 32 bytes, l of the even elements, l of the odd, h of
-// the even, h of the odd (byte i of 128-bit lane L is element 2i, or 2i + 1, of block 2p + L); then 8 int32
-// -12 * sum(q) and 8 floats 2**(E - 14), both for the group's blocks in the order 0, 2, 4, 6, 1, 3, 5, 7 (the
-// order in which the kernel's vphaddd leave the block sums). Blocks past the last whole group run on the fp32 path.
+// The one-token GEMVs' integer input ("x16"; the AVX2 and AVX-512 VNNI kernels), written by the driver once per
+// token. Each 32-block of x is rounded to q * 2**(E - 13), E = floor(log2 max|x|) of the block, q an integer in
+// [-16384, 16383]: 15-bit block floating point, off by at most 2**-14 * max|x| of the block per element (bf16
+// elements within 2**6 of the block's largest are exact). The weights are looked up as the unsigned bytes
+// 2 * value + 12 and multiplied with the two signed bytes of q = 128 h + l (vpmaddubsw, vpdpbusd); -12 * sum(q)
+// corrects the offset. Per 8 blocks, kX16GroupBytes: for each pair of blocks (2p, 2p + 1), 4 x 32 bytes, l of the
+// even elements, l of the odd, h of the even, h of the odd (byte i of 128-bit lane L is element 2i, or 2i + 1, of
+// block 2p + L); then 8 int32 -12 * sum(q) and 8 floats 2**(E - 14), both for the group's blocks in the order 0, 2,
+// 4, 6, 1, 3, 5, 7 (the order in which the AVX2 kernel's vphaddd leave the block sums). Blocks past the last whole
+// group run on the fp32 path.
 constexpr int64_t kX16Blocks = 8, kX16GroupBytes = 4 * 128 + 32 + 32;
+// E2M1 code -> the unsigned weight byte 2 * value + 12 the x16 kernels multiply (a vpshufb table).
+#define GPTOSS_X16_WEIGHT_BYTES 12, 13, 14, 15, 16, 18, 20, 24, 12, 11, 10, 9, 8, 6, 4, 0
 
 using TileFn = void (*)(const Tile&);
 
@@ -111,6 +114,9 @@ void tile_avx2(const Tile& t);    // linked in when GPTOSS_HAVE_AVX2 is defined
 void tile_avx512(const Tile& t);  // linked in when GPTOSS_HAVE_AVX512 is defined
 void tile_amx(const AmxTile& t);  // linked in when GPTOSS_HAVE_AMX is defined
 void tile_dp_bf16(const DpTile& t);  // mxfp4_avx512bf16.cc, linked in when GPTOSS_HAVE_AVX512BF16 is defined
+// The one-token GEMV on t.xi (x16; t.x: the fp32 "xp" input for blocks past the last group), AVX-512 VNNI
+// (mxfp4_avx512vnni.cc, linked in when GPTOSS_HAVE_AVX512VNNI is defined).
+void gemv_x16_avx512vnni(const Tile& t);
 // The transposed product; no AMX version (an AMX CPU runs tile_t_avx512).
 void tile_t_scalar(const TTile& t);
 void tile_t_avx2(const TTile& t);

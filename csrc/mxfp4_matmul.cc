@@ -9,9 +9,10 @@
 //
 // The packed weights are read in place: nibbles are decoded in registers (mxfp4_{avx512,avx2,scalar}.cc,
 // chosen at run time from the CPU's features) and the dequantized matrix never exists in memory.
-//   grouped = 0 (decode): each (m, s) pair is a GEMV over the rows of its expert. On the AVX2 tile x is first
-//                          rounded to 15-bit block floating point (PrepareX16) and the GEMV runs on integers
-//                          unless set_exact_gemv / GPTOSS_MXFP4_EXACT_GEMV=1 keeps it on fp32 x.
+//   grouped = 0 (decode): each (m, s) pair is a GEMV over the rows of its expert. On the AVX2 tile, and on the
+//                          AVX-512 one where the CPU has VNNI and VBMI (mxfp4_avx512vnni.cc), x is first rounded
+//                          to 15-bit block floating point (PrepareX16) and the GEMV runs on integers unless
+//                          set_exact_gemv / GPTOSS_MXFP4_EXACT_GEMV=1 keeps it on fp32 x.
 //   grouped = 1 (prefill): pairs are bucketed by expert; each task streams a chunk of one expert's rows once
 //                          and multiplies it with a block of that expert's inputs (register-tiled GEMM).
 //                          With bf16 inputs on a CPU with AMX (mxfp4_amx.cc), the chunk is dequantized to bf16
@@ -140,8 +141,31 @@ AmxFn amx_fn(int isa) {
   return isa == kAmxEmulated ? tile_amx_emulated : nullptr;
 }
 
+#if defined(GPTOSS_HAVE_AVX512VNNI)
+// Whether gemv_x16_avx512vnni may run: compiled in and the CPU has AVX512_VNNI and AVX512_VBMI (and the AVX-512
+// F/BW/DQ/VL): Ice Lake, Sapphire Rapids and later, Zen 4 and later.
+bool vnni_usable() {
+  static const bool ok = [] {
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+           __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512vl") &&
+           __builtin_cpu_supports("avx512vnni") && __builtin_cpu_supports("avx512vbmi");
+  }();
+  return ok;
+}
+
+// The AVX-512 tile whose one-token GEMVs run on the x16 input where the driver wrote one.
+void tile_avx512_x16(const Tile& t) {
+  if (t.ntok == 1 && t.xi != nullptr) return gemv_x16_avx512vnni(t);
+  tile_avx512(t);
+}
+#endif
+
 TileFn tile_fn(int isa) {
   isa = vector_isa(isa);
+#if defined(GPTOSS_HAVE_AVX512VNNI)
+  if (isa >= kAvx512 && vnni_usable()) return tile_avx512_x16;
+#endif
 #if defined(GPTOSS_HAVE_AVX512)
   if (isa >= kAvx512) return tile_avx512;
 #endif
@@ -157,6 +181,14 @@ bool tile_reads_xq(TileFn fn) {
 #else
   return false;
 #endif
+}
+
+// Whether the tile's one-token GEMVs read x16 inputs (when the driver writes them: g_x16).
+bool tile_reads_x16(TileFn fn) {
+#if defined(GPTOSS_HAVE_AVX512VNNI)
+  if (fn == tile_avx512_x16) return true;
+#endif
+  return tile_reads_xq(fn);
 }
 
 TTileFn tile_t_fn(int isa) {
@@ -296,7 +328,7 @@ void PermuteInputs(const Problem& pr, bool xq, std::vector<float>& xp) {
       for (int j = 0; j < 32; ++j) xp[m * pr.K + 32 * g + at[j]] = InputAt(pr, m * pr.K + 32 * g + j);
 }
 
-// Whether one-token GEMVs on the AVX2 tile read x16 inputs (mxfp4_kernel.h); GPTOSS_MXFP4_EXACT_GEMV=1 or
+// Whether one-token GEMVs on the x16 tiles read x16 inputs (mxfp4_kernel.h); GPTOSS_MXFP4_EXACT_GEMV=1 or
 // gptoss_mxfp4_set_exact_gemv(1) keeps them on exact fp32 inputs.
 std::atomic<bool> g_x16{[] {
   const char* env = std::getenv("GPTOSS_MXFP4_EXACT_GEMV");
@@ -523,7 +555,7 @@ std::string Compute(const Problem& pr, bool grouped) {
     }
     thread_local std::vector<uint8_t> xi;
     thread_local std::vector<const uint8_t*> token_xi;  // per token: its x16 input, or null (fp32 only)
-    if (tile_reads_xq(j.fn) && g_x16.load() && j.G >= kX16Blocks) {
+    if (tile_reads_x16(j.fn) && g_x16.load() && j.G >= kX16Blocks) {
       const int64_t stride = j.G / kX16Blocks * kX16GroupBytes;  // one token's x16 input
       xi.resize(static_cast<size_t>(pr.M * stride + 32));
       uint8_t* base = xi.data() + (-reinterpret_cast<uintptr_t>(xi.data()) & 31);
@@ -707,9 +739,14 @@ GPTOSS_EXPORT int gptoss_mxfp4_set_isa(int isa) {
   return gptoss::g_isa.load();
 }
 
-// 1: one-token GEMVs on the AVX2 tile use exact fp32 inputs; 0: x16 inputs (the default). Returns the previous value.
+// 1: one-token GEMVs on the x16 tiles (AVX2, AVX-512 VNNI) use exact fp32 inputs; 0: x16 inputs (the default).
+// Returns the previous value.
 GPTOSS_EXPORT int gptoss_mxfp4_set_exact_gemv(int exact) { return gptoss::g_x16.exchange(exact == 0) ? 0 : 1; }
 GPTOSS_EXPORT int gptoss_mxfp4_exact_gemv() { return gptoss::g_x16.load() ? 0 : 1; }
+// Whether the ISA choice now in use runs one-token GEMVs on x16 inputs (its tile has an x16 kernel, not exact).
+GPTOSS_EXPORT int gptoss_mxfp4_x16_active() {
+  return gptoss::g_x16.load() && gptoss::tile_reads_x16(gptoss::tile_fn(gptoss::g_isa.load())) ? 1 : 0;
+}
 
 GPTOSS_EXPORT int gptoss_mxfp4_num_threads() { return gptoss::pool().size(); }
 

@@ -6,8 +6,9 @@ y[m, s] = W[idx[m, s]] . x[m], computed by an XLA FFI custom call that reads the
 once for all of its rows (prefill); `grouped=False` is one GEMV per pair (decode). Same result either way.
 A negative index skips its pair (expert parallelism marks the pairs routed to other devices' experts -1): its
 output row is zero and the kernel does no work for it. An index >= E is an error.
-On CPUs with AVX2 but no AVX-512, one-token (decode) calls round x to 15-bit block floating point per 32 elements
-and multiply on integers, memory-bound instead of compute-bound (`set_exact_gemv`); every other path is exact.
+On CPUs with AVX-512 VNNI, or AVX2 but no AVX-512, one-token (decode) calls round x to 15-bit block floating point
+per 32 elements and multiply on integers, memory-bound instead of compute-bound (`set_exact_gemv`, `x16_active`);
+every other path is exact.
 Grouped calls with bf16 inputs use AMX tiles where the CPU has them (Sapphire Rapids and later): the weights are
 dequantized exactly to bf16 (subnormal weights, |w| < 2**-126, flush to zero) and accumulated in fp32.
 
@@ -217,10 +218,10 @@ def isa() -> str:
 
 
 def set_exact_gemv(exact: bool) -> bool:
-    """One-token GEMVs (decode) on the AVX2 path: True keeps x exact in fp32; False (the default, unless
-    GPTOSS_MXFP4_EXACT_GEMV=1) rounds each 32-block of x to 15-bit block floating point and multiplies on integers
-    (|error| <= 2**-14 * the block's max |x| per element; ~1.6x the GEMV's speed on a Zen 3 core). Other paths are
-    always exact. Returns the previous setting."""
+    """One-token GEMVs (decode) on the AVX2 and AVX-512 VNNI paths: True keeps x exact in fp32; False (the default,
+    unless GPTOSS_MXFP4_EXACT_GEMV=1) rounds each 32-block of x to 15-bit block floating point and multiplies on
+    integers (|error| <= 2**-14 * the block's max |x| per element; ~1.6x the GEMV's speed on a Zen 3 core). Other
+    paths are always exact. Returns the previous setting."""
     lib = load_library()
     if lib is None:
         raise RuntimeError(f"the MXFP4 CPU kernel is unavailable: {_state['error']}")
@@ -228,9 +229,16 @@ def set_exact_gemv(exact: bool) -> bool:
 
 
 def exact_gemv() -> bool | None:
-    """Whether one-token GEMVs on the AVX2 path keep x exact (`set_exact_gemv`); None without the library."""
+    """Whether one-token GEMVs on the x16 paths keep x exact (`set_exact_gemv`); None without the library."""
     lib = load_library()
     return bool(lib.gptoss_mxfp4_exact_gemv()) if lib is not None else None
+
+
+def x16_active() -> bool:
+    """Whether one-token GEMVs round x to x16 now: not `exact_gemv()` and the ISA in use has an x16 kernel (AVX2;
+    AVX-512 where the CPU has VNNI)."""
+    lib = load_library()
+    return lib is not None and bool(lib.gptoss_mxfp4_x16_active())
 
 
 def set_num_threads(n: int) -> int:

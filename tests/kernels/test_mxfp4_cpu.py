@@ -538,7 +538,7 @@ def test_spin_micros_setting(monkeypatch):
         assert mxfp4_cpu.set_spin_micros(-5) == 1000
 
 
-# ------------------------------------------------------------------------------ x16 (AVX2 one-token GEMV)
+# ------------------------------------------------------------------- x16 (AVX2 and AVX-512 VNNI one-token GEMV)
 def x16_round(x):
     """numpy model of the documented x16 rounding: each 32-block of the first 8 * (G // 8) blocks becomes
     q * 2**(E - 13), E = floor(log2 max|x|) (one more if a q would reach 16384), q = round-half-even; the rest stay."""
@@ -553,15 +553,20 @@ def x16_round(x):
     return xb.reshape(x.shape)
 
 
-@pytest.fixture
-def x16():
-    if "avx2" not in _supported_isas():
-        pytest.skip("the x16 GEMV is AVX2's")
+@pytest.fixture(params=["avx2", "avx512"])
+def x16(request):
+    """Each x16 kernel this CPU can run: AVX2's, and AVX-512's where the CPU has VNNI."""
+    if request.param not in _supported_isas():
+        pytest.skip(f"this CPU has no {request.param}")
     before_isa, before_exact = mxfp4_cpu.isa(), mxfp4_cpu.set_exact_gemv(False)
-    mxfp4_cpu.set_isa("avx2")
-    yield
-    mxfp4_cpu.set_isa(before_isa)
-    mxfp4_cpu.set_exact_gemv(before_exact)
+    mxfp4_cpu.set_isa(request.param)
+    try:
+        if not mxfp4_cpu.x16_active():
+            pytest.skip(f"no x16 kernel on {request.param} here (AVX-512 needs VNNI)")
+        yield request.param
+    finally:
+        mxfp4_cpu.set_isa(before_isa)
+        mxfp4_cpu.set_exact_gemv(before_exact)
 
 
 X16_SHAPES = [  # (M, S, E, N, G): one group, two, groups plus 1 and 2 fp32 tail blocks (G = 90 is gpt-oss's K)
@@ -663,3 +668,29 @@ def test_x16_is_the_default_and_switchable():
     assert mxfp4_cpu.exact_gemv() is False  # this test is outside the autouse fixture (its name says x16)
     assert mxfp4_cpu.set_exact_gemv(True) is False and mxfp4_cpu.exact_gemv() is True
     assert mxfp4_cpu.set_exact_gemv(False) is True and mxfp4_cpu.exact_gemv() is False
+
+
+def test_x16_kernels_agree_bit_for_bit():
+    """AVX-512 VNNI's x16 GEMV sums the same integers per block as AVX2's and accumulates them in the same order: the
+    same fp32 results, bit for bit, where every block is in a whole group of 8 (G % 8 == 0)."""
+    if not {"avx2", "avx512"} <= set(_supported_isas()):
+        pytest.skip("needs both AVX2 and AVX-512")
+    rng = np.random.default_rng(15)
+    E, N, G = 4, 70, 24
+    blocks, scales = random_packed(rng, E, N, G)
+    w = MXFP4Array(jnp.asarray(blocks), jnp.asarray(scales), jnp.float32)
+    x = (rng.normal(size=(3, 32 * G)) * np.exp2(rng.uniform(-6, 6, (3, 32 * G)))).astype(np.float32)
+    idx = rng.integers(0, E, (3, 2)).astype(np.int32)
+    before_isa, before_exact = mxfp4_cpu.isa(), mxfp4_cpu.set_exact_gemv(False)
+    got = {}
+    try:
+        for name in ("avx2", "avx512"):
+            mxfp4_cpu.set_isa(name)
+            if not mxfp4_cpu.x16_active():
+                pytest.skip(f"no x16 kernel on {name} here (AVX-512 needs VNNI)")
+            got[name] = np.asarray(mxfp4_cpu.mx_gather_matmul(x, w, idx, grouped=False))
+    finally:
+        mxfp4_cpu.set_isa(before_isa)
+        mxfp4_cpu.set_exact_gemv(before_exact)
+    np.testing.assert_array_equal(got["avx512"], got["avx2"])
+    check(got["avx512"], x16_round(x), blocks, scales, idx)
