@@ -3,6 +3,7 @@
 // rows (W [N, K]): a micro-kernel computes R <= 4 output rows (one from each quarter of the task: four memory
 //   streams) for TB <= 4 tokens over the whole of K with R x TB vector accumulators; the R rows (R x K x 2 bytes,
 //   23 KiB at K = 2880) stay in L1 while further token blocks reuse them, so W is read from memory once per call.
+//   One token reads its rows one after the other instead (RowOne).
 // cols (W [K, N]): a task owns a strip of columns (and a range of K); it sweeps kKG input rows at a time across
 //   the strip, 32 columns by TB <= 8 tokens per micro-kernel, with the accumulators kept in y (L1-sized strips),
 //   so memory sees kKG sequential row runs at a time, with a software prefetch ahead along them; one token reads
@@ -110,10 +111,43 @@ void RowsGroup(const gptoss::DenseTask& t, int64_t n, int64_t rs) {
   for (int64_t m0 = 0; m0 < t.M; m0 += kTB) RowsTokens<R, F32>(t, n, rs, m0, t.M - m0 < kTB ? t.M - m0 : kTB, m0 == 0);
 }
 
-// The task's rows as kR far-apart streams (the quarters of [lo, hi)), one row of each at a time, as dense_avx2.cc's
-// Rows (why: there); the < kR rows past the last whole group come last.
+// One token, one row at a time: the task's rows are one forward stream. On a Zen 4 VM the unembedding (201088 x 2880,
+// two cores) reads as fast this way as from four quarter streams when the machine is slow (30-33 GB/s) and 4-8 %
+// faster when it is fast (46-52 vs 45-49 GB/s; 150 interleaved rounds); a plain read loop there: one stream per core
+// 50 GB/s, four 41 (on the Zen 3 of dense_avx2.cc four far-apart streams were the faster).
+template <bool F32>
+void RowOne(const gptoss::DenseTask& t, int64_t n) {
+  constexpr int64_t E = F32 ? 4 : 2;
+  const int64_t K = t.K, kfull = K & ~int64_t{127};
+  const char* w = static_cast<const char*>(t.w) + n * K * E;
+  const float* x = t.x;
+  __m512 acc[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
+  for (int64_t k = 0; k < kfull; k += 128) {
+#pragma GCC unroll 4
+    for (int u = 0; u < 4; ++u) {
+      __m512 wa, wb;
+      LoadW<F32>(w + (k + 32 * u) * E, wa, wb);
+      acc[u] = _mm512_fmadd_ps(wb, _mm512_loadu_ps(x + k + 32 * u + 16),
+                               _mm512_fmadd_ps(wa, _mm512_loadu_ps(x + k + 32 * u), acc[u]));
+    }
+  }
+  for (int64_t k = kfull; k < K; k += 32) {  // missing weights read as 0 and meet the zero padding of x
+    const __mmask32 m = K - k >= 32 ? ~__mmask32{0} : static_cast<__mmask32>((uint64_t{1} << (K - k)) - 1);
+    __m512 wa, wb;
+    LoadW<F32>(w + k * E, m, wa, wb);
+    acc[0] = _mm512_fmadd_ps(wb, _mm512_loadu_ps(x + k + 16), _mm512_fmadd_ps(wa, _mm512_loadu_ps(x + k), acc[0]));
+  }
+  t.y[n] = _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(acc[0], acc[1]), _mm512_add_ps(acc[2], acc[3])));
+}
+
+// Several tokens: the task's rows as kR far-apart streams (the quarters of [lo, hi)), one row of each at a time, as
+// dense_avx2.cc's Rows; the < kR rows past the last whole group come last.
 template <bool F32>
 void Rows(const gptoss::DenseTask& t) {
+  if (t.M == 1) {
+    for (int64_t n = t.lo; n < t.hi; ++n) RowOne<F32>(t, n);
+    return;
+  }
   constexpr int kR = 4;
   const int64_t q = (t.hi - t.lo) / kR;
   for (int64_t j = 0; j < q; ++j) RowsGroup<kR, F32>(t, t.lo + j, q);
