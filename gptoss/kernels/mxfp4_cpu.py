@@ -6,9 +6,9 @@ y[m, s] = W[idx[m, s]] . x[m], computed by an XLA FFI custom call that reads the
 once for all of its rows (prefill); `grouped=False` is one GEMV per pair (decode). Same result either way.
 A negative index skips its pair (expert parallelism marks the pairs routed to other devices' experts -1): its
 output row is zero and the kernel does no work for it. An index >= E is an error.
-On CPUs with AVX-512 VNNI, or AVX2 but no AVX-512, one-token (decode) calls round x to 15-bit block floating point
-per 32 elements and multiply on integers, memory-bound instead of compute-bound (`set_exact_gemv`, `x16_active`);
-every other path is exact.
+On CPUs with AVX-512 VNNI and VBMI, or AVX2 but no AVX-512, one-token (decode) calls round x to 15-bit block
+floating point per 32 elements and multiply on integers, memory-bound instead of compute-bound (`set_exact_gemv`,
+`x16_active`); every other path is exact.
 Grouped calls with bf16 inputs use AMX tiles where the CPU has them (Sapphire Rapids and later): the weights are
 dequantized exactly to bf16 (subnormal weights, |w| < 2**-126, flush to zero) and accumulated in fp32.
 
@@ -236,7 +236,7 @@ def exact_gemv() -> bool | None:
 
 def x16_active() -> bool:
     """Whether one-token GEMVs round x to x16 now: not `exact_gemv()` and the ISA in use has an x16 kernel (AVX2;
-    AVX-512 where the CPU has VNNI)."""
+    AVX-512 where the CPU has VNNI and VBMI)."""
     lib = load_library()
     return lib is not None and bool(lib.gptoss_mxfp4_x16_active())
 

@@ -555,14 +555,14 @@ def x16_round(x):
 
 @pytest.fixture(params=["avx2", "avx512"])
 def x16(request):
-    """Each x16 kernel this CPU can run: AVX2's, and AVX-512's where the CPU has VNNI."""
+    """Each x16 kernel this CPU can run: AVX2's, and AVX-512's where the CPU has VNNI and VBMI."""
     if request.param not in _supported_isas():
         pytest.skip(f"this CPU has no {request.param}")
     before_isa, before_exact = mxfp4_cpu.isa(), mxfp4_cpu.set_exact_gemv(False)
     mxfp4_cpu.set_isa(request.param)
     try:
         if not mxfp4_cpu.x16_active():
-            pytest.skip(f"no x16 kernel on {request.param} here (AVX-512 needs VNNI)")
+            pytest.skip(f"no x16 kernel on {request.param} here (AVX-512 needs VNNI and VBMI)")
         yield request.param
     finally:
         mxfp4_cpu.set_isa(before_isa)
@@ -687,7 +687,7 @@ def test_x16_kernels_agree_bit_for_bit():
         for name in ("avx2", "avx512"):
             mxfp4_cpu.set_isa(name)
             if not mxfp4_cpu.x16_active():
-                pytest.skip(f"no x16 kernel on {name} here (AVX-512 needs VNNI)")
+                pytest.skip(f"no x16 kernel on {name} here (AVX-512 needs VNNI and VBMI)")
             got[name] = np.asarray(mxfp4_cpu.mx_gather_matmul(x, w, idx, grouped=False))
     finally:
         mxfp4_cpu.set_isa(before_isa)
