@@ -297,7 +297,8 @@ def decode_row(side, cfg, batch: int, prompt_len: int, new: int, runs: int, band
     prompts = prompts_for(batch, prompt_len, cfg.vocab_size)
     first = _timed(lambda: side.generate(prompts, new if side.compiles else 2))  # compile / warm-up
     short_s = long_s = float("inf")
-    for attempt in range(runs + 3):  # up to 3 more pairs while noise hides the difference (tiny shapes)
+    for attempt in range(runs + 20):  # up to 20 more pairs while noise hides the difference (tiny shapes, a busy
+        # machine: the reduced mode's decode step is ~0.15 ms, 7 of them against the test suite's other worker)
         short_s = min(short_s, _timed(lambda: side.generate(prompts, short)))
         long_s = min(long_s, _timed(lambda: side.generate(prompts, new)))
         if attempt + 1 >= runs and long_s > short_s:

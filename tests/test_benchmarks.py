@@ -28,6 +28,7 @@ def test_gpu_check_runs_in_reduced_mode():
         rows = out[side]
         assert "error" not in rows, rows.get("error")
         d = rows["decode"]["1"]
+        assert "error" not in d, d  # e.g. timing noise the retries did not get past
         assert d["tok_s"] > 0 and d["step_s"] > 0 and d["roofline"] > 0, d
         assert rows["ttft"]["16"]["s"] > 0 and rows["prefill"]["64"]["tok_s"] > 0
     for key in ("decode_1", "ttft_16", "prefill_64"):
