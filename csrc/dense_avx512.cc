@@ -1,9 +1,9 @@
 // AVX-512 dense matmul (compiled with -mavx512f -mavx512bw -mfma; called only when the CPU has them).
 //
-// rows (W [N, K]): a micro-kernel computes R <= 4 output rows (one from each quarter of the task: four memory
-//   streams) for TB <= 4 tokens over the whole of K with R x TB vector accumulators; the R rows (R x K x 2 bytes,
-//   23 KiB at K = 2880) stay in L1 while further token blocks reuse them, so W is read from memory once per call.
-//   One token reads its rows one after the other instead (RowOne).
+// rows (W [N, K]): a micro-kernel computes R <= 4 output rows for TB <= 4 tokens over the whole of K with
+//   R x TB vector accumulators; the R rows (R x K x 2 bytes, 23 KiB at K = 2880) stay in L1 while further
+//   token blocks reuse them, so W is read from memory once per call for any M. One token reads its rows one
+//   after the other instead (RowOne).
 // cols (W [K, N]): a task owns a strip of columns (and a range of K); it sweeps kKG input rows at a time across
 //   the strip, 32 columns by TB <= 8 tokens per micro-kernel, with the accumulators kept in y (L1-sized strips),
 //   so memory sees kKG sequential row runs at a time, with a software prefetch ahead along them; one token reads
@@ -49,15 +49,12 @@ inline void LoadW(const void* p, __m512& a, __m512& b) {
 }
 
 // ------------------------------------------------------------------------------------------ rows layout
-// R rows, rs apart from row n0 on, times TB tokens. Past a row's end the prefetch runs on into the row its stream
-// reads next (as in dense_avx2.cc): the next row of the stream (rs > 1), or of the next R-row group (rs = 1).
 template <int R, int TB, bool F32>
-void RowsMK(const gptoss::DenseTask& t, int64_t n0, int64_t rs, int64_t m0, bool prefetch) {
+void RowsMK(const gptoss::DenseTask& t, int64_t n0, int64_t m0, bool prefetch) {
   constexpr int64_t E = F32 ? 4 : 2;  // bytes per weight
   const int64_t K = t.K, kfull = K & ~int64_t{31};
   const char* w[R];
-  for (int r = 0; r < R; ++r) w[r] = static_cast<const char*>(t.w) + (n0 + r * rs) * K * E;
-  const int64_t wrap_at = K * E - kRowPrefetch, wrap = (rs == 1 ? R - 1 : 0) * K * E;
+  for (int r = 0; r < R; ++r) w[r] = static_cast<const char*>(t.w) + (n0 + r) * K * E;
   const float* x[TB];
   for (int i = 0; i < TB; ++i) x[i] = t.x + (m0 + i) * t.ldx;
   __m512 acc[R][TB];
@@ -76,9 +73,8 @@ void RowsMK(const gptoss::DenseTask& t, int64_t n0, int64_t rs, int64_t m0, bool
 #pragma GCC unroll 4
     for (int r = 0; r < R; ++r) {
       if (kRowPrefetch > 0 && prefetch) {
-        const char* pf = w[r] + k * E + kRowPrefetch + (k * E >= wrap_at ? wrap : 0);
-        _mm_prefetch(pf, _MM_HINT_T0);
-        if (F32) _mm_prefetch(pf + 64, _MM_HINT_T0);
+        _mm_prefetch(w[r] + k * E + kRowPrefetch, _MM_HINT_T0);
+        if (F32) _mm_prefetch(w[r] + k * E + kRowPrefetch + 64, _MM_HINT_T0);
       }
       LoadW<F32>(w[r] + k * E, wa[r], wb[r]);
     }
@@ -91,24 +87,17 @@ void RowsMK(const gptoss::DenseTask& t, int64_t n0, int64_t rs, int64_t m0, bool
     step(kfull, wa, wb);
   }
   for (int i = 0; i < TB; ++i)
-    for (int r = 0; r < R; ++r) t.y[(m0 + i) * t.N + n0 + r * rs] = _mm512_reduce_add_ps(acc[r][i]);
+    for (int r = 0; r < R; ++r) t.y[(m0 + i) * t.N + n0 + r] = _mm512_reduce_add_ps(acc[r][i]);
 }
 
 template <int R, bool F32>
-void RowsTokens(const gptoss::DenseTask& t, int64_t n0, int64_t rs, int64_t m0, int64_t nt, bool prefetch) {
+void RowsTokens(const gptoss::DenseTask& t, int64_t n0, int64_t m0, int64_t nt, bool prefetch) {
   switch (nt) {
-    case 1: RowsMK<R, 1, F32>(t, n0, rs, m0, prefetch); break;
-    case 2: RowsMK<R, 2, F32>(t, n0, rs, m0, prefetch); break;
-    case 3: RowsMK<R, 3, F32>(t, n0, rs, m0, prefetch); break;
-    default: RowsMK<R, 4, F32>(t, n0, rs, m0, prefetch); break;
+    case 1: RowsMK<R, 1, F32>(t, n0, m0, prefetch); break;
+    case 2: RowsMK<R, 2, F32>(t, n0, m0, prefetch); break;
+    case 3: RowsMK<R, 3, F32>(t, n0, m0, prefetch); break;
+    default: RowsMK<R, 4, F32>(t, n0, m0, prefetch); break;
   }
-}
-
-// R rows, rs apart from row n on, for every token (the rows stay in L1 after the first token block).
-template <int R, bool F32>
-void RowsGroup(const gptoss::DenseTask& t, int64_t n, int64_t rs) {
-  constexpr int kTB = 4;
-  for (int64_t m0 = 0; m0 < t.M; m0 += kTB) RowsTokens<R, F32>(t, n, rs, m0, t.M - m0 < kTB ? t.M - m0 : kTB, m0 == 0);
 }
 
 // One token, one row at a time: the task's rows are one forward stream. On a Zen 4 VM the unembedding (201088 x 2880,
@@ -140,23 +129,25 @@ void RowOne(const gptoss::DenseTask& t, int64_t n) {
   t.y[n] = _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(acc[0], acc[1]), _mm512_add_ps(acc[2], acc[3])));
 }
 
-// Several tokens: the task's rows as kR far-apart streams (the quarters of [lo, hi)), one row of each at a time, as
-// dense_avx2.cc's Rows; the < kR rows past the last whole group come last.
 template <bool F32>
 void Rows(const gptoss::DenseTask& t) {
   if (t.M == 1) {
     for (int64_t n = t.lo; n < t.hi; ++n) RowOne<F32>(t, n);
     return;
   }
-  constexpr int kR = 4;
-  const int64_t q = (t.hi - t.lo) / kR;
-  for (int64_t j = 0; j < q; ++j) RowsGroup<kR, F32>(t, t.lo + j, q);
-  const int64_t n = t.lo + kR * q;
-  switch (t.hi - n) {
-    case 1: RowsGroup<1, F32>(t, n, 1); break;
-    case 2: RowsGroup<2, F32>(t, n, 1); break;
-    case 3: RowsGroup<3, F32>(t, n, 1); break;
-    default: break;
+  constexpr int kR = 4, kTB = 4;
+  for (int64_t n = t.lo; n < t.hi; n += kR) {
+    const int64_t nr = t.hi - n < kR ? t.hi - n : kR;
+    for (int64_t m0 = 0; m0 < t.M; m0 += kTB) {
+      const int64_t nt = t.M - m0 < kTB ? t.M - m0 : kTB;
+      const bool prefetch = m0 == 0;  // later token blocks find the rows in L1
+      switch (nr) {
+        case 1: RowsTokens<1, F32>(t, n, m0, nt, prefetch); break;
+        case 2: RowsTokens<2, F32>(t, n, m0, nt, prefetch); break;
+        case 3: RowsTokens<3, F32>(t, n, m0, nt, prefetch); break;
+        default: RowsTokens<4, F32>(t, n, m0, nt, prefetch); break;
+      }
+    }
   }
 }
 

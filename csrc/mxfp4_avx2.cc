@@ -57,12 +57,7 @@ struct Decoder {
   }
 };
 
-inline float hsum(__m256 a) {
-  __m128 q = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
-  q = _mm_add_ps(q, _mm_movehl_ps(q, q));
-  q = _mm_add_ss(q, _mm_movehdup_ps(q));
-  return _mm_cvtss_f32(q);
-}
+#include "mxfp4_x16.h"  // hsum, x16_scales
 
 // One block's 32 unscaled products with x (its four xq-ordered vectors), in 8 lanes.
 inline __m256 block_sum(const Decoder& decode, const uint8_t* block, __m256 x0, __m256 x1, __m256 x2, __m256 x3) {
@@ -116,8 +111,7 @@ void gemv_rows(const gptoss::Tile& t, int64_t r0) {
 struct X16 {
   const __m256i table = _mm256_setr_epi8(GPTOSS_X16_WEIGHT_BYTES, GPTOSS_X16_WEIGHT_BYTES);
   const __m256i low4 = _mm256_set1_epi8(0x0F);
-  const __m256i ones = _mm256_set1_epi16(1), h128 = _mm256_set1_epi16(128), nan_byte = _mm256_set1_epi32(255);
-  const __m128i order = _mm_setr_epi8(0, 2, 4, 6, 1, 3, 5, 7, 8, 9, 10, 11, 12, 13, 14, 15);  // xi's block order
+  const __m256i ones = _mm256_set1_epi16(1), h128 = _mm256_set1_epi16(128);
 
   // sum(q * 2 * value) of each block of the group at wg (128 bytes), in the order 0, 2, 4, 6, 1, 3, 5, 7.
   inline __m256i sums(const uint8_t* wg, const uint8_t* xg) const {
@@ -137,16 +131,6 @@ struct X16 {
     }
     const __m256i folded = _mm256_hadd_epi32(_mm256_hadd_epi32(d[0], d[1]), _mm256_hadd_epi32(d[2], d[3]));
     return _mm256_add_epi32(folded, _mm256_load_si256(reinterpret_cast<const __m256i*>(xg + 512)));
-  }
-
-  // 2**(s - 127) (s = 0 -> 0, a lost 2**-127; 255 -> inf, made NaN) times 2**(E - 14), in the same order: IEEE
-  // rounding handles the products that leave fp32's range.
-  inline __m256 scales(const uint8_t* sg, const uint8_t* xg) const {
-    const __m256i sb =
-        _mm256_cvtepu8_epi32(_mm_shuffle_epi8(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(sg)), order));
-    return _mm256_or_ps(_mm256_mul_ps(_mm256_castsi256_ps(_mm256_slli_epi32(sb, 23)),
-                                      _mm256_load_ps(reinterpret_cast<const float*>(xg + 544))),
-                        _mm256_castsi256_ps(_mm256_cmpeq_epi32(sb, nan_byte)));
   }
 };
 
@@ -169,7 +153,7 @@ void gemv_x16(const gptoss::Tile& t, int64_t r0, int64_t stride) {
       if (kX16Prefetch > 0)
         _mm_prefetch((const char*)(wg + kX16Prefetch), _MM_HINT_T0),
             _mm_prefetch((const char*)(wg + kX16Prefetch + 64), _MM_HINT_T0);
-      acc[j] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(x16.sums(wg, xg)), x16.scales(s[j] + 8 * g8, xg), acc[j]);
+      acc[j] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(x16.sums(wg, xg)), x16_scales(s[j] + 8 * g8, xg), acc[j]);
     }
   }
   const Decoder decode;  // the blocks past the last group, exactly, on the fp32 input

@@ -23,6 +23,8 @@ namespace {
 #endif
 constexpr int kX16Prefetch = GPTOSS_X16_PREFETCH;  // bytes ahead of each of the four row streams (0: off)
 
+#include "mxfp4_x16.h"  // hsum, x16_scales: the AVX2 kernel's
+
 struct X16 {
   // the weight bytes, four times: vpermb reads 6 index bits, of which the low 4 are the code
   const __m512i table = _mm512_broadcast_i32x4(_mm_setr_epi8(GPTOSS_X16_WEIGHT_BYTES));
@@ -30,8 +32,6 @@ struct X16 {
   // 7}[j], its dwords 0 + 1 there and 2 + 3 in lane j + 8.
   const __m512i pa = _mm512_setr_epi32(0, 8, 16, 24, 4, 12, 20, 28, 2, 10, 18, 26, 6, 14, 22, 30),
                 pb = _mm512_setr_epi32(1, 9, 17, 25, 5, 13, 21, 29, 3, 11, 19, 27, 7, 15, 23, 31);
-  const __m128i order = _mm_setr_epi8(0, 2, 4, 6, 1, 3, 5, 7, 8, 9, 10, 11, 12, 13, 14, 15);
-  const __m256i nan_byte = _mm256_set1_epi32(255);
 
   // A group's eight planes as four-block vectors: X[4q + c] = plane c (l even, l odd, h even, h odd) of pairs 2q
   // and 2q + 1 (blocks 4q .. 4q + 3, one per 128-bit lane, as a 64-byte load of their packed bytes).
@@ -59,23 +59,8 @@ struct X16 {
     const __m256i folded = _mm256_add_epi32(_mm512_castsi512_si256(s), _mm512_extracti64x4_epi64(s, 1));
     return _mm256_add_epi32(folded, _mm256_load_si256(reinterpret_cast<const __m256i*>(xg + 512)));  // -12 sum(q)
   }
-
-  // As the AVX2 kernel's: 2**(s - 127) times 2**(E - 14) in the same order, NaN for the scale byte 255.
-  inline __m256 scales(const uint8_t* sg, const uint8_t* xg) const {
-    const __m256i sb =
-        _mm256_cvtepu8_epi32(_mm_shuffle_epi8(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(sg)), order));
-    return _mm256_or_ps(_mm256_mul_ps(_mm256_castsi256_ps(_mm256_slli_epi32(sb, 23)),
-                                      _mm256_load_ps(reinterpret_cast<const float*>(xg + 544))),
-                        _mm256_castsi256_ps(_mm256_cmpeq_epi32(sb, nan_byte)));
-  }
 };
 
-inline float hsum(__m256 a) {  // the AVX2 kernel's order
-  __m128 q = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
-  q = _mm_add_ps(q, _mm_movehl_ps(q, q));
-  q = _mm_add_ss(q, _mm_movehdup_ps(q));
-  return _mm_cvtss_f32(q);
-}
 
 // Rows r0 + j * stride (j < R) of the tile, a group of each in turn (four far-apart streams, as on AVX2).
 template <int R>
@@ -96,7 +81,7 @@ void gemv_x16(const gptoss::Tile& t, int64_t r0, int64_t stride, const __m512i* 
       if (kX16Prefetch > 0)
         _mm_prefetch((const char*)(wg + kX16Prefetch), _MM_HINT_T0),
             _mm_prefetch((const char*)(wg + kX16Prefetch + 64), _MM_HINT_T0);
-      acc[j] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(x16.sums(wg, xg, X)), x16.scales(s[j] + 8 * g8, xg), acc[j]);
+      acc[j] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(x16.sums(wg, xg, X)), x16_scales(s[j] + 8 * g8, xg), acc[j]);
     }
   }
   const __m512 lut = _mm512_load_ps(gptoss::kE2M1);  // the blocks past the last group, exactly, on fp32 "xp" x

@@ -72,7 +72,7 @@ def test_matches_float64_oracle(isa, shape, w_nk):
 
 @pytest.mark.parametrize("w_nk", [True, False], ids=["w_nk", "w_kn"])
 def test_one_token_streams(isa, w_nk):
-    """Decode reads a task as four streams (its quarters: rows of W [N, K], or rows of K for W [K, N]) and the rows
+    """Decode reads a task as four streams (its quarters: AVX2 rows of W [N, K], or rows of K for W [K, N]) and the rows
     past the last whole group after them: fewer rows than streams, 0-3 rows left over, one row per stream."""
     rng = np.random.default_rng(5)
     for n in (1, 2, 3, 4, 5, 6, 7, 8, 9, 42):
