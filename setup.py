@@ -30,6 +30,7 @@ UNITS = {
     "dense_scalar.cc": ([], None),
     "dense_avx2.cc": (["-mavx2", "-mfma"], "GPTOSS_HAVE_DENSE_AVX2"),
     "dense_avx512.cc": (["-mavx512f", "-mavx512bw", "-mfma"], "GPTOSS_HAVE_DENSE_AVX512"),
+    "dense_avx512bf16.cc": (["-mavx512f", "-mavx512bw", "-mavx512bf16", "-mfma"], "GPTOSS_HAVE_DENSE_AVX512BF16"),
     "attention_avx2.cc": (["-mavx2", "-mfma"], "GPTOSS_HAVE_ATTENTION_AVX2"),
     "mxfp4_avx512vnni.cc": (["-mavx512f", "-mavx512bw", "-mavx512dq", "-mavx512vl", "-mavx512vnni", "-mavx512vbmi",
                              "-mfma"], "GPTOSS_HAVE_AVX512VNNI"),

@@ -1,5 +1,6 @@
 // Dense matmul with bf16 (or fp32) weights, y [M, N] fp32 = x [M, K] . W: the interface shared by the
-// per-ISA translation units (dense_scalar.cc, dense_avx2.cc, dense_avx512.cc) and the driver (dense_matmul.cc).
+// per-ISA translation units (dense_scalar.cc, dense_avx2.cc, dense_avx512.cc, dense_avx512bf16.cc) and the driver
+// (dense_matmul.cc).
 //
 // Two weight layouts, both read in place:
 //   rows (w_nk = 1): W is [N, K], row n holds output n's weights (a dot product per output row);
@@ -26,6 +27,7 @@ struct DenseTask {
   float* y;        // [M, N] row-major
   int64_t M, K, N;
   int64_t lo, hi;
+  const uint16_t* xb = nullptr;  // dense_rows_one_bf16 only: the token's bf16 x, zero padded to ldx elements
 };
 
 using DenseFn = void (*)(const DenseTask&);
@@ -43,6 +45,8 @@ void dense_rows_avx2(const DenseTask& t);
 void dense_cols_avx2(const DenseTask& t);
 void dense_rows_avx512(const DenseTask& t);
 void dense_cols_avx512(const DenseTask& t);
+// One token, bf16 x and bf16 W [N, K] on VDPBF16PS (CPUs with AVX512_BF16; t.xb set, t.M == 1).
+void dense_rows_one_bf16(const DenseTask& t);
 
 }  // namespace gptoss
 

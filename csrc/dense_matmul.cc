@@ -28,6 +28,7 @@ void dense_rows_avx2(const DenseTask& t) __attribute__((weak));
 void dense_cols_avx2(const DenseTask& t) __attribute__((weak));
 void dense_rows_avx512(const DenseTask& t) __attribute__((weak));
 void dense_cols_avx512(const DenseTask& t) __attribute__((weak));
+void dense_rows_one_bf16(const DenseTask& t) __attribute__((weak));  // dense_avx512bf16.cc
 void tile_amx_bf16(const AmxTile& t) __attribute__((weak));  // mxfp4_amx.cc, when built
 void tile_dp_bf16(const DpTile& t) __attribute__((weak));    // mxfp4_avx512bf16.cc, when built
 
@@ -214,6 +215,7 @@ struct VecPlan {
   Job j;
   int64_t slabs = 1, tasks = 0, first = 0;  // first: its first task in a Compute of several products
   std::vector<float> xp, partial;
+  std::vector<uint16_t> xb;  // the VDPBF16PS one-token path's bf16 x
 };
 
 // Runs `pr` if it needs no vector-path plan (nothing to do, or a tile path); returns whether it did.
@@ -240,7 +242,14 @@ void MakePlan(const Problem& pr, VecPlan& p) {
   const int vec_isa = VectorIsa(g_isa.load());
   const bool vec = vec_isa >= kAvx2, avx512 = vec_isa >= kAvx512;
   Job& j = p.j;
-  if (avx512)
+  // One token times bf16 W [N, K] with x already bf16: VDPBF16PS, one instruction per 32 weights (the products are
+  // exact; dense_avx512bf16.cc), on CPUs with AVX512_BF16 unless capped below that. (W [K, N] the same way, rows
+  // paired by vpunpck{l,h}wd: no faster than ColsOne on the Zen 4, 0.89-0.99x; not kept.)
+  const bool dp_one = pr.M == 1 && pr.w_nk && pr.x_bf16 && !pr.w_f32 && vec_isa >= kAvx512Bf16 &&
+                      &dense_rows_one_bf16 != nullptr && dp_bf16_usable();
+  if (dp_one)
+    j.fn = dense_rows_one_bf16;
+  else if (avx512)
     j.fn = pr.w_nk ? dense_rows_avx512 : dense_cols_avx512;
   else if (vec)
     j.fn = pr.w_nk ? dense_rows_avx2 : dense_cols_avx2;
@@ -253,11 +262,15 @@ void MakePlan(const Problem& pr, VecPlan& p) {
   if (panel) {
     PackColsPanel(pr, p.xp);
     x = p.xp.data();
+  } else if (dp_one) {
+    p.xb.assign(static_cast<size_t>(ldx), 0);
+    std::memcpy(p.xb.data(), pr.x, static_cast<size_t>(pr.K) * 2);
   } else if (pr.x_bf16 || pad) {
     PrepareInputs(pr, ldx, avx512 && pr.w_nk && !pr.w_f32, p.xp);  // the AVX-512 bf16 rows path's order
     x = p.xp.data();
   }
   j.base = DenseTask{pr.w, pr.w_f32, x, ldx, pr.y, pr.M, pr.K, pr.N, 0, pr.N};
+  if (dp_one) j.base.xb = p.xb.data();
   j.esize = pr.w_f32 ? 4 : 2;
   const int64_t line_bytes = pr.K * j.esize, threads = pool().size(), want = 2 * threads;
   int64_t slabs = 1;

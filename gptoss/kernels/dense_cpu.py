@@ -4,7 +4,8 @@
 [K, N] (`w_nk=False`, input-major, e.g. attention's wq reshaped to [D, N*H]), bf16 or fp32, read in place by an
 XLA FFI custom call. Why: for a few tokens XLA:CPU converts the whole bf16 weight to an fp32 scratch copy on
 every call (~2 GB/s, and 2.16 GiB of scratch for gpt-oss's unembedding); the kernel streams the bf16 bytes once
-at close to memory speed. Products and sums are fp32 (bf16 -> fp32 is exact).
+at close to memory speed. Products and sums are fp32 (bf16 -> fp32 is exact); one token of bf16 x times bf16 W [N, K]
+on a CPU with AVX512_BF16 runs VDPBF16PS (the same exact products, fp32 sums; bf16 subnormals read as zero).
 
 Selection (`serves`, decided at trace time): the model's `kernels` option must allow the CPU kernels
 (gptoss.kernels.select.cpu_kernels, which covers both kernels of the shared library); in addition the weight must

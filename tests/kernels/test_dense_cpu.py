@@ -70,15 +70,18 @@ def test_matches_float64_oracle(isa, shape, w_nk):
         check(jit_matmul(xb, w, w_nk=w_nk), np.asarray(xb, np.float32), w, w_nk)
 
 
+@pytest.mark.parametrize("x_dtype", [np.float32, ml_dtypes.bfloat16], ids=["x_f32", "x_bf16"])
 @pytest.mark.parametrize("w_nk", [True, False], ids=["w_nk", "w_kn"])
-def test_one_token_streams(isa, w_nk):
+def test_one_token_streams(isa, w_nk, x_dtype):
     """Decode reads a task as four streams (its quarters: AVX2 rows of W [N, K], or rows of K for W [K, N]) and the rows
-    past the last whole group after them: fewer rows than streams, 0-3 rows left over, one row per stream."""
+    past the last whole group after them: fewer rows than streams, 0-3 rows left over, one row per stream; K tails
+    past 32 (VDPBF16PS rows with bf16 x on AVX512_BF16, AVX-512 RowOne otherwise) and past 16."""
     rng = np.random.default_rng(5)
     for n in (1, 2, 3, 4, 5, 6, 7, 8, 9, 42):
-        K, N = (40, n) if w_nk else (n, 40)
-        x, w = operands(rng, 1, K, N, w_nk)
-        check(jit_matmul(x, w, w_nk=w_nk), x, w, w_nk)
+        for width in (40, 61):
+            K, N = (width, n) if w_nk else (n, width)
+            x, w = operands(rng, 1, K, N, w_nk, x_dtype=x_dtype)
+            check(jit_matmul(jnp.asarray(x), w, w_nk=w_nk), x, w, w_nk)
 
 
 @pytest.mark.parametrize("w_nk", [True, False], ids=["w_nk", "w_kn"])
