@@ -5,9 +5,10 @@
 // Why: for a few tokens XLA:CPU converts the whole bf16 weight to an fp32 scratch copy on every call (about
 // 2 GB/s, and 2.16 GiB of scratch for gpt-oss's unembedding); this reads the bf16 weight in place, once per
 // call, at close to memory speed. The work is split over output rows (w_nk = 1) or column strips (w_nk = 0)
-// on the library's shared thread pool; the micro-kernels are in dense_{avx512,avx2,scalar}.cc, chosen at run time,
-// and prefill-sized bf16 [N, K] products go to the AMX or VDPBF16PS tiles of mxfp4_amx.cc / mxfp4_avx512bf16.cc
-// (on AVX2, prefill-sized [K, N] products run dense_avx2.cc's panel GEMM: faster than XLA's bf16 GEMM there).
+// on the library's shared thread pool; the micro-kernels are in dense_{avx512bf16,avx512,avx2,scalar}.cc, chosen at
+// run time, and prefill-sized bf16 [N, K] products go to the AMX or VDPBF16PS tiles of mxfp4_amx.cc /
+// mxfp4_avx512bf16.cc (on AVX2, prefill-sized [K, N] products run dense_avx2.cc's panel GEMM: faster than XLA's bf16
+// GEMM there).
 #include <algorithm>
 #include <atomic>
 #include <cstdlib>

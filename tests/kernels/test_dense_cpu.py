@@ -74,8 +74,8 @@ def test_matches_float64_oracle(isa, shape, w_nk):
 @pytest.mark.parametrize("w_nk", [True, False], ids=["w_nk", "w_kn"])
 def test_one_token_streams(isa, w_nk, x_dtype):
     """Decode reads a task as four streams (its quarters: AVX2 rows of W [N, K], or rows of K for W [K, N]) and the rows
-    past the last whole group after them: fewer rows than streams, 0-3 rows left over, one row per stream; K tails
-    past 32 (VDPBF16PS rows with bf16 x on AVX512_BF16, AVX-512 RowOne otherwise) and past 16."""
+    past the last whole group after them: fewer rows than streams, 0-3 rows left over, one row per stream; rows of 40
+    and 61 (tails after one and after one and a half 32-element vectors; VDPBF16PS rows with bf16 x on AVX512_BF16)."""
     rng = np.random.default_rng(5)
     for n in (1, 2, 3, 4, 5, 6, 7, 8, 9, 42):
         for width in (40, 61):
