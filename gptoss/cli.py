@@ -65,7 +65,7 @@ def cmd_generate(args) -> int:
         tag = m["channel"] or "message"
         if m["recipient"]:
             tag += f" -> {m['recipient']}"
-        print(f"[{tag}] {printable(m['text'])}")
+        print(f"[{printable(tag)}] {printable(m['text'])}")  # the header too is the model's output
     if item["problems"]:
         if not item["messages"]:  # nothing parsed: show what the model produced
             print(f"[raw] {printable(item['completion'])}")
@@ -93,6 +93,7 @@ def cmd_chat(args, stdin=None, stdout=None) -> int:
 
 
 def cmd_run(args) -> int:
+    from gptoss.apps.chat import printable
     from gptoss.apps.runner import run_config
 
     out, results = run_config(args.config, args.overrides)
@@ -100,10 +101,10 @@ def cmd_run(args) -> int:
         print(f"> {item['prompt']}")
         if item.get("messages"):
             for m in item["messages"]:
-                text = m["text"].replace("\n", "\n    ")
-                print(f"  [{m['channel'] or 'message'}] {text}")
+                text = printable(m["text"]).replace("\n", "\n    ")
+                print(f"  [{printable(m['channel'] or 'message')}] {text}")
         else:
-            print(item.get("completion", ""))
+            print(printable(item.get("completion", "")))
         print()
     print(f"resolved config and results written to {out}/")
     return 0
