@@ -5,7 +5,8 @@
 // rows (W [N, K]): R <= 4 output rows (one from each quarter of the task: four memory streams) x TB <= 2 tokens of
 //   8-lane accumulators over the whole of K; the rows stay in L1 for further token blocks. cols (W [K, N]): sweeps
 //   of kKG input rows across a strip, 16 columns by TB <= 4 tokens, accumulating in y; one token reads kOneRows
-//   rows at a time from four streams instead (ColsOne), and 8 tokens or more run a packed fp32 GEMM (ColsPanel).
+//   rows at a time from four streams instead (ColsOne), and 8 tokens or more run a packed fp32 GEMM (ColsPanel; for
+//   W [N, K] too, its panels transposed from 8 x 8 blocks of rows).
 #include <immintrin.h>
 
 #include <algorithm>
@@ -248,7 +249,38 @@ void PanelTokens(int64_t nt, const gptoss::DenseTask& t, const float* pw, const 
   PanelMK<TB>(t, pw, px, kc, n0, m0, k0);
 }
 
+// The 8 x 8 transpose of r: r[i] lane j -> r[j] lane i.
+inline void Transpose8(__m256 r[8]) {
+  __m256 t[8], u[8];
+  for (int i = 0; i < 4; ++i)
+    t[2 * i] = _mm256_unpacklo_ps(r[2 * i], r[2 * i + 1]), t[2 * i + 1] = _mm256_unpackhi_ps(r[2 * i], r[2 * i + 1]);
+  for (int i = 0; i < 2; ++i)
+    for (int h = 0; h < 2; ++h) {
+      u[4 * i + 2 * h] = _mm256_shuffle_ps(t[4 * i + h], t[4 * i + 2 + h], 0x44);
+      u[4 * i + 2 * h + 1] = _mm256_shuffle_ps(t[4 * i + h], t[4 * i + 2 + h], 0xEE);
+    }
+  for (int i = 0; i < 4; ++i)
+    r[i] = _mm256_permute2f128_ps(u[i], u[4 + i], 0x20), r[4 + i] = _mm256_permute2f128_ps(u[i], u[4 + i], 0x31);
+}
+
+// W [N, K]: rows n0 .. n0 + 15 at w (row n0, column k0; rows ws bytes apart), columns k0 .. k0 + kc, as the panel
+// [k][16] the [K, N] layout reads straight off its rows: 8 x 8 blocks transposed, the last kc % 8 columns one by one.
 template <bool F32>
+void PanelFromRows(const char* w, int64_t ws, int64_t kc, float* pw) {
+  constexpr int64_t E = F32 ? 4 : 2;
+  const int64_t k8 = kc & ~int64_t{7};
+  for (int h = 0; h < 2; ++h)
+    for (int64_t k = 0; k < k8; k += 8) {
+      __m256 r[8];
+      for (int i = 0; i < 8; ++i) r[i] = Load8<F32>(w + (8 * h + i) * ws + k * E);
+      Transpose8(r);
+      for (int i = 0; i < 8; ++i) _mm256_store_ps(pw + 16 * (k + i) + 8 * h, r[i]);
+    }
+  for (int64_t k = k8; k < kc; ++k)
+    for (int j = 0; j < 16; ++j) pw[16 * k + j] = Scalar<F32>(w + j * ws, k);
+}
+
+template <bool F32, bool NK>
 void ColsPanel(const gptoss::DenseTask& t) {
   constexpr int64_t E = F32 ? 4 : 2;
   alignas(64) float pw[2 * kPanelK * 16];  // two 16-column strips, each [k][16]
@@ -260,8 +292,12 @@ void ColsPanel(const gptoss::DenseTask& t) {
       const float* px = t.x + ((k0 / kPanelK) * tiles + mb / kPanelTB) * kPanelK * kPanelTB;  // (the driver's packing)
       for (int64_t n0 = t.lo; n0 < full_end; n0 += 32) {
         const int strips = full_end - n0 >= 32 ? 2 : 1;
+        if (NK) {
+          const char* w = static_cast<const char*>(t.w) + (n0 * t.K + k0) * E;
+          for (int s = 0; s < strips; ++s) PanelFromRows<F32>(w + 16 * s * t.K * E, t.K * E, kc, pw + s * kPanelK * 16);
+        }
         const char* w = static_cast<const char*>(t.w) + (k0 * t.N + n0) * E;
-        for (int64_t k = 0; k < kc; ++k) {
+        for (int64_t k = 0; k < kc && !NK; ++k) {
           const char* wk = w + k * t.N * E;
           _mm_prefetch(wk + 32 * E, _MM_HINT_T0);  // the next panel's line of this row
           for (int s = 0; s < strips; ++s) {
@@ -282,7 +318,8 @@ void ColsPanel(const gptoss::DenseTask& t) {
       for (int64_t k = 0; k < t.K; ++k)
         acc += t.x[((k / kPanelK) * tiles + m / kPanelTB) * kPanelK * kPanelTB + (k % kPanelK) * kPanelTB +
                    m % kPanelTB] *
-               Scalar<F32>(static_cast<const char*>(t.w) + k * t.N * E, n);
+               (NK ? Scalar<F32>(static_cast<const char*>(t.w) + n * t.K * E, k)
+                   : Scalar<F32>(static_cast<const char*>(t.w) + k * t.N * E, n));
       t.y[m * t.N + n] = acc;
     }
 }
@@ -290,7 +327,7 @@ void ColsPanel(const gptoss::DenseTask& t) {
 template <bool F32>
 void Cols(const gptoss::DenseTask& t) {
   if (t.M == 1) return ColsOne<F32>(t);
-  if (t.M >= gptoss::kColsPanelMinTokens) return ColsPanel<F32>(t);
+  if (t.M >= gptoss::kColsPanelMinTokens) return ColsPanel<F32, false>(t);
   constexpr int64_t kTB = 4;
   const int64_t full_end = t.lo + ((t.hi - t.lo) & ~int64_t{15});
   for (int64_t k0 = 0; k0 < t.K;) {
@@ -313,3 +350,6 @@ void Cols(const gptoss::DenseTask& t) {
 
 void gptoss::dense_rows_avx2(const DenseTask& t) { t.w_f32 ? Rows<true>(t) : Rows<false>(t); }
 void gptoss::dense_cols_avx2(const DenseTask& t) { t.w_f32 ? Cols<true>(t) : Cols<false>(t); }
+void gptoss::dense_rows_panel_avx2(const DenseTask& t) {
+  t.w_f32 ? ColsPanel<true, true>(t) : ColsPanel<false, true>(t);
+}

@@ -32,7 +32,8 @@ struct DenseTask {
 
 using DenseFn = void (*)(const DenseTask&);
 
-// dense_cols_avx2 runs a compute-bound panel GEMM from this many tokens (the driver then splits only columns). Its x
+// dense_cols_avx2 runs a compute-bound panel GEMM from this many tokens (the driver then splits only columns; for W
+// [N, K] the driver calls dense_rows_panel_avx2, the same GEMM on panels transposed from W's rows). Its x
 // comes packed by the driver (DenseTask::x, ldx unused): per chunk c of kColsPanelK rows of K, per tile of
 // kColsPanelTB tokens, [k][kColsPanelTB] floats, at x + (c * tiles + tile) * kColsPanelK * kColsPanelTB
 // (tiles = ceil(M / kColsPanelTB); a short last chunk or tile leaves its unused floats unread).
@@ -43,6 +44,8 @@ void dense_cols_scalar(const DenseTask& t);
 // AVX2 + FMA and AVX-512 (F + BW) paths; the driver checks that they were linked in and that the CPU has them.
 void dense_rows_avx2(const DenseTask& t);
 void dense_cols_avx2(const DenseTask& t);
+// AVX2's panel GEMM (kColsPanelMinTokens or more, x packed as for dense_cols_avx2) on W [N, K].
+void dense_rows_panel_avx2(const DenseTask& t);
 void dense_rows_avx512(const DenseTask& t);
 void dense_cols_avx512(const DenseTask& t);
 // One token, bf16 x and bf16 W [N, K] on VDPBF16PS (CPUs with AVX512_BF16; t.xb set, t.M == 1).

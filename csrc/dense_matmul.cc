@@ -7,7 +7,7 @@
 // call, at close to memory speed. The work is split over output rows (w_nk = 1) or column strips (w_nk = 0)
 // on the library's shared thread pool; the micro-kernels are in dense_{avx512bf16,avx512,avx2,scalar}.cc, chosen at
 // run time, and prefill-sized bf16 [N, K] products go to the AMX or VDPBF16PS tiles of mxfp4_amx.cc /
-// mxfp4_avx512bf16.cc (on AVX2, prefill-sized [K, N] products run dense_avx2.cc's panel GEMM: faster than XLA's bf16
+// mxfp4_avx512bf16.cc (on AVX2, prefill-sized products run dense_avx2.cc's panel GEMM: faster than XLA's bf16
 // GEMM there).
 #include <algorithm>
 #include <atomic>
@@ -27,6 +27,7 @@ namespace gptoss {
 // Weak: null when dense_avx{2,512}.cc were not built (no x86-64, or a compiler without the ISA's support).
 void dense_rows_avx2(const DenseTask& t) __attribute__((weak));
 void dense_cols_avx2(const DenseTask& t) __attribute__((weak));
+void dense_rows_panel_avx2(const DenseTask& t) __attribute__((weak));
 void dense_rows_avx512(const DenseTask& t) __attribute__((weak));
 void dense_cols_avx512(const DenseTask& t) __attribute__((weak));
 void dense_rows_one_bf16(const DenseTask& t) __attribute__((weak));  // dense_avx512bf16.cc
@@ -248,8 +249,12 @@ void MakePlan(const Problem& pr, VecPlan& p) {
   // paired by vpunpck{l,h}wd: no faster than ColsOne on the Zen 4, 0.89-0.99x; not kept.)
   const bool dp_one = pr.M == 1 && pr.w_nk && pr.x_bf16 && !pr.w_f32 && vec_isa >= kAvx512Bf16 &&
                       &dense_rows_one_bf16 != nullptr && dp_bf16_usable();
+  // dense_avx2.cc's panel GEMM, both layouts (W [N, K]: its panels transposed from the rows)
+  const bool panel = vec && !avx512 && pr.M >= kColsPanelMinTokens && (!pr.w_nk || &dense_rows_panel_avx2 != nullptr);
   if (dp_one)
     j.fn = dense_rows_one_bf16;
+  else if (panel && pr.w_nk)
+    j.fn = dense_rows_panel_avx2;
   else if (avx512)
     j.fn = pr.w_nk ? dense_rows_avx512 : dense_cols_avx512;
   else if (vec)
@@ -259,7 +264,6 @@ void MakePlan(const Problem& pr, VecPlan& p) {
   const bool pad = vec && pr.w_nk;  // the vector rows paths read x 16 or 32 elements at a time
   const int64_t ldx = pad ? CeilDiv(pr.K, 32) * 32 : pr.K;
   const float* x = static_cast<const float*>(pr.x);
-  const bool panel = vec && !avx512 && !pr.w_nk && pr.M >= kColsPanelMinTokens;  // dense_avx2.cc's panel GEMM
   if (panel) {
     PackColsPanel(pr, p.xp);
     x = p.xp.data();
@@ -277,6 +281,8 @@ void MakePlan(const Problem& pr, VecPlan& p) {
   int64_t slabs = 1;
   if (pr.N * line_bytes < (int64_t{128} << 10)) {  // small: one task, run by the caller
     j.per = pr.N;
+  } else if (panel) {  // AVX2's panel GEMM is compute-bound: `want` strips of 32-output multiples
+    j.per = CeilDiv(CeilDiv(pr.N, want), 32) * 32;
   } else if (pr.w_nk) {  // rows: 64 KiB .. 512 KiB of W per task, multiples of the micro-kernel's 4 rows
     const int64_t lo = CeilDiv(int64_t{64} << 10, line_bytes), hi = std::max(lo, (int64_t{512} << 10) / line_bytes);
     j.per = CeilDiv(std::clamp(CeilDiv(pr.N, 4 * threads), lo, hi), 4) * 4;
@@ -286,11 +292,8 @@ void MakePlan(const Problem& pr, VecPlan& p) {
     // leaves fewer than two tasks per thread, K is split into slabs of at least 256 rows.
     // One token (ColsOne reads whole rows, from the four quarters of its slab at once): every task takes
     // all columns, so each of its four streams is contiguous, and K is split into `want` slabs of at least 64 rows.
-    // AVX2's panel GEMM (kColsPanelMinTokens or more) is compute-bound: `want` strips of 32-column multiples.
     const int64_t cap = (int64_t{8} << 10) / std::min<int64_t>(pr.M, 8);
-    if (panel) {
-      j.per = CeilDiv(CeilDiv(pr.N, want), 32) * 32;
-    } else if (pr.M == 1 && vec && pr.N <= cap) {
+    if (pr.M == 1 && vec && pr.N <= cap) {
       j.per = pr.N;
       slabs = std::max<int64_t>(1, std::min(want, pr.K / 64));
     } else {

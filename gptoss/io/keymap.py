@@ -1,9 +1,9 @@
 """Checkpoint key maps: the one place that says which checkpoint tensor feeds which model parameter, and how.
 
-Model parameters are named by their NNX state path, e.g. ("layers", 3, "attn", "wq_DNH"). Checkpoint
-matrices are [out, in] (PyTorch); ours are laid out for einsum, so attention weights get reshaped and
-transposed. Expert matrices keep the checkpoint's [E, out, in] orientation, so MXFP4 bytes pass straight
-through; transformers' dense experts are [E, in, out] and are transposed.
+Model parameters are named by their NNX state path, e.g. ("layers", 3, "attn", "wq_NHD"). Checkpoint
+matrices are [out, in] (PyTorch), and so are ours: attention weights only get their head axes split out (the fused
+`original/` qkv rows sliced). Expert matrices keep the checkpoint's [E, out, in] orientation, so MXFP4 bytes pass
+straight through; transformers' dense experts are [E, in, out] and are transposed.
 """
 
 from __future__ import annotations
@@ -37,15 +37,13 @@ def _f(path, name, shape, to_model=lambda x: x, to_ckpt=lambda x: x) -> Entry:
 
 
 def _heads_in(n: int, h: int, d: int):
-    """[n*h, d] projection rows -> [d, n, h] and back."""
-    return (lambda w: w.reshape(n, h, d).transpose(2, 0, 1),
-            lambda w: w.transpose(1, 2, 0).reshape(n * h, d))
+    """[n*h, d] projection rows -> [n, h, d] and back."""
+    return (lambda w: w.reshape(n, h, d), lambda w: w.reshape(n * h, d))
 
 
 def _heads_out(n: int, h: int, d: int):
-    """o_proj [d, n*h] -> [n, h, d] and back."""
-    return (lambda w: w.reshape(d, n, h).transpose(1, 2, 0),
-            lambda w: w.transpose(2, 0, 1).reshape(d, n * h))
+    """o_proj [d, n*h] -> [d, n, h] and back."""
+    return (lambda w: w.reshape(d, n, h), lambda w: w.reshape(d, n * h))
 
 
 def _swap_last(w):
@@ -61,13 +59,13 @@ def hf_entries(cfg: ModelConfig, experts: str) -> list[Entry]:
         p, a, m = f"model.layers.{L}.", ("layers", L, "attn"), ("layers", L, "mlp")
         out += [
             _f(("layers", L, "attn_norm", "scale_D"), p + "input_layernorm.weight", (D,)),
-            _f(a + ("wq_DNH",), p + "self_attn.q_proj.weight", (N * H, D), *_heads_in(N, H, D)),
+            _f(a + ("wq_NHD",), p + "self_attn.q_proj.weight", (N * H, D), *_heads_in(N, H, D)),
             _f(a + ("bq_NH",), p + "self_attn.q_proj.bias", (N * H,), lambda b: b.reshape(N, H), np.ravel),
-            _f(a + ("wk_DKH",), p + "self_attn.k_proj.weight", (K * H, D), *_heads_in(K, H, D)),
+            _f(a + ("wk_KHD",), p + "self_attn.k_proj.weight", (K * H, D), *_heads_in(K, H, D)),
             _f(a + ("bk_KH",), p + "self_attn.k_proj.bias", (K * H,), lambda b: b.reshape(K, H), np.ravel),
-            _f(a + ("wv_DKH",), p + "self_attn.v_proj.weight", (K * H, D), *_heads_in(K, H, D)),
+            _f(a + ("wv_KHD",), p + "self_attn.v_proj.weight", (K * H, D), *_heads_in(K, H, D)),
             _f(a + ("bv_KH",), p + "self_attn.v_proj.bias", (K * H,), lambda b: b.reshape(K, H), np.ravel),
-            _f(a + ("wo_NHD",), p + "self_attn.o_proj.weight", (D, N * H), *_heads_out(N, H, D)),
+            _f(a + ("wo_DNH",), p + "self_attn.o_proj.weight", (D, N * H), *_heads_out(N, H, D)),
             _f(a + ("bo_D",), p + "self_attn.o_proj.bias", (D,)),
             _f(a + ("sinks_N",), p + "self_attn.sinks", (N,)),
             _f(("layers", L, "mlp_norm", "scale_D"), p + "post_attention_layernorm.weight", (D,)),
@@ -106,12 +104,12 @@ def original_entries(cfg: ModelConfig) -> list[Entry]:
         out.append(_f(("layers", L, "attn_norm", "scale_D"), p + "attn.norm.scale", (D,)))
         for part, (lo, hi, n) in rows.items():
             suffix = "NH" if part == "q" else "KH"
-            out.append(_f(a + (f"w{part}_D{suffix}",), p + "attn.qkv.weight", (q + 2 * kv, D),
-                          lambda w, lo=lo, hi=hi, n=n: w[lo:hi].reshape(n, H, D).transpose(2, 0, 1)))
+            out.append(_f(a + (f"w{part}_{suffix}D",), p + "attn.qkv.weight", (q + 2 * kv, D),
+                          lambda w, lo=lo, hi=hi, n=n: w[lo:hi].reshape(n, H, D)))
             out.append(_f(a + (f"b{part}_{suffix}",), p + "attn.qkv.bias", (q + 2 * kv,),
                           lambda b, lo=lo, hi=hi, n=n: b[lo:hi].reshape(n, H)))
         out += [
-            _f(a + ("wo_NHD",), p + "attn.out.weight", (D, q), _heads_out(N, H, D)[0]),
+            _f(a + ("wo_DNH",), p + "attn.out.weight", (D, q), _heads_out(N, H, D)[0]),
             _f(a + ("bo_D",), p + "attn.out.bias", (D,)),
             _f(a + ("sinks_N",), p + "attn.sinks", (N,)),
             _f(("layers", L, "mlp_norm", "scale_D"), p + "mlp.norm.scale", (D,)),

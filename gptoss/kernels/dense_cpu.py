@@ -1,7 +1,7 @@
 """The dense bf16-weight CPU matmul (csrc/dense_matmul.cc) as a jit-able JAX op, for decode on XLA:CPU.
 
-`dense_matmul(x [M, K], w, *, w_nk) -> fp32 [M, N]`: w is [N, K] (`w_nk=True`, e.g. the unembedding) or
-[K, N] (`w_nk=False`, input-major, e.g. attention's wq reshaped to [D, N*H]), bf16 or fp32, read in place by an
+`dense_matmul(x [M, K], w, *, w_nk) -> fp32 [M, N]`: w is [N, K] (`w_nk=True`, e.g. the unembedding or attention's
+wq reshaped to [N*H, D]) or [K, N] (`w_nk=False`, input-major), bf16 or fp32, read in place by an
 XLA FFI custom call. Why: for a few tokens XLA:CPU converts the whole bf16 weight to an fp32 scratch copy on
 every call (~2 GB/s, and 2.16 GiB of scratch for gpt-oss's unembedding); the kernel streams the bf16 bytes once
 at close to memory speed. Products and sums are fp32 (bf16 -> fp32 is exact); one token of bf16 x times bf16 W [N, K]
@@ -11,7 +11,7 @@ Selection (`serves`, decided at trace time): the model's `kernels` option must a
 (gptoss.kernels.select.cpu_kernels, which covers both kernels of the shared library); in addition the weight must
 be bf16, the tokens few (M <=
 MAX_TOKENS, or MAX_TOKENS_VS_BF16_GEMM where XLA would run its native bf16 GEMM: bf16 x and W, fp32 result; any
-number for bf16 x times W [N, K] on the AMX / VDPBF16PS tiles, and times W [K, N] on AVX2's panel GEMM) and
+number for bf16 x times W [N, K] on the AMX / VDPBF16PS tiles, and on AVX2's panel GEMM) and
 there must be one JAX device (on several, a custom call would make XLA's SPMD partitioner replicate the weight).
 
 Differentiation: reverse mode, both inputs: dx = dy W^T and dW = x^T dy (in W's layout and dtype) in XLA.
@@ -39,9 +39,11 @@ MAX_TOKENS_VS_BF16_GEMM = 4  # vs bf16 x and W with an fp32 result: XLA's own bf
 MAX_TOKENS_VS_BF16_GEMM_KN = 12  # the same for W [K, N] (attention): XLA's GEMM is slower there up to 8-16 tokens
 # ... and bf16 x times bf16 [N, K] on these: the kernel at any size (the AMX tiles from 4 tokens, VDPBF16PS from 16)
 TILE_ISAS = ("avx512bf16", "amx")
-# ... and bf16 x times bf16 [K, N] on AVX2 CPUs: the kernel at any size (its fp32 panel GEMM from 8 tokens: 1.3-1.4x
-# XLA's bf16 GEMM at 128 tokens on attention's wq and wo on a 2-core Zen 3)
+# ... and bf16 x times bf16 W on AVX2 CPUs: the kernel at any size for W [K, N], and from PANEL_MIN_TOKENS for W
+# [N, K] (its fp32 panel GEMM from 8 tokens, csrc dense_kernel.h kColsPanelMinTokens: 1.3-1.4x XLA's bf16 GEMM at 128
+# tokens on attention's wq and wo on a 2-core Zen 3, then laid out [K, N]; [N, K] packs its panels transposed)
 PANEL_COLS_ISAS = ("avx2",)
+PANEL_MIN_TOKENS = 8
 
 
 def _setup(lib) -> None:
@@ -75,15 +77,15 @@ def serves(tokens: int, w, *, xla_bf16_gemm: bool = False, w_nk: bool = True, ti
     """Whether a matmul of `tokens` rows with weight `w`, traced now, goes to the dense kernel (`enabled`: the
     model's kernels option allows the CPU kernels, gptoss.kernels.select.cpu_kernels). `xla_bf16_gemm`:
     XLA's alternative is its native bf16 GEMM (bf16 x and w, fp32 result), which wins from a few tokens on
-    (`w_nk`: w is [N, K], else [K, N]); except on an AVX2 CPU for w [K, N], where the kernel's panel GEMM is
-    faster at any size. `tile_rows`: bf16 x, w [N, K] with K % 32 == 0, which on a CPU with AMX or AVX512_BF16
-    the kernel's tile paths serve at any size."""
+    (`w_nk`: w is [N, K], else [K, N]); except on an AVX2 CPU, where the kernel's panel GEMM is faster (any size
+    for w [K, N], from PANEL_MIN_TOKENS for w [N, K]). `tile_rows`: bf16 x, w [N, K] with K % 32 == 0, which on a
+    CPU with AMX or AVX512_BF16 the kernel's tile paths serve at any size."""
     limit = (MAX_TOKENS_VS_BF16_GEMM if w_nk else MAX_TOKENS_VS_BF16_GEMM_KN) if xla_bf16_gemm else MAX_TOKENS
     if not (jnp.dtype(w.dtype) == jnp.bfloat16 and tokens >= 1 and enabled
             and jax.device_count() == 1 and kernel_available()):
         return False
     return (tokens <= limit or (tile_rows and isa() in TILE_ISAS)
-            or (xla_bf16_gemm and not w_nk and isa() in PANEL_COLS_ISAS))
+            or (xla_bf16_gemm and isa() in PANEL_COLS_ISAS and (not w_nk or tokens >= PANEL_MIN_TOKENS)))
 
 
 # ------------------------------------------------------------------------------------------------- the op

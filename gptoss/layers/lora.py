@@ -81,10 +81,13 @@ class AttentionLoRA(nnx.Module):
         return y + (self.scale * jnp.tensordot(h, b[...].astype(x.dtype), axes=1, precision=precision)).astype(y.dtype)
 
     def delta(self, name: str):
-        """scale * A B in the weight's own shape, fp32 (merging); None without an adapter."""
+        """scale * A B in the weight's own shape ([out dims..., in dims...], the checkpoint's), fp32 (merging); None
+        without an adapter."""
         a_name, b_name = PARAM_NAMES[name]
         a, b = getattr(self, a_name), getattr(self, b_name)
         if a is None:
             return None
-        return self.scale * jnp.tensordot(a[...].astype(jnp.float32), b[...].astype(jnp.float32), axes=1,
-                                          precision=jax.lax.Precision.HIGHEST)
+        n_in, n_out = a.ndim - 1, b.ndim - 1
+        d = self.scale * jnp.tensordot(a[...].astype(jnp.float32), b[...].astype(jnp.float32), axes=1,
+                                       precision=jax.lax.Precision.HIGHEST)  # [in..., out...]
+        return jnp.transpose(d, (*range(n_in, n_in + n_out), *range(n_in)))

@@ -48,12 +48,10 @@ def _spec(path, value, bias_std: float) -> tuple:
 
 
 def _fan_in(name: str, shape: tuple[int, ...]) -> int:
-    """The contracted size of a matrix named with shape suffixes (wq_DNH contracts D; wo_NHD contracts N and H)."""
-    if name == "wo_NHD":
-        return shape[0] * shape[1]
-    if name.startswith(("wq", "wk", "wv")):
-        return shape[0]
-    return shape[-1]  # [out, in] layouts: unembed_VD, router_ED, gate_up_EFD, down_EDI
+    """The contracted size of a matrix named with shape suffixes (wq_NHD contracts D; wo_DNH contracts N and H)."""
+    if name == "wo_DNH":
+        return shape[1] * shape[2]
+    return shape[-1]  # [out, in] layouts: wq_NHD, wk/wv_KHD, unembed_VD, router_ED, gate_up_EFD, down_EDI
 
 
 def _draw(spec: tuple, rng: np.random.Generator):

@@ -144,7 +144,7 @@ def merge_lora(model):
                 dense = packed.dequantize(model.dtype) if isinstance(packed, MXFP4Array) else packed
                 setattr(block.mlp, name, nnx.Param(dense))
         model.experts = "dense"
-    weights = {"q": "wq_DNH", "k": "wk_DKH", "v": "wv_DKH", "o": "wo_NHD"}
+    weights = {"q": "wq_NHD", "k": "wk_KHD", "v": "wv_KHD", "o": "wo_DNH"}
     for block in model.layers:
         ad = block.attn.adapters
         if ad is not None:

@@ -169,13 +169,13 @@ def test_saved_tensors_follow_the_transformers_layout(tmp_path, random_model, ex
     p = flat(model)
     for L in range(LAYERS):
         a, m, pre = ("layers", L, "attn"), ("layers", L, "mlp"), f"model.layers.{L}."
-        wq, wk, wo = (np.asarray(p[a + (n,)]) for n in ("wq_DNH", "wk_DKH", "wo_NHD"))
+        wq, wk, wo = (np.asarray(p[a + (n,)]) for n in ("wq_NHD", "wk_KHD", "wo_DNH"))
         q, k, o = (t[pre + f"self_attn.{x}_proj.weight"] for x in "qko")
         for n in range(N):
             for h in (0, H - 1):
-                np.testing.assert_array_equal(q[n * H + h, :], wq[:, n, h])
-                np.testing.assert_array_equal(o[:, n * H + h], wo[n, h, :])
-        np.testing.assert_array_equal(k[K * H - 1, :], wk[:, K - 1, H - 1])
+                np.testing.assert_array_equal(q[n * H + h, :], wq[n, h, :])
+                np.testing.assert_array_equal(o[:, n * H + h], wo[:, n, h])
+        np.testing.assert_array_equal(k[K * H - 1, :], wk[K - 1, H - 1, :])
         np.testing.assert_array_equal(t[pre + "self_attn.q_proj.bias"], np.asarray(p[a + ("bq_NH",)]).ravel())
         np.testing.assert_array_equal(t[pre + "mlp.router.weight"], np.asarray(p[m + ("router_ED",)]))
         gate_up, down = p[m + ("gate_up_EFD",)], p[m + ("down_EDI",)]

@@ -109,10 +109,11 @@ def test_pool_sizes_and_gpt_oss_width(threads, w_nk):
 # Prefill-sized bf16 x. Times bf16 [N, K] with K % 32 == 0: the AMX tile path where the CPU has it, the AVX-512 /
 # scalar paths otherwise (M >= 4 on the tiles); row tails (N % 32), token tails (M % 16), several 256-token blocks.
 AMX_CASES = [(4, 64, 40), (5, 32, 17), (16, 32, 32), (17, 96, 45), (40, 2880, 70), (300, 64, 33), (530, 128, 64)]
-# Times W [K, N]: on AVX2 the panel GEMM (8+ tokens; column strips of 32-multiples, a 16-column strip and a scalar
-# tail; K chunks of 128; 6-token tiles and tails; blocks of 384 tokens), elsewhere the sweep.
+# Times W [K, N] and W [N, K]: on AVX2 the panel GEMM (8+ tokens; column strips of 32-multiples, a 16-column strip and
+# a scalar tail; K chunks of 128 and K tails past whole 8 x 8 transposes; 6-token tiles and tails; blocks of 384
+# tokens), elsewhere the sweep (W [K, N]) or the rows and tiles (W [N, K]).
 COLS_CASES = [(8, 128, 32), (13, 300, 48), (35, 129, 70), (390, 200, 83)]
-PREFILL_CASES = [(*c, True) for c in AMX_CASES] + [(*c, False) for c in COLS_CASES]
+PREFILL_CASES = [(*c, True) for c in AMX_CASES] + [(*c, w_nk) for c in COLS_CASES for w_nk in (False, True)]
 
 
 @pytest.mark.parametrize("case", PREFILL_CASES, ids=lambda c: "M{}K{}N{}{}".format(*c[:3], "" if c[3] else "_kn"))
@@ -295,8 +296,12 @@ def test_serves(monkeypatch):
     assert dense_cpu.serves(limit_kn + 1, w16, xla_bf16_gemm=True, w_nk=False) == panel
     assert dense_cpu.serves(10**6, w16, xla_bf16_gemm=True, w_nk=False) == panel
     assert not dense_cpu.serves(10**6, w16, w_nk=False)  # fp32 x: XLA's GEMM after MAX_TOKENS
+    # W [N, K] on AVX2: the panel GEMM from PANEL_MIN_TOKENS (between MAX_TOKENS_VS_BF16_GEMM and it: XLA's)
+    assert dense_cpu.serves(dense_cpu.PANEL_MIN_TOKENS, w16, xla_bf16_gemm=True) == panel
+    assert dense_cpu.serves(10**6, w16, xla_bf16_gemm=True) == panel
+    assert not dense_cpu.serves(dense_cpu.PANEL_MIN_TOKENS - 1, w16, xla_bf16_gemm=True)
     tiles = dense_cpu.isa() in ("avx512bf16", "amx")  # bf16 x times W [N, K]: the tiles serve any size
-    assert dense_cpu.serves(10**6, w16, xla_bf16_gemm=True, tile_rows=True) == tiles
+    assert dense_cpu.serves(10**6, w16, xla_bf16_gemm=True, tile_rows=True) == (tiles or panel)
     assert not dense_cpu.serves(0, w16)
     assert not dense_cpu.serves(1, w32)  # XLA's fp32 GEMV needs no conversion
     assert not dense_cpu.serves(1, w16, enabled=False)  # the model's kernels option says xla

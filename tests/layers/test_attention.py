@@ -198,12 +198,12 @@ def test_attention_module_matches_numpy(layer):
     assert cache is None  # no cache given: plain prefill
 
     w = {name: np.asarray(getattr(attn, name)[...], np.float64) for name in
-         ("wq_DNH", "bq_NH", "wk_DKH", "bk_KH", "wv_DKH", "bv_KH", "wo_NHD", "bo_D", "sinks_N")}
-    q = numpy_rope(np.einsum("btd,dnh->btnh", x, w["wq_DNH"]) + w["bq_NH"], positions, cfg)
-    k = numpy_rope(np.einsum("btd,dkh->btkh", x, w["wk_DKH"]) + w["bk_KH"], positions, cfg)
-    v = np.einsum("btd,dkh->btkh", x, w["wv_DKH"]) + w["bv_KH"]
+         ("wq_NHD", "bq_NH", "wk_KHD", "bk_KH", "wv_KHD", "bv_KH", "wo_DNH", "bo_D", "sinks_N")}
+    q = numpy_rope(np.einsum("btd,nhd->btnh", x, w["wq_NHD"]) + w["bq_NH"], positions, cfg)
+    k = numpy_rope(np.einsum("btd,khd->btkh", x, w["wk_KHD"]) + w["bk_KH"], positions, cfg)
+    v = np.einsum("btd,khd->btkh", x, w["wv_KHD"]) + w["bv_KH"]
     o = naive_attend(q, k, v, w["sinks_N"], positions, positions, attn.window, cfg.head_dim**-0.5)
-    want = np.einsum("btnh,nhd->btd", o, w["wo_NHD"]) + w["bo_D"]
+    want = np.einsum("btnh,dnh->btd", o, w["wo_DNH"]) + w["bo_D"]
     assert got.shape == x.shape and got.dtype == jnp.float32
     np.testing.assert_allclose(np.asarray(got), want, rtol=1e-4, atol=1e-4)
 

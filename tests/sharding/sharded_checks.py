@@ -91,7 +91,7 @@ def check_mesh(path, mesh, ref, tokens, prompts, kernel=True, impls=("auto",), g
                            "per_device": sorted(per.values()), "devices": len(per)}
     for name, w in (("gate_up", model.layers[0].mlp.gate_up_EFD[...].blocks),
                     ("down", model.layers[0].mlp.down_EDI[...].blocks),
-                    ("wq", model.layers[0].attn.wq_DNH[...]), ("wk", model.layers[0].attn.wk_DKH[...])):
+                    ("wq", model.layers[0].attn.wq_NHD[...]), ("wk", model.layers[0].attn.wk_KHD[...])):
         out[f"{name}_spec"] = str(w.sharding.spec)
     p = plan(CFG, sizes, context=cache_len, batch=len(prompts), dtype="float32", rules=layout.rules)
     out["planner"] = {"weights_planned": p.weight_bytes, "weights_real": sorted(set(device_bytes(model).values())),
@@ -168,7 +168,7 @@ def train_step_checks(folder: str) -> dict:
                 out[f"{method}_specs"] = {
                     jax.tree_util.keystr(path): str(leaf.sharding.spec)
                     for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]
-                    if any(n in jax.tree_util.keystr(path) for n in ("unembed_VD", "gate_up_EFD", "wq_DNH", "q_a_DR"))}
+                    if any(n in jax.tree_util.keystr(path) for n in ("unembed_VD", "gate_up_EFD", "wq_NHD", "q_a_DR"))}
         out[method] = {**losses, "max_rel": max(abs(a - b) / abs(b) for a, b in zip(losses["2x2x2"],
                                                                                    losses["single"]))}
     # adapter dropout inside the sharded MoE (each shard draws its own masks, so no equality with one device)

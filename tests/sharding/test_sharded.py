@@ -75,8 +75,8 @@ def test_layouts(report):
     assert m["megatron-1x1x2"]["down_spec"] == "P(None, None, 'tensor')"  # the K/32 block axis
     assert m["8x1x1"]["gate_up_spec"] == "P()"
     # heads on tensor; kv heads too where they divide (4 on 2), replicated where not (4 on 8)
-    assert m["2x2x2"]["wq_spec"] == m["2x2x2"]["wk_spec"] == "P(None, 'tensor')"
-    assert (m["1x1x8"]["wq_spec"], m["1x1x8"]["wk_spec"]) == ("P(None, 'tensor')", "P()")
+    assert m["2x2x2"]["wq_spec"] == m["2x2x2"]["wk_spec"] == "P('tensor',)"
+    assert (m["1x1x8"]["wq_spec"], m["1x1x8"]["wk_spec"]) == ("P('tensor',)", "P()")
     assert any("num_key_value_heads=4" in n for n in m["1x1x8"]["notes"])
 
 

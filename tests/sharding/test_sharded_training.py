@@ -51,7 +51,7 @@ def test_fsdp_stores_parameters_split(report):
     """On data 2 x fsdp 2 x expert 2, parameters, packed experts, adapters and their optimizer state are stored
     split over fsdp (each device holds half of what the expert axis leaves it), not replicated."""
     specs = report["train_steps"]["lora_specs"]
-    for kind in ("unembed_VD", "gate_up_EFD", "wq_DNH", "q_a_DR"):
+    for kind in ("unembed_VD", "gate_up_EFD", "wq_NHD", "q_a_DR"):
         mine = {k: v for k, v in specs.items() if kind in k}
         assert mine and all("fsdp" in v for v in mine.values()), (kind, mine)
     assert any("'opt'" in k and "q_a_DR" in k for k in specs), sorted(specs)
