@@ -4,8 +4,9 @@ With a few tokens, a matmul with bf16 weights is a pass over the weight, so memo
 Measured, interleaved round by round so that all see the same machine load:
   * numpy streaming read (`uint8 .max()` over 1 GiB): the roofline, single-threaded;
   * the kernel, jitted (gptoss.kernels.dense_cpu.dense_matmul: the XLA FFI call the layers use), bf16 x, with the
-    library's thread pool and with 1 thread, for M = 1 and 8 tokens on the unembedding [201088, 2880] (w_nk) and
-    attention's wq [2880, 4096] and wo [4096, 2880] (input-major); the attention weights are rotated through
+    library's thread pool and with 1 thread, for M = 1 and 8 tokens on the unembedding [201088, 2880] and
+    attention's wq [4096, 2880] and wo [2880, 4096] (all [out, in], w_nk, as the model stores them since
+    2026-12-02); the attention weights are rotated through
     copies totalling >= 512 MiB, so that no call finds its weight in a cache (decode reads 24 layers' worth).
     Each measurement is a burst of back-to-back calls after one untimed call, as in a decode step: on this
     (virtual) machine the first ~2 ms of memory traffic after a pause run at a fraction of the steady rate,
@@ -37,8 +38,8 @@ from gptoss.kernels import dense_cpu, mxfp4_cpu
 # name -> (weight shape, w_nk, the model's einsum, its preferred_element_type)
 SHAPES = {
     "unembed": ((201088, 2880), True, "md,vd->mv", jnp.float32),
-    "wq": ((2880, 4096), False, "md,dn->mn", None),
-    "wo": ((4096, 2880), False, "mn,nd->md", None),
+    "wq": ((4096, 2880), True, "md,nd->mn", None),
+    "wo": ((2880, 4096), True, "mn,dn->md", None),
 }
 ROTATE_BYTES = 512 << 20
 

@@ -36,7 +36,8 @@ _ISA_CODES = (*ISAS, AMX_EMULATED)
 # Kernel for M <= these many tokens; measured crossovers against XLA:CPU (benchmarks/dense_kernel.py, 2 cores):
 MAX_TOKENS = 128  # vs einsums XLA runs by converting the weight to fp32 (bf16 result): XLA still 1.2x slower at 192
 MAX_TOKENS_VS_BF16_GEMM = 4  # vs bf16 x and W with an fp32 result: XLA's own bf16 GEMM, faster from 3-6 tokens
-MAX_TOKENS_VS_BF16_GEMM_KN = 12  # the same for W [K, N] (attention): XLA's GEMM is slower there up to 8-16 tokens
+MAX_TOKENS_VS_BF16_GEMM_KN = 12  # the same for W [K, N]: XLA's GEMM is slower there up to 8-16 tokens (measured on
+# attention's wq and wo while the model stored them [in, out], before 2026-12-02)
 # ... and bf16 x times bf16 [N, K] on these: the kernel at any size (the AMX tiles from 4 tokens, VDPBF16PS from 16)
 TILE_ISAS = ("avx512bf16", "amx")
 # ... and bf16 x times bf16 W on AVX2 CPUs: the kernel at any size for W [K, N], and from PANEL_MIN_TOKENS for W

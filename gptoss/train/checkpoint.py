@@ -4,6 +4,7 @@ mid-save resumes from the previous one), keeping the last N."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 import jax
@@ -69,8 +70,9 @@ class Checkpoints:
         if not perms:
             return None
         flat, extra = self._restore(step, legacy)
-        return {perms[k][0] if k in perms else k: jnp.transpose(v, perms[k][1]) if k in perms else v
-                for k, v in flat.items()}, extra
+        for old, (new, perm) in perms.items():
+            flat[new] = jnp.transpose(flat.pop(old), perm)
+        return flat, extra
 
     def restore(self, step: int, template):
         """(state shaped like `template`, extra) of checkpoint `step`."""
@@ -79,10 +81,9 @@ class Checkpoints:
         try:
             flat, extra = self._restore(step, abstract)
         except Exception as err:  # orbax names what the checkpoint lacks; one from before a layout change?
-            try:
+            got = None
+            with contextlib.suppress(Exception):
                 got = self._restore_legacy(step, abstract)
-            except Exception:
-                got = None
             if got is None:
                 raise err
             flat, extra = got
