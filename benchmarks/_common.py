@@ -188,7 +188,8 @@ def kernel_state() -> dict[str, Any]:
         return {"present": False}
     mode = select.default_kernels()
     return {"present": True, "mode": mode, "enabled": select.cpu_kernels(mode), "isa": mxfp4_cpu.isa(),
-            "exact_gemv": mxfp4_cpu.exact_gemv(), "x16": mxfp4_cpu.x16_active(), "load_error": mxfp4_cpu.load_error(),
+            "exact_gemv": mxfp4_cpu.exact_gemv(), "x16": mxfp4_cpu.x16_active(), "x8": mxfp4_cpu.x8_active(),
+            "gemv_input": mxfp4_cpu.gemv_input(), "load_error": mxfp4_cpu.load_error(),
             "env": os.environ.get(select.ENV)}
 
 

@@ -538,18 +538,23 @@ def main() -> None:
     ap.add_argument("--keep", metavar="DIR", help="write (and reuse) checkpoints and GGUFs in DIR, keep them")
     ap.add_argument("--no-amx", action="store_true",
                     help="deny AMX to every side (seccomp; _common.deny_amx): an AMX Xeon as a CPU without AMX")
+    ap.add_argument("--gemv-input", choices=("x16", "x8", "exact"),
+                    help="gptoss's one-token MXFP4 GEMV input (GPTOSS_MXFP4_GEMV_INPUT; default: the library's, x16); "
+                         "x8 rounds x per 32 elements to 8 bits as llama.cpp's Q8_0 does")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
         return child_main(json.loads(args.child))
     if args.no_amx:
         deny_amx()  # inherited by the children: both sides
+    if args.gemv_input:
+        os.environ["GPTOSS_MXFP4_GEMV_INPUT"] = args.gemv_input  # read by our side's child at library load
     if args.quick:
         args.layers, args.prompt, args.new = 2, 32, 8
     interrupt_on_sigterm()
     out: dict = {"benchmark": "llama_cpp", "machine": machine_info() | {"isa_flags": isa_flags()},
                  "threads": args.threads, "prompt": args.prompt, "new": args.new, "runs": args.runs, "shapes": {},
-                 "amx_denied": args.no_amx}
+                 "amx_denied": args.no_amx, "gemv_input": args.gemv_input}
     out["read_gbps"] = stream_read_gbps()
     log(f"numpy streaming read: {out['read_gbps']:.1f} GB/s")
     llama = None
@@ -572,7 +577,8 @@ def main() -> None:
         if not args.keep:
             shutil.rmtree(work, ignore_errors=True)
     report(out)
-    path = write_json(("llama_cpp_quick" if args.quick else "llama_cpp") + ("_noamx" if args.no_amx else ""), out)
+    path = write_json(("llama_cpp_quick" if args.quick else "llama_cpp") + ("_noamx" if args.no_amx else "")
+                      + (f"_{args.gemv_input}" if args.gemv_input else ""), out)
     log(f"wrote {path}")
 
 
@@ -623,7 +629,8 @@ def report(out: dict) -> None:
     print_table(f"gptoss vs llama.cpp, CPU, batch 1, {out['threads']} threads, prompt {out['prompt']}, decode "
                 f"{out['new']} tokens, {out['runs']} runs (llama-bench: mean; gptoss: median); "
                 f"read bandwidth {out['read_gbps']:.1f} GB/s"
-                + ("; AMX denied (--no-amx)" if out.get("amx_denied") else ""),
+                + ("; AMX denied (--no-amx)" if out.get("amx_denied") else "")
+                + (f"; gptoss GEMV input {out['gemv_input']}" if out.get("gemv_input") else ""),
                 ["shape", "side", "prefill tok/s", "decode tok/s", "ms/token", "% read bw", "peak RSS GiB", "load"],
                 rows)
     print("% read bw: decode weight bytes/s over the 1-thread numpy read bandwidth (2 threads can pass 100%); load: "

@@ -29,6 +29,7 @@ struct Tile {
   int64_t col0;
   const float* scale_lut;  // 256 floats: E8M0 byte -> 2**(s-127) (255 -> NaN)
   const uint8_t* xi = nullptr;  // one token's input in the x16 layout below (x16 GEMVs), or null: fp32 x only
+  bool x8 = false;              // xi is in the x8 layout below instead (AVX-512 VNNI only)
 };
 
 // The one-token GEMVs' integer input ("x16"; the AVX2 and AVX-512 VNNI kernels), written by the driver once per
@@ -42,7 +43,15 @@ struct Tile {
 // 4, 6, 1, 3, 5, 7 (the order in which the AVX2 kernel's vphaddd leave the block sums). Blocks past the last whole
 // group run on the fp32 path.
 constexpr int64_t kX16Blocks = 8, kX16GroupBytes = 4 * 128 + 32 + 32;
-// E2M1 code -> the unsigned weight byte 2 * value + 12 the x16 kernels multiply (a vpshufb table).
+// The x8 input (opt-in, gptoss_mxfp4_set_gemv_input(2); AVX-512 VNNI only): each 32-block of x becomes q * d with
+// d = max|x| / 127 and q = rint(x * (127 / max|x|)) in [-127, 127] (fp32 division and product, then round half to
+// even), as llama.cpp's Q8_0 (with an fp32 d): off by at most d / 2 = max|x| / 254 of the block per element, so half
+// the integer products of x16. Per 8 blocks, kX8GroupBytes: for each 4 blocks (4p .. 4p + 3), 2 x 64 bytes, q of the
+// even elements, then of the odd (byte i of 128-bit lane L is element 2i, or 2i + 1, of block 4p + L); then 8 int32
+// -12 * sum(q) and 8 floats d / 2, both in x16's block order 0, 2, 4, 6, 1, 3, 5, 7. Blocks past the last whole
+// group run on the fp32 path, as for x16.
+constexpr int64_t kX8GroupBytes = 4 * 64 + 32 + 32;
+// E2M1 code -> the unsigned weight byte 2 * value + 12 the x16 and x8 kernels multiply (a vpshufb table).
 #define GPTOSS_X16_WEIGHT_BYTES 12, 13, 14, 15, 16, 18, 20, 24, 12, 11, 10, 9, 8, 6, 4, 0
 
 using TileFn = void (*)(const Tile&);
@@ -117,6 +126,8 @@ void tile_dp_bf16(const DpTile& t);  // mxfp4_avx512bf16.cc, linked in when GPTO
 // The one-token GEMV on t.xi (x16; t.x: the fp32 "xp" input for blocks past the last group), AVX-512 VNNI
 // (mxfp4_avx512vnni.cc, linked in when GPTOSS_HAVE_AVX512VNNI is defined).
 void gemv_x16_avx512vnni(const Tile& t);
+// The same on the x8 input (t.x8).
+void gemv_x8_avx512vnni(const Tile& t);
 // The transposed product; no AMX version (an AMX CPU runs tile_t_avx512).
 void tile_t_scalar(const TTile& t);
 void tile_t_avx2(const TTile& t);

@@ -12,7 +12,8 @@
 //   grouped = 0 (decode): each (m, s) pair is a GEMV over the rows of its expert. On the AVX2 tile, and on the
 //                          AVX-512 one where the CPU has VNNI and VBMI (mxfp4_avx512vnni.cc), x is first rounded
 //                          to 15-bit block floating point (PrepareX16) and the GEMV runs on integers unless
-//                          set_exact_gemv / GPTOSS_MXFP4_EXACT_GEMV=1 keeps it on fp32 x.
+//                          set_exact_gemv / GPTOSS_MXFP4_EXACT_GEMV=1 keeps it on fp32 x. Opt-in on AVX-512 VNNI:
+//                          x8 (PrepareX8, llama.cpp's 8-bit activations), half the integer products.
 //   grouped = 1 (prefill): pairs are bucketed by expert; each task streams a chunk of one expert's rows once
 //                          and multiplies it with a block of that expert's inputs (register-tiled GEMM).
 //                          With bf16 inputs on a CPU with AMX (mxfp4_amx.cc), the chunk is dequantized to bf16
@@ -154,9 +155,9 @@ bool vnni_usable() {
   return ok;
 }
 
-// The AVX-512 tile whose one-token GEMVs run on the x16 input where the driver wrote one.
+// The AVX-512 tile whose one-token GEMVs run on the x16 (or x8) input where the driver wrote one.
 void tile_avx512_x16(const Tile& t) {
-  if (t.ntok == 1 && t.xi != nullptr) return gemv_x16_avx512vnni(t);
+  if (t.ntok == 1 && t.xi != nullptr) return t.x8 ? gemv_x8_avx512vnni(t) : gemv_x16_avx512vnni(t);
   tile_avx512(t);
 }
 #endif
@@ -183,12 +184,22 @@ bool tile_reads_xq(TileFn fn) {
 #endif
 }
 
-// Whether the tile's one-token GEMVs read x16 inputs (when the driver writes them: g_x16).
+// Whether the tile's one-token GEMVs read x16 inputs (when the driver writes them: g_gemv).
 bool tile_reads_x16(TileFn fn) {
 #if defined(GPTOSS_HAVE_AVX512VNNI)
   if (fn == tile_avx512_x16) return true;
 #endif
   return tile_reads_xq(fn);
+}
+
+// Whether the tile's one-token GEMVs can read x8 inputs instead (AVX-512 VNNI only).
+bool tile_reads_x8(TileFn fn) {
+#if defined(GPTOSS_HAVE_AVX512VNNI)
+  return fn == tile_avx512_x16;
+#else
+  (void)fn;
+  return false;
+#endif
 }
 
 TTileFn tile_t_fn(int isa) {
@@ -264,7 +275,8 @@ struct Job {
   const int32_t* idx;
   std::vector<int64_t> pairs;    // the unskipped pairs
   std::vector<const float*> xs;  // input rows, per unskipped pair (gather) or per sorted pair (grouped)
-  std::vector<const uint8_t*> xis;  // gather on the AVX2 tile: the pair's x16 input, or null (fp32 only)
+  std::vector<const uint8_t*> xis;  // gather on an x16 tile: the pair's x16 (or x8) input, or null (fp32 only)
+  bool x8 = false;                  // xis are x8 inputs
   std::vector<float*> ys;
   // grouped: one task per (expert, token block, row chunk)
   struct Group { int64_t e, first, count; };
@@ -294,7 +306,7 @@ void GatherTask(void* ctx, int64_t task) {
   const int64_t e = j.idx[j.pairs[a]];
   Tile t{j.blocks + (e * j.N + n0) * j.G * 16, j.scales + (e * j.N + n0) * j.G, j.G,
          std::min(j.rows_per_task, j.N - n0), &j.xs[a], 1, &j.ys[a], n0, g_scales.v,
-         j.xis.empty() ? nullptr : j.xis[a]};
+         j.xis.empty() ? nullptr : j.xis[a], j.x8};
   j.fn(t);
 }
 
@@ -328,11 +340,19 @@ void PermuteInputs(const Problem& pr, bool xq, std::vector<float>& xp) {
       for (int j = 0; j < 32; ++j) xp[m * pr.K + 32 * g + at[j]] = InputAt(pr, m * pr.K + 32 * g + j);
 }
 
-// Whether one-token GEMVs on the x16 tiles read x16 inputs (mxfp4_kernel.h); GPTOSS_MXFP4_EXACT_GEMV=1 or
-// gptoss_mxfp4_set_exact_gemv(1) keeps them on exact fp32 inputs.
-std::atomic<bool> g_x16{[] {
+// What one-token GEMVs on the x16 tiles read: exact fp32 x, x16 (the default) or x8 (opt-in; AVX-512 VNNI, x16 on
+// the AVX2 tile). GPTOSS_MXFP4_GEMV_INPUT=exact|x16|x8 sets it at start, GPTOSS_MXFP4_EXACT_GEMV=1 makes it exact;
+// gptoss_mxfp4_set_gemv_input / set_exact_gemv change it.
+constexpr int kGemvExact = 0, kGemvX16 = 1, kGemvX8 = 2;
+int gemv_input_from_env() {
+  const char* env = std::getenv("GPTOSS_MXFP4_GEMV_INPUT");
+  const std::string v = env != nullptr ? env : "";
+  return v == "x8" ? kGemvX8 : v == "exact" ? kGemvExact : kGemvX16;
+}
+std::atomic<int> g_inexact{gemv_input_from_env() == kGemvX8 ? kGemvX8 : kGemvX16};  // what set_exact_gemv(0) restores
+std::atomic<int> g_gemv{[] {
   const char* env = std::getenv("GPTOSS_MXFP4_EXACT_GEMV");
-  return env == nullptr || std::string(env) != "1";
+  return env != nullptr && std::string(env) == "1" ? kGemvExact : gemv_input_from_env();
 }()};
 
 // Writes token m's x16 input (G / kX16Blocks groups) at `out` (32-byte aligned). Returns false, leaving the token
@@ -379,6 +399,49 @@ bool PrepareX16(const Problem& pr, int64_t m, uint8_t* out) {
     }
     std::memcpy(dst + 512, corr, sizeof(corr));
     std::memcpy(dst + 544, xscale, sizeof(xscale));
+  }
+  return true;
+}
+
+// y rounded to the nearest integer, ties to even: cvtss2si under the default MXCSR (lrintf is a libm call here).
+inline int32_t RoundToEven(float y) {
+#if defined(__SSE__)
+  return _mm_cvtss_si32(_mm_set_ss(y));
+#else
+  return static_cast<int32_t>(std::lrint(y));
+#endif
+}
+
+// Writes token m's x8 input (G / kX16Blocks groups of kX8GroupBytes) at `out` (64-byte aligned): each block's
+// q = rint(x * (127 / max|x|)) and d = max|x| / 127 (mxfp4_kernel.h). Returns false, leaving the token on the fp32
+// path, for the inputs PrepareX16 leaves there.
+bool PrepareX8(const Problem& pr, int64_t m, uint8_t* out) {
+  const ExactFp fp;
+  const int64_t groups = pr.K / 32 / kX16Blocks;
+  for (int64_t g8 = 0; g8 < groups; ++g8) {
+    uint8_t* dst = out + g8 * kX8GroupBytes;
+    int8_t* planes = reinterpret_cast<int8_t*>(dst);  // [4 blocks][even, odd][64]
+    int32_t corr[8];
+    float xscale[8];
+    for (int b = 0; b < kX16Blocks; ++b) {
+      const int64_t k0 = m * pr.K + 32 * (g8 * kX16Blocks + b);
+      float v[32], amax = 0.0f;
+      for (int i = 0; i < 32; ++i) v[i] = InputAt(pr, k0 + i), amax = std::max(amax, std::fabs(v[i]));
+      if (!(amax < 0x1p60f) || (amax > 0.0f && amax < 0x1p-100f)) return false;
+      const float inv = amax > 0.0f ? 127.0f / amax : 0.0f;
+      int32_t sum = 0;
+      for (int i = 0; i < 32; ++i) {
+        const float y = v[i] * inv;  // |y| <= 127 (rounded once; then to the nearest integer, ties to even)
+        const int32_t q = RoundToEven(y);
+        sum += q;
+        planes[(2 * (b / 4) + i % 2) * 64 + 16 * (b % 4) + i / 2] = static_cast<int8_t>(q);
+      }
+      static constexpr int kOrder[8] = {0, 4, 1, 5, 2, 6, 3, 7};  // block b's slot in 0, 2, 4, 6, 1, 3, 5, 7
+      corr[kOrder[b]] = -12 * sum;
+      xscale[kOrder[b]] = amax / 127.0f * 0.5f;  // the weight bytes are 2 * value (+ 12)
+    }
+    std::memcpy(dst + 256, corr, sizeof(corr));
+    std::memcpy(dst + 288, xscale, sizeof(xscale));
   }
   return true;
 }
@@ -554,14 +617,16 @@ std::string Compute(const Problem& pr, bool grouped) {
       j.ys[a] = pr.y + j.pairs[a] * pr.N;
     }
     thread_local std::vector<uint8_t> xi;
-    thread_local std::vector<const uint8_t*> token_xi;  // per token: its x16 input, or null (fp32 only)
-    if (tile_reads_x16(j.fn) && g_x16.load() && j.G >= kX16Blocks) {
-      const int64_t stride = j.G / kX16Blocks * kX16GroupBytes;  // one token's x16 input
-      xi.resize(static_cast<size_t>(pr.M * stride + 32));
-      uint8_t* base = xi.data() + (-reinterpret_cast<uintptr_t>(xi.data()) & 31);
+    thread_local std::vector<const uint8_t*> token_xi;  // per token: its x16 / x8 input, or null (fp32 only)
+    const int mode = g_gemv.load();
+    if (tile_reads_x16(j.fn) && mode != kGemvExact && j.G >= kX16Blocks) {
+      j.x8 = mode == kGemvX8 && tile_reads_x8(j.fn);
+      const int64_t stride = j.G / kX16Blocks * (j.x8 ? kX8GroupBytes : kX16GroupBytes);  // one token's input
+      xi.resize(static_cast<size_t>(pr.M * stride + 64));
+      uint8_t* base = xi.data() + (-reinterpret_cast<uintptr_t>(xi.data()) & 63);
       token_xi.resize(pr.M);
       for (int64_t m = 0; m < pr.M; ++m)
-        token_xi[m] = PrepareX16(pr, m, base + m * stride) ? base + m * stride : nullptr;
+        token_xi[m] = (j.x8 ? PrepareX8 : PrepareX16)(pr, m, base + m * stride) ? base + m * stride : nullptr;
       j.xis.resize(A);
       for (int64_t a = 0; a < A; ++a) j.xis[a] = token_xi[j.pairs[a] / pr.S];
     }
@@ -739,13 +804,29 @@ GPTOSS_EXPORT int gptoss_mxfp4_set_isa(int isa) {
   return gptoss::g_isa.load();
 }
 
-// 1: one-token GEMVs on the x16 tiles (AVX2, AVX-512 VNNI) use exact fp32 inputs; 0: x16 inputs (the default).
-// Returns the previous value.
-GPTOSS_EXPORT int gptoss_mxfp4_set_exact_gemv(int exact) { return gptoss::g_x16.exchange(exact == 0) ? 0 : 1; }
-GPTOSS_EXPORT int gptoss_mxfp4_exact_gemv() { return gptoss::g_x16.load() ? 0 : 1; }
-// Whether the ISA choice now in use runs one-token GEMVs on x16 inputs (its tile has an x16 kernel, not exact).
+// 1: one-token GEMVs on the x16 tiles (AVX2, AVX-512 VNNI) use exact fp32 inputs; 0: back to x16 (the default) or
+// x8, whichever was chosen last. Returns the previous value.
+GPTOSS_EXPORT int gptoss_mxfp4_set_exact_gemv(int exact) {
+  return gptoss::g_gemv.exchange(exact != 0 ? gptoss::kGemvExact : gptoss::g_inexact.load()) == gptoss::kGemvExact;
+}
+GPTOSS_EXPORT int gptoss_mxfp4_exact_gemv() { return gptoss::g_gemv.load() == gptoss::kGemvExact ? 1 : 0; }
+// 0 exact, 1 x16, 2 x8 (mxfp4_kernel.h); anything else is refused (-1). Returns the previous value.
+GPTOSS_EXPORT int gptoss_mxfp4_set_gemv_input(int mode) {
+  if (mode < gptoss::kGemvExact || mode > gptoss::kGemvX8) return -1;
+  if (mode != gptoss::kGemvExact) gptoss::g_inexact.store(mode);
+  return gptoss::g_gemv.exchange(mode);
+}
+GPTOSS_EXPORT int gptoss_mxfp4_gemv_input() { return gptoss::g_gemv.load(); }
+// Whether the ISA choice now in use runs one-token GEMVs on x16 inputs (its tile has an x16 kernel, not exact, not
+// x8), or on x8 inputs.
 GPTOSS_EXPORT int gptoss_mxfp4_x16_active() {
-  return gptoss::g_x16.load() && gptoss::tile_reads_x16(gptoss::tile_fn(gptoss::g_isa.load())) ? 1 : 0;
+  const gptoss::TileFn fn = gptoss::tile_fn(gptoss::g_isa.load());
+  const int mode = gptoss::g_gemv.load();
+  return mode != gptoss::kGemvExact && gptoss::tile_reads_x16(fn) &&
+         !(mode == gptoss::kGemvX8 && gptoss::tile_reads_x8(fn));
+}
+GPTOSS_EXPORT int gptoss_mxfp4_x8_active() {
+  return gptoss::g_gemv.load() == gptoss::kGemvX8 && gptoss::tile_reads_x8(gptoss::tile_fn(gptoss::g_isa.load()));
 }
 
 GPTOSS_EXPORT int gptoss_mxfp4_num_threads() { return gptoss::pool().size(); }

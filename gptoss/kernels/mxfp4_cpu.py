@@ -8,7 +8,8 @@ A negative index skips its pair (expert parallelism marks the pairs routed to ot
 output row is zero and the kernel does no work for it. An index >= E is an error.
 On CPUs with AVX-512 VNNI and VBMI, or AVX2 but no AVX-512, one-token (decode) calls round x to 15-bit block
 floating point per 32 elements and multiply on integers, memory-bound instead of compute-bound (`set_exact_gemv`,
-`x16_active`); every other path is exact.
+`x16_active`), or opt-in on AVX-512 VNNI to 8-bit blocks as llama.cpp does (`set_gemv_input("x8")`, `x8_active`);
+every other path is exact.
 Grouped calls with bf16 inputs use AMX tiles where the CPU has them (Sapphire Rapids and later): the weights are
 dequantized exactly to bf16 (subnormal weights, |w| < 2**-126, flush to zero) and accumulated in fp32.
 
@@ -79,7 +80,7 @@ def _declare(lib) -> None:
     lib.gptoss_mxfp4_matmul.argtypes = [ptr, ctypes.c_int, ptr, ptr, ptr, ptr, i64, i64, i64, i64, i64, ctypes.c_int]
     lib.gptoss_mxfp4_matmul.restype = ctypes.c_int
     for name in ("gptoss_mxfp4_set_isa", "gptoss_mxfp4_set_num_threads", "gptoss_mxfp4_set_exact_gemv",
-                 "gptoss_mxfp4_set_spin_micros"):
+                 "gptoss_mxfp4_set_spin_micros", "gptoss_mxfp4_set_gemv_input"):
         getattr(lib, name).argtypes = [ctypes.c_int]
 
 
@@ -220,8 +221,8 @@ def isa() -> str:
 def set_exact_gemv(exact: bool) -> bool:
     """One-token GEMVs (decode) on the AVX2 and AVX-512 VNNI paths: True keeps x exact in fp32; False (the default,
     unless GPTOSS_MXFP4_EXACT_GEMV=1) rounds each 32-block of x to 15-bit block floating point and multiplies on
-    integers (|error| <= 2**-14 * the block's max |x| per element; ~1.6x the GEMV's speed on a Zen 3 core). Other
-    paths are always exact. Returns the previous setting."""
+    integers (|error| <= 2**-14 * the block's max |x| per element; ~1.6x the GEMV's speed on a Zen 3 core), or to x8
+    where `set_gemv_input("x8")` chose it. Other paths are always exact. Returns the previous setting."""
     lib = load_library()
     if lib is None:
         raise RuntimeError(f"the MXFP4 CPU kernel is unavailable: {_state['error']}")
@@ -235,10 +236,40 @@ def exact_gemv() -> bool | None:
 
 
 def x16_active() -> bool:
-    """Whether one-token GEMVs round x to x16 now: not `exact_gemv()` and the ISA in use has an x16 kernel (AVX2;
-    AVX-512 where the CPU has VNNI and VBMI)."""
+    """Whether one-token GEMVs round x to x16 now: not `exact_gemv()`, the ISA in use has an x16 kernel (AVX2;
+    AVX-512 where the CPU has VNNI and VBMI), and not `x8_active()`."""
     lib = load_library()
     return lib is not None and bool(lib.gptoss_mxfp4_x16_active())
+
+
+GEMV_INPUTS = ("exact", "x16", "x8")
+
+
+def set_gemv_input(mode: str) -> str:
+    """What one-token GEMVs (decode) on the x16 paths multiply: "exact" fp32 x, "x16" (the default: 15-bit block
+    floating point, `set_exact_gemv`) or "x8", opt-in: each 32-block of x becomes q * d with d = max|x| / 127 and
+    q = rint(x / d) in [-127, 127] (llama.cpp's 8-bit activations, Q8_0, with an fp32 d; |error| <= max|x| / 254
+    per element), half x16's integer products; AVX-512 VNNI only (the AVX2 path stays on x16: `x8_active`).
+    GPTOSS_MXFP4_GEMV_INPUT sets it at start. Returns the previous mode."""
+    if mode not in GEMV_INPUTS:
+        raise ValueError(f"gemv input must be one of {GEMV_INPUTS}, not {mode!r}")
+    lib = load_library()
+    if lib is None:
+        raise RuntimeError(f"the MXFP4 CPU kernel is unavailable: {_state['error']}")
+    return GEMV_INPUTS[lib.gptoss_mxfp4_set_gemv_input(GEMV_INPUTS.index(mode))]
+
+
+def gemv_input() -> str | None:
+    """The mode `set_gemv_input` chose ("exact", "x16", "x8"); None without the library."""
+    lib = load_library()
+    return GEMV_INPUTS[lib.gptoss_mxfp4_gemv_input()] if lib is not None else None
+
+
+def x8_active() -> bool:
+    """Whether one-token GEMVs round x to x8 now: `gemv_input()` is "x8" and the ISA in use has the x8 kernel
+    (AVX-512 with VNNI and VBMI)."""
+    lib = load_library()
+    return lib is not None and bool(lib.gptoss_mxfp4_x8_active())
 
 
 def set_num_threads(n: int) -> int:

@@ -41,8 +41,9 @@ def isa(request):
 
 @pytest.fixture(autouse=True)
 def exact_gemv(request):
-    """The exact fp32 GEMV everywhere (the oracle's contract), except in the x16 tests, which set what they test."""
-    if "x16" in request.node.name:
+    """The exact fp32 GEMV everywhere (the oracle's contract), except in the x16 / x8 tests, which set what they
+    test."""
+    if "x16" in request.node.name or "int_gemv" in request.node.name:
         yield
         return
     before = mxfp4_cpu.set_exact_gemv(True)
@@ -538,7 +539,7 @@ def test_spin_micros_setting(monkeypatch):
         assert mxfp4_cpu.set_spin_micros(-5) == 1000
 
 
-# ------------------------------------------------------------------- x16 (AVX2 and AVX-512 VNNI one-token GEMV)
+# ------------------------------------------------------ x16 (AVX2 and AVX-512 VNNI one-token GEMV) and x8 (opt-in)
 def x16_round(x):
     """numpy model of the documented x16 rounding: each 32-block of the first 8 * (G // 8) blocks becomes
     q * 2**(E - 13), E = floor(log2 max|x|) (one more if a q would reach 16384), q = round-half-even; the rest stay."""
@@ -553,20 +554,41 @@ def x16_round(x):
     return xb.reshape(x.shape)
 
 
-@pytest.fixture(params=["avx2", "avx512"])
-def x16(request):
-    """Each x16 kernel this CPU can run: AVX2's, and AVX-512's where the CPU has VNNI and VBMI."""
-    if request.param not in _supported_isas():
-        pytest.skip(f"this CPU has no {request.param}")
-    before_isa, before_exact = mxfp4_cpu.isa(), mxfp4_cpu.set_exact_gemv(False)
-    mxfp4_cpu.set_isa(request.param)
+def x8_round(x):
+    """numpy model of the documented x8 rounding, in the driver's fp32 arithmetic: each 32-block of the first
+    8 * (G // 8) blocks becomes q * d, d = max|x| / 127, q = rint(x * (127 / max|x|)) (fp32 division and product,
+    each correctly rounded; rint: half to even); the rest stay."""
+    x = np.asarray(x, np.float32)
+    xb = x.reshape(*x.shape[:-1], -1, 32)
+    whole = xb.shape[-2] // 8 * 8
+    head = xb[..., :whole, :]
+    amax = np.abs(head).max(-1, keepdims=True)
+    inv = np.where(amax > 0, np.float32(127) / np.where(amax > 0, amax, np.float32(1)), np.float32(0))
+    q = np.rint(head * inv.astype(np.float32))
+    out = xb.astype(np.float64)
+    out[..., :whole, :] = q.astype(np.float64) * (amax / np.float32(127)).astype(np.float64)
+    return out.reshape(x.shape)
+
+
+ROUNDINGS = {"x16": (x16_round, 2.0**-14), "x8": (x8_round, 1 / 254)}  # model, max error per block max |x|
+
+
+@pytest.fixture(params=[("x16", "avx2"), ("x16", "avx512"), ("x8", "avx512")], ids=lambda p: "-".join(p))
+def int_gemv(request):
+    """Each integer one-token GEMV this CPU can run: x16 on AVX2, x16 and x8 on AVX-512 where the CPU has VNNI and
+    VBMI. Yields (mode, its numpy rounding model, its error bound per block max |x|)."""
+    mode, isa = request.param
+    if isa not in _supported_isas():
+        pytest.skip(f"this CPU has no {isa}")
+    before_isa, before_mode = mxfp4_cpu.isa(), mxfp4_cpu.set_gemv_input(mode)
+    mxfp4_cpu.set_isa(isa)
     try:
-        if not mxfp4_cpu.x16_active():
-            pytest.skip(f"no x16 kernel on {request.param} here (AVX-512 needs VNNI and VBMI)")
-        yield request.param
+        if not (mxfp4_cpu.x8_active() if mode == "x8" else mxfp4_cpu.x16_active()):
+            pytest.skip(f"no {mode} kernel on {isa} here (AVX-512 needs VNNI and VBMI)")
+        yield (mode, *ROUNDINGS[mode])
     finally:
         mxfp4_cpu.set_isa(before_isa)
-        mxfp4_cpu.set_exact_gemv(before_exact)
+        mxfp4_cpu.set_gemv_input(before_mode)
 
 
 X16_SHAPES = [  # (M, S, E, N, G): one group, two, groups plus 1 and 2 fp32 tail blocks (G = 90 is gpt-oss's K)
@@ -580,9 +602,10 @@ X16_SHAPES = [  # (M, S, E, N, G): one group, two, groups plus 1 and 2 fp32 tail
 
 
 @pytest.mark.parametrize("shape", X16_SHAPES, ids=lambda s: "M{}S{}E{}N{}G{}".format(*s))
-def test_x16_gemv_matches_the_rounded_oracle(x16, shape):
-    """Gather calls against float64 W[idx] . x16_round(x), within fp32 rounding; inputs over ~6 binades per
-    block (so that small elements do round) in fp32 and bf16, every selection pattern."""
+def test_int_gemv_matches_the_rounded_oracle(int_gemv, shape):
+    """Gather calls against float64 W[idx] . round(x) (x16_round or x8_round), within fp32 rounding; inputs over ~6
+    binades per block (so that small elements do round) in fp32 and bf16, every selection pattern."""
+    _, rounded, _ = int_gemv
     M, S, E, N, G = shape
     rng = np.random.default_rng(sum(shape))
     blocks, scales = random_packed(rng, E, N, G)
@@ -591,15 +614,16 @@ def test_x16_gemv_matches_the_rounded_oracle(x16, shape):
     for pattern in PATTERNS:
         idx = selection(pattern, rng, M, S, E).astype(np.int32)
         x = (rng.normal(size=(M, 32 * G)) * np.exp2(rng.uniform(-6, 6, (M, 32 * G)))).astype(np.float32)
-        check(fn(x, w, idx), x16_round(x), blocks, scales, idx)
+        check(fn(x, w, idx), rounded(x), blocks, scales, idx)
         xb = np.asarray(jnp.asarray(x, jnp.bfloat16), np.float32)
-        check(fn(jnp.asarray(xb, jnp.bfloat16), w, idx), x16_round(xb), blocks, scales, idx)
+        check(fn(jnp.asarray(xb, jnp.bfloat16), w, idx), rounded(xb), blocks, scales, idx)
 
 
-def test_x16_gemv_error_bound_and_edges(x16):
-    """Against exact x: within 2**-14 * sum over blocks of max|x_b| * sum|w| of the block. Edges: a block of zeros,
-    an fp32 element that rounds up to the next binade, a negative power of two as the block maximum, and
-    the scale bytes 0 and > 127 of random_packed."""
+def test_int_gemv_error_bound_and_edges(int_gemv):
+    """Against exact x: within the bound (x16: 2**-14, x8: 1 / 254) * sum over blocks of max|x_b| * sum|w| of the
+    block. Edges: a block of zeros, an fp32 element that rounds up to the next binade (x16), a negative power of
+    two as the block maximum, and the scale bytes 0 and > 127 of random_packed. x8 is not x16 in disguise."""
+    mode, rounded, per_max = int_gemv
     rng = np.random.default_rng(12)
     E, N, G = 2, 24, 16
     blocks, scales = random_packed(rng, E, N, G)
@@ -612,19 +636,24 @@ def test_x16_gemv_error_bound_and_edges(x16):
     x[2, 100] = -1.0
     idx = np.array([[0], [1], [0], [1]], np.int32)
     y = mxfp4_cpu.mx_gather_matmul(x, w, idx, grouped=False)
-    check(y, x16_round(x), blocks, scales, idx)
+    check(y, rounded(x), blocks, scales, idx)
     got = np.asarray(y, np.float64)
     W = unpack_ref(blocks, scales).astype(np.float64)[idx[:, 0]]  # [M, N, K]
     amax = np.repeat(np.abs(x.reshape(4, G, 32)).max(-1), 32, axis=1)  # [M, K]
-    bound = 2.0**-14 * np.einsum("mnk,mk->mn", np.abs(W), amax) + 1e-5 * np.einsum("mnk,mk->mn", np.abs(W), np.abs(x))
+    mag = np.einsum("mnk,mk->mn", np.abs(W), np.abs(x))
+    bound = per_max * np.einsum("mnk,mk->mn", np.abs(W), amax) + 1e-5 * mag
     exact = np.einsum("mnk,mk->mn", W, x.astype(np.float64))
     assert (np.abs(got[:, 0] - exact) <= bound).all()
-    assert (np.abs(got[:, 0] - exact) > 0).any(), "x16 was not in use (the result is exact)"
+    assert (np.abs(got[:, 0] - exact) > 0).any(), f"{mode} was not in use (the result is exact)"
+    if mode == "x8":
+        x16_y = np.einsum("mnk,mk->mn", W, x16_round(x))
+        assert (np.abs(got[:, 0] - x16_y) > 1e-3 * mag).any(), "x8 gave x16's results"
 
 
-def test_x16_gemv_falls_back_to_fp32_for_out_of_range_tokens(x16):
+def test_int_gemv_falls_back_to_fp32_for_out_of_range_tokens(int_gemv):
     """A token with a non-finite element, or a block max >= 2**60 or below 2**-100, runs on fp32 x: the same
-    results as the oracle on unrounded x (inf and NaN included); the other tokens stay on x16."""
+    results as the oracle on unrounded x (inf and NaN included); the other tokens stay on x16 (x8)."""
+    _, rounded, _ = int_gemv
     rng = np.random.default_rng(13)
     blocks, scales = random_packed(rng, 2, 16, 8)
     w = MXFP4Array(jnp.asarray(blocks), jnp.asarray(scales), jnp.float32)
@@ -646,10 +675,10 @@ def test_x16_gemv_falls_back_to_fp32_for_out_of_range_tokens(x16):
     for m in (2, 3):  # fp32 path: the oracle on x itself
         check(got[m : m + 1], x[m : m + 1], blocks, scales, idx[m : m + 1])
     for m in (0, 4):
-        check(got[m : m + 1], x16_round(x[m : m + 1]), blocks, scales, idx[m : m + 1])
+        check(got[m : m + 1], rounded(x[m : m + 1]), blocks, scales, idx[m : m + 1])
 
 
-def test_x16_nan_scale_byte_poisons_its_row_only(x16):
+def test_int_gemv_nan_scale_byte_poisons_its_row_only(int_gemv):
     rng = np.random.default_rng(14)
     blocks, scales = random_packed(rng, 2, 12, 16)
     scales[1, 5, 9] = 255
@@ -660,14 +689,35 @@ def test_x16_nan_scale_byte_poisons_its_row_only(x16):
 
 
 def test_x16_is_the_default_and_switchable():
-    """A fresh library starts on x16 (GPTOSS_MXFP4_EXACT_GEMV unset, as in this suite's environment)."""
+    """A fresh library starts on x16 (GPTOSS_MXFP4_EXACT_GEMV and GPTOSS_MXFP4_GEMV_INPUT unset, as in this suite's
+    environment)."""
     import os
 
-    if os.environ.get("GPTOSS_MXFP4_EXACT_GEMV") == "1":
-        pytest.skip("GPTOSS_MXFP4_EXACT_GEMV=1 in this environment")
+    if os.environ.get("GPTOSS_MXFP4_EXACT_GEMV") == "1" or os.environ.get("GPTOSS_MXFP4_GEMV_INPUT"):
+        pytest.skip("GPTOSS_MXFP4_EXACT_GEMV=1 or GPTOSS_MXFP4_GEMV_INPUT in this environment")
     assert mxfp4_cpu.exact_gemv() is False  # this test is outside the autouse fixture (its name says x16)
     assert mxfp4_cpu.set_exact_gemv(True) is False and mxfp4_cpu.exact_gemv() is True
     assert mxfp4_cpu.set_exact_gemv(False) is True and mxfp4_cpu.exact_gemv() is False
+    assert mxfp4_cpu.gemv_input() == "x16"
+
+
+def test_x16_to_x8_and_back_and_the_isa_without_x8():
+    """x8 is opt-in and survives set_exact_gemv's round trip; the AVX2 tile has no x8 kernel and stays on x16; an
+    unknown mode is refused by name."""
+    before_isa, before = mxfp4_cpu.isa(), mxfp4_cpu.set_gemv_input("x8")
+    try:
+        assert mxfp4_cpu.gemv_input() == "x8"
+        assert mxfp4_cpu.set_exact_gemv(True) is False and mxfp4_cpu.gemv_input() == "exact"
+        assert not mxfp4_cpu.x8_active() and not mxfp4_cpu.x16_active()
+        assert mxfp4_cpu.set_exact_gemv(False) is True and mxfp4_cpu.gemv_input() == "x8"
+        if "avx2" in _supported_isas():
+            mxfp4_cpu.set_isa("avx2")
+            assert not mxfp4_cpu.x8_active() and mxfp4_cpu.x16_active()
+        with pytest.raises(ValueError, match="'x4'"):
+            mxfp4_cpu.set_gemv_input("x4")
+    finally:
+        mxfp4_cpu.set_isa(before_isa)
+        mxfp4_cpu.set_gemv_input(before)
 
 
 def test_x16_kernels_agree_bit_for_bit():
