@@ -22,6 +22,9 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
                    help="auto keeps the checkpoint's format; mxfp4 / dense convert")
     p.add_argument("--kernels", default=None, choices=["auto", "xla", "cpu", "pallas"],
                    help="CPU kernels, Pallas GPU kernels or pure XLA (default: $GPTOSS_KERNELS or auto)")
+    p.add_argument("--gemv-input", default=None, choices=["x16", "x8", "exact"],
+                   help="what the CPU kernels' decode GEMV multiplies: x16 (15-bit blocks, the default), x8 (8-bit "
+                        "blocks as llama.cpp: faster on AVX-512 VNNI, less exact) or exact fp32")
 
 
 def _add_sampling_args(p: argparse.ArgumentParser, max_new: int) -> None:
@@ -35,9 +38,11 @@ def _add_sampling_args(p: argparse.ArgumentParser, max_new: int) -> None:
 def _model_spec(args):
     from gptoss.apps.loading import ModelSpec
 
+    common = dict(dtype=args.dtype, experts=args.experts, kernels=args.kernels,
+                  gemv_input=getattr(args, "gemv_input", None))
     if args.model == "tiny":
-        return ModelSpec(preset="tiny", dtype=args.dtype, experts=args.experts, kernels=args.kernels)
-    return ModelSpec(path=args.model, dtype=args.dtype, experts=args.experts, kernels=args.kernels)
+        return ModelSpec(preset="tiny", **common)
+    return ModelSpec(path=args.model, **common)
 
 
 def _note_random(args) -> None:

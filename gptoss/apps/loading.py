@@ -11,6 +11,7 @@ import jax.numpy as jnp
 
 from gptoss.config import ModelConfig
 from gptoss.io import from_pretrained, local_folder, save_pretrained
+from gptoss.kernels import mxfp4_cpu
 from gptoss.kernels.select import KERNELS
 from gptoss.layers import MOE_IMPLS
 from gptoss.model import random_model
@@ -30,6 +31,9 @@ class ModelSpec:
     experts: str = "auto"  # keep the checkpoint's format; "mxfp4" / "dense" convert
     moe_impl: str = "auto"
     kernels: str | None = None  # "auto" | "xla" | "cpu" | "pallas"; None: $GPTOSS_KERNELS or "auto"
+    # what the CPU kernels' decode GEMV multiplies: "x16" | "x8" | "exact" (mxfp4_cpu.set_gemv_input; process-wide);
+    # None: $GPTOSS_MXFP4_GEMV_INPUT or x16
+    gemv_input: str | None = None
     seed: int = 0
     mesh: dict | None = None  # e.g. {data: 1, expert: 8, tensor: 1}: sharded over devices (gptoss.sharding)
 
@@ -40,7 +44,7 @@ class ModelSpec:
             raise ValueError(f"model.preset: only 'tiny' can be built at random, got {self.preset!r} (a real "
                              "model is a checkpoint: model.path=FOLDER or a hub id)")
         choices = {"dtype": DTYPES, "experts": ("auto", "mxfp4", "dense"), "moe_impl": MOE_IMPLS,
-                   "kernels": (None, *KERNELS)}
+                   "kernels": (None, *KERNELS), "gemv_input": (None, *mxfp4_cpu.GEMV_INPUTS)}
         for key, allowed in choices.items():
             value = getattr(self, key)
             if value not in allowed:
@@ -75,6 +79,11 @@ def chat_defaults(spec: ModelSpec) -> dict:
 
 
 def load_model_and_tokenizer(spec: ModelSpec, progress: bool = True):
+    if spec.gemv_input is not None:
+        if not mxfp4_cpu.kernel_available():
+            raise ValueError(f"model.gemv_input={spec.gemv_input!r} sets gptoss's CPU kernels, which did not load: "
+                             f"{mxfp4_cpu.load_error()}")
+        mxfp4_cpu.set_gemv_input(spec.gemv_input)
     if spec.mesh is not None:  # multi-host runs start from the JAX_*/GPTOSS_* environment (else a no-op)
         from gptoss.sharding import init_distributed
 

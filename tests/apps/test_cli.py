@@ -11,6 +11,8 @@ import yaml
 
 from gptoss import cli, runconfig
 from gptoss.apps.inference import InferenceConfig
+from gptoss.apps.loading import ModelSpec
+from gptoss.kernels import mxfp4_cpu
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -58,6 +60,22 @@ def test_generate_raw(capsys):
     assert cli.main(["generate", "--model", "tiny", "--dtype", "float32", "--prompt", "abc", "--raw",
                      "--max-new-tokens", "4"]) == 0
     assert capsys.readouterr().out.strip() != ""
+
+
+def test_gemv_input_from_the_command_line_and_config(capsys):
+    """--gemv-input (model.gemv_input in a config) sets the CPU kernels' decode GEMV input; a bad value is refused by
+    its key."""
+    before = mxfp4_cpu.gemv_input()
+    if before is None:
+        pytest.skip("gptoss's CPU kernel library is not built here")
+    try:
+        assert cli.main(["generate", "--model", "tiny", "--dtype", "float32", "--prompt", "abc", "--raw",
+                         "--max-new-tokens", "3", "--gemv-input", "x8"]) == 0
+        assert mxfp4_cpu.gemv_input() == "x8"
+    finally:
+        mxfp4_cpu.set_gemv_input(before)
+    with pytest.raises(ValueError, match="model.gemv_input"):
+        ModelSpec(preset="tiny", gemv_input="x4")
 
 
 def test_chat_streams_and_quits():
