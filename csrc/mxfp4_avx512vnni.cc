@@ -121,8 +121,8 @@ void gemv_x16_row(const gptoss::Tile& t, int64_t r, const X16& x16, const __m512
   t.y[0][t.col0 + r] = hsum(acc) + tail_blocks(t, r);
 }
 
-// gemv_x16_row on the x8 input (no software prefetch: with half the integer work the loop is lighter, and a cold
-// read-bound variant of it streamed 30 -> 42 GB/s without it on two Zen 4 cores).
+// gemv_x16_row on the x8 input, without the software prefetch: cold on two Zen 4 cores, x16's loop with half its
+// products streamed 40.5 -> 42.2 GB/s without it (a copy that only loads: 30 -> 42).
 void gemv_x8_row(const gptoss::Tile& t, int64_t r, const X16& x16) {
   const int64_t G = t.G, groups = G / gptoss::kX16Blocks;
   const uint8_t* w = t.w + r * G * 16;

@@ -31,6 +31,7 @@ import ctypes
 import functools
 import os
 import threading
+import warnings
 from pathlib import Path
 
 import jax
@@ -70,6 +71,7 @@ def load_library():
                 _declare(lib)
                 jax.ffi.register_ffi_target(TARGET, jax.ffi.pycapsule(lib.GptossMxfp4Matmul), platform="cpu")
                 _state["lib"] = lib
+                check_gemv_env()
             except (OSError, AttributeError) as e:
                 _state["error"] = f"{type(e).__name__}: {e}"
     return _state["lib"]
@@ -257,6 +259,14 @@ def set_gemv_input(mode: str) -> str:
     if lib is None:
         raise RuntimeError(f"the MXFP4 CPU kernel is unavailable: {_state['error']}")
     return GEMV_INPUTS[lib.gptoss_mxfp4_set_gemv_input(GEMV_INPUTS.index(mode))]
+
+
+def check_gemv_env() -> None:
+    """The library reads GPTOSS_MXFP4_GEMV_INPUT once and takes anything unknown for x16: say so."""
+    value = os.environ.get("GPTOSS_MXFP4_GEMV_INPUT")
+    if value and value not in GEMV_INPUTS:
+        warnings.warn(f"GPTOSS_MXFP4_GEMV_INPUT={value!r} is not one of {GEMV_INPUTS}: the CPU decode GEMV runs on x16",
+                      stacklevel=2)
 
 
 def gemv_input() -> str | None:

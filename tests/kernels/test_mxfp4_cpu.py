@@ -701,6 +701,18 @@ def test_x16_is_the_default_and_switchable():
     assert mxfp4_cpu.gemv_input() == "x16"
 
 
+def test_an_unknown_gemv_input_in_the_environment_is_named(monkeypatch):
+    monkeypatch.setenv("GPTOSS_MXFP4_GEMV_INPUT", "x4")
+    with pytest.warns(UserWarning, match="GPTOSS_MXFP4_GEMV_INPUT='x4'.*x16"):
+        mxfp4_cpu.check_gemv_env()
+    monkeypatch.setenv("GPTOSS_MXFP4_GEMV_INPUT", "x8")
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        mxfp4_cpu.check_gemv_env()
+
+
 def test_x16_to_x8_and_back_and_the_isa_without_x8():
     """x8 is opt-in and survives set_exact_gemv's round trip; the AVX2 tile has no x8 kernel and stays on x16; an
     unknown mode is refused by name."""
