@@ -57,7 +57,7 @@ struct Decoder {
   }
 };
 
-#include "mxfp4_x16.h"  // hsum, x16_scales
+#include "mxfp4_x16.h"  // hsum, block_scales, x16_scales
 
 // One block's 32 unscaled products with x (its four xq-ordered vectors), in 8 lanes.
 inline __m256 block_sum(const Decoder& decode, const uint8_t* block, __m256 x0, __m256 x1, __m256 x2, __m256 x3) {
@@ -129,13 +129,36 @@ struct X16 {
                                           _mm256_maddubs_epi16(wo, _mm256_load_si256(xp + 3)));
       d[p] = _mm256_add_epi32(_mm256_madd_epi16(lo, ones), _mm256_madd_epi16(hi, h128));
     }
+    return fold(d, xg + 512);
+  }
+
+  // x8 (mxfp4_kernel.h): the same sums on the x8 input, two vpmaddubsw per pair of blocks instead of four.
+  inline __m256i sums_x8(const uint8_t* wg, const uint8_t* xg) const {
+    const __m256i* X = reinterpret_cast<const __m256i*>(xg);
+    __m256i d[4];
+#pragma GCC unroll 4
+    for (int p = 0; p < 4; ++p) {
+      const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wg + 32 * p));
+      const __m256i we = _mm256_shuffle_epi8(table, _mm256_and_si256(v, low4));
+      const __m256i wo = _mm256_shuffle_epi8(table, _mm256_and_si256(_mm256_srli_epi16(v, 4), low4));
+      const __m256i* xp = X + 4 * (p / 2) + p % 2;  // blocks 2p, 2p + 1: half p % 2 of their 4 blocks' planes
+      const __m256i q = _mm256_add_epi16(_mm256_maddubs_epi16(we, _mm256_load_si256(xp)),
+                                         _mm256_maddubs_epi16(wo, _mm256_load_si256(xp + 2)));
+      d[p] = _mm256_madd_epi16(q, ones);
+    }
+    return fold(d, xg + 256);
+  }
+
+  // Three vphaddd: the four pairs' [block 2p x 4 | block 2p + 1 x 4] dwords -> one sum per block, in the order 0, 2,
+  // 4, 6, 1, 3, 5, 7, plus the 8 int32 at corr (-12 sum(q)).
+  static inline __m256i fold(const __m256i d[4], const uint8_t* corr) {
     const __m256i folded = _mm256_hadd_epi32(_mm256_hadd_epi32(d[0], d[1]), _mm256_hadd_epi32(d[2], d[3]));
-    return _mm256_add_epi32(folded, _mm256_load_si256(reinterpret_cast<const __m256i*>(xg + 512)));
+    return _mm256_add_epi32(folded, _mm256_load_si256(reinterpret_cast<const __m256i*>(corr)));
   }
 };
 
-// Rows r0 + j * stride (j < R) of the tile, a group of each in turn.
-template <int R>
+// Rows r0 + j * stride (j < R) of the tile, a group of each in turn; on the x8 input where t.x8.
+template <int R, bool X8>
 void gemv_x16(const gptoss::Tile& t, int64_t r0, int64_t stride) {
   const int64_t G = t.G, groups = G / gptoss::kX16Blocks;
   const uint8_t* w[R];
@@ -146,14 +169,17 @@ void gemv_x16(const gptoss::Tile& t, int64_t r0, int64_t stride) {
     w[j] = t.w + (r0 + j * stride) * G * 16, s[j] = t.s + (r0 + j * stride) * G, acc[j] = _mm256_setzero_ps();
   const X16 x16;
   for (int64_t g8 = 0; g8 < groups; ++g8) {
-    const uint8_t* xg = t.xi + g8 * gptoss::kX16GroupBytes;
+    const uint8_t* xg = t.xi + g8 * (X8 ? gptoss::kX8GroupBytes : gptoss::kX16GroupBytes);
 #pragma GCC unroll 4
     for (int j = 0; j < R; ++j) {
       const uint8_t* wg = w[j] + 128 * g8;
       if (kX16Prefetch > 0)
         _mm_prefetch((const char*)(wg + kX16Prefetch), _MM_HINT_T0),
             _mm_prefetch((const char*)(wg + kX16Prefetch + 64), _MM_HINT_T0);
-      acc[j] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(x16.sums(wg, xg)), x16_scales(s[j] + 8 * g8, xg), acc[j]);
+      const __m256i sums = X8 ? x16.sums_x8(wg, xg) : x16.sums(wg, xg);
+      const __m256 scales = X8 ? block_scales(s[j] + 8 * g8, reinterpret_cast<const float*>(xg + 288))
+                               : x16_scales(s[j] + 8 * g8, xg);
+      acc[j] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sums), scales, acc[j]);
     }
   }
   const Decoder decode;  // the blocks past the last group, exactly, on the fp32 input
@@ -348,8 +374,13 @@ void gptoss::tile_avx2(const gptoss::Tile& t) {
   if (t.ntok > 1) return run_panel(t);
   if (t.xi != nullptr) {
     const int64_t q = t.rows / 4;
-    for (int64_t i = 0; i < q; ++i) gemv_x16<4>(t, i, q);
-    for (int64_t r = 4 * q; r < t.rows; ++r) gemv_x16<1>(t, r, 0);
+    if (t.x8) {
+      for (int64_t i = 0; i < q; ++i) gemv_x16<4, true>(t, i, q);
+      for (int64_t r = 4 * q; r < t.rows; ++r) gemv_x16<1, true>(t, r, 0);
+    } else {
+      for (int64_t i = 0; i < q; ++i) gemv_x16<4, false>(t, i, q);
+      for (int64_t r = 4 * q; r < t.rows; ++r) gemv_x16<1, false>(t, r, 0);
+    }
     return;
   }
   int64_t r = 0;

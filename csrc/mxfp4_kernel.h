@@ -29,7 +29,7 @@ struct Tile {
   int64_t col0;
   const float* scale_lut;  // 256 floats: E8M0 byte -> 2**(s-127) (255 -> NaN)
   const uint8_t* xi = nullptr;  // one token's input in the x16 layout below (x16 GEMVs), or null: fp32 x only
-  bool x8 = false;              // xi is in the x8 layout below instead (AVX-512 VNNI only)
+  bool x8 = false;              // xi is in the x8 layout below instead
 };
 
 // The one-token GEMVs' integer input ("x16"; the AVX2 and AVX-512 VNNI kernels), written by the driver once per
@@ -43,7 +43,7 @@ struct Tile {
 // 4, 6, 1, 3, 5, 7 (the order in which the AVX2 kernel's vphaddd leave the block sums). Blocks past the last whole
 // group run on the fp32 path.
 constexpr int64_t kX16Blocks = 8, kX16GroupBytes = 4 * 128 + 32 + 32;
-// The x8 input (opt-in, gptoss_mxfp4_set_gemv_input(2); AVX-512 VNNI only): each 32-block of x becomes q * d with
+// The x8 input (opt-in, gptoss_mxfp4_set_gemv_input(2); the x16 kernels): each 32-block of x becomes q * d with
 // d = max|x| / 127 and q = rint(x * (127 / max|x|)) in [-127, 127] (fp32 division and product, then round half to
 // even), as llama.cpp's Q8_0 (with an fp32 d): off by at most d / 2 = max|x| / 254 of the block per element, so half
 // the integer products of x16. Per 8 blocks, kX8GroupBytes: for each 4 blocks (4p .. 4p + 3), 2 x 64 bytes, q of the

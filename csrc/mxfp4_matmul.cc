@@ -12,7 +12,7 @@
 //   grouped = 0 (decode): each (m, s) pair is a GEMV over the rows of its expert. On the AVX2 tile, and on the
 //                          AVX-512 one where the CPU has VNNI and VBMI (mxfp4_avx512vnni.cc), x is first rounded
 //                          to 15-bit block floating point (PrepareX16) and the GEMV runs on integers unless
-//                          set_exact_gemv / GPTOSS_MXFP4_EXACT_GEMV=1 keeps it on fp32 x. Opt-in on AVX-512 VNNI:
+//                          set_exact_gemv / GPTOSS_MXFP4_EXACT_GEMV=1 keeps it on fp32 x. Opt-in on the same tiles:
 //                          x8 (PrepareX8, llama.cpp's 8-bit activations), half the integer products.
 //   grouped = 1 (prefill): pairs are bucketed by expert; each task streams a chunk of one expert's rows once
 //                          and multiplies it with a block of that expert's inputs (register-tiled GEMM).
@@ -192,15 +192,8 @@ bool tile_reads_x16(TileFn fn) {
   return tile_reads_xq(fn);
 }
 
-// Whether the tile's one-token GEMVs can read x8 inputs instead (AVX-512 VNNI only).
-bool tile_reads_x8(TileFn fn) {
-#if defined(GPTOSS_HAVE_AVX512VNNI)
-  return fn == tile_avx512_x16;
-#else
-  (void)fn;
-  return false;
-#endif
-}
+// Whether the tile's one-token GEMVs can read x8 inputs instead: every x16 tile.
+bool tile_reads_x8(TileFn fn) { return tile_reads_x16(fn); }
 
 TTileFn tile_t_fn(int isa) {
   isa = vector_isa(isa);
@@ -340,8 +333,8 @@ void PermuteInputs(const Problem& pr, bool xq, std::vector<float>& xp) {
       for (int j = 0; j < 32; ++j) xp[m * pr.K + 32 * g + at[j]] = InputAt(pr, m * pr.K + 32 * g + j);
 }
 
-// What one-token GEMVs on the x16 tiles read: exact fp32 x, x16 (the default) or x8 (opt-in; AVX-512 VNNI, x16 on
-// the AVX2 tile). GPTOSS_MXFP4_GEMV_INPUT=exact|x16|x8 sets it at start, GPTOSS_MXFP4_EXACT_GEMV=1 makes it exact;
+// What one-token GEMVs on the x16 tiles read: exact fp32 x, x16 (the default) or x8 (opt-in).
+// GPTOSS_MXFP4_GEMV_INPUT=exact|x16|x8 sets it at start, GPTOSS_MXFP4_EXACT_GEMV=1 makes it exact;
 // gptoss_mxfp4_set_gemv_input / set_exact_gemv change it.
 constexpr int kGemvExact = 0, kGemvX16 = 1, kGemvX8 = 2;
 int gemv_input_from_env() {
@@ -817,13 +810,9 @@ GPTOSS_EXPORT int gptoss_mxfp4_set_gemv_input(int mode) {
   return gptoss::g_gemv.exchange(mode);
 }
 GPTOSS_EXPORT int gptoss_mxfp4_gemv_input() { return gptoss::g_gemv.load(); }
-// Whether the ISA choice now in use runs one-token GEMVs on x16 inputs (its tile has an x16 kernel, not exact, not
-// x8), or on x8 inputs.
+// Whether the ISA choice now in use runs one-token GEMVs on x16 (x8) inputs: its tile has the kernels, and that mode.
 GPTOSS_EXPORT int gptoss_mxfp4_x16_active() {
-  const gptoss::TileFn fn = gptoss::tile_fn(gptoss::g_isa.load());
-  const int mode = gptoss::g_gemv.load();
-  return mode != gptoss::kGemvExact && gptoss::tile_reads_x16(fn) &&
-         !(mode == gptoss::kGemvX8 && gptoss::tile_reads_x8(fn));
+  return gptoss::g_gemv.load() == gptoss::kGemvX16 && gptoss::tile_reads_x16(gptoss::tile_fn(gptoss::g_isa.load()));
 }
 GPTOSS_EXPORT int gptoss_mxfp4_x8_active() {
   return gptoss::g_gemv.load() == gptoss::kGemvX8 && gptoss::tile_reads_x8(gptoss::tile_fn(gptoss::g_isa.load()));

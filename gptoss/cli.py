@@ -24,7 +24,7 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
                    help="CPU kernels, Pallas GPU kernels or pure XLA (default: $GPTOSS_KERNELS or auto)")
     p.add_argument("--gemv-input", default=None, choices=["x16", "x8", "exact"],
                    help="what the CPU kernels' decode GEMV multiplies: x16 (15-bit blocks, the default), x8 (8-bit "
-                        "blocks as llama.cpp: faster on AVX-512 VNNI, less exact) or exact fp32")
+                        "blocks as llama.cpp: faster, less exact) or exact fp32")
 
 
 def _add_sampling_args(p: argparse.ArgumentParser, max_new: int) -> None:

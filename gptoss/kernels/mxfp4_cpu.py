@@ -8,7 +8,7 @@ A negative index skips its pair (expert parallelism marks the pairs routed to ot
 output row is zero and the kernel does no work for it. An index >= E is an error.
 On CPUs with AVX-512 VNNI and VBMI, or AVX2 but no AVX-512, one-token (decode) calls round x to 15-bit block
 floating point per 32 elements and multiply on integers, memory-bound instead of compute-bound (`set_exact_gemv`,
-`x16_active`), or opt-in on AVX-512 VNNI to 8-bit blocks as llama.cpp does (`set_gemv_input("x8")`, `x8_active`);
+`x16_active`), or opt-in to 8-bit blocks as llama.cpp does (`set_gemv_input("x8")`, `x8_active`);
 every other path is exact.
 Grouped calls with bf16 inputs use AMX tiles where the CPU has them (Sapphire Rapids and later): the weights are
 dequantized exactly to bf16 (subnormal weights, |w| < 2**-126, flush to zero) and accumulated in fp32.
@@ -238,8 +238,8 @@ def exact_gemv() -> bool | None:
 
 
 def x16_active() -> bool:
-    """Whether one-token GEMVs round x to x16 now: not `exact_gemv()`, the ISA in use has an x16 kernel (AVX2;
-    AVX-512 where the CPU has VNNI and VBMI), and not `x8_active()`."""
+    """Whether one-token GEMVs round x to x16 now: `gemv_input()` is "x16" (the default) and the ISA in use has the
+    integer kernels (AVX2; AVX-512 where the CPU has VNNI and VBMI)."""
     lib = load_library()
     return lib is not None and bool(lib.gptoss_mxfp4_x16_active())
 
@@ -251,7 +251,7 @@ def set_gemv_input(mode: str) -> str:
     """What one-token GEMVs (decode) on the x16 paths multiply: "exact" fp32 x, "x16" (the default: 15-bit block
     floating point, `set_exact_gemv`) or "x8", opt-in: each 32-block of x becomes q * d with d = max|x| / 127 and
     q = rint(x / d) in [-127, 127] (llama.cpp's 8-bit activations, Q8_0, with an fp32 d; |error| <= max|x| / 254
-    per element), half x16's integer products; AVX-512 VNNI only (the AVX2 path stays on x16: `x8_active`).
+    per element), half x16's integer products; wherever x16 runs (`x8_active`).
     GPTOSS_MXFP4_GEMV_INPUT sets it at start. Returns the previous mode."""
     if mode not in GEMV_INPUTS:
         raise ValueError(f"gemv input must be one of {GEMV_INPUTS}, not {mode!r}")
@@ -276,8 +276,8 @@ def gemv_input() -> str | None:
 
 
 def x8_active() -> bool:
-    """Whether one-token GEMVs round x to x8 now: `gemv_input()` is "x8" and the ISA in use has the x8 kernel
-    (AVX-512 with VNNI and VBMI)."""
+    """Whether one-token GEMVs round x to x8 now: `gemv_input()` is "x8" and the ISA in use has the integer kernels
+    (AVX2; AVX-512 where the CPU has VNNI and VBMI)."""
     lib = load_library()
     return lib is not None and bool(lib.gptoss_mxfp4_x8_active())
 

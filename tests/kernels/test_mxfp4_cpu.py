@@ -573,9 +573,9 @@ def x8_round(x):
 ROUNDINGS = {"x16": (x16_round, 2.0**-14), "x8": (x8_round, 1 / 254)}  # model, max error per block max |x|
 
 
-@pytest.fixture(params=[("x16", "avx2"), ("x16", "avx512"), ("x8", "avx512")], ids=lambda p: "-".join(p))
+@pytest.fixture(params=[(m, i) for m in ("x16", "x8") for i in ("avx2", "avx512")], ids=lambda p: "-".join(p))
 def int_gemv(request):
-    """Each integer one-token GEMV this CPU can run: x16 on AVX2, x16 and x8 on AVX-512 where the CPU has VNNI and
+    """Each integer one-token GEMV this CPU can run: x16 and x8 on AVX2, and on AVX-512 where the CPU has VNNI and
     VBMI. Yields (mode, its numpy rounding model, its error bound per block max |x|)."""
     mode, isa = request.param
     if isa not in _supported_isas():
@@ -713,18 +713,17 @@ def test_an_unknown_gemv_input_in_the_environment_is_named(monkeypatch):
         mxfp4_cpu.check_gemv_env()
 
 
-def test_x16_to_x8_and_back_and_the_isa_without_x8():
-    """x8 is opt-in and survives set_exact_gemv's round trip; the AVX2 tile has no x8 kernel and stays on x16; an
-    unknown mode is refused by name."""
+def test_x16_to_x8_and_back():
+    """x8 is opt-in and survives set_exact_gemv's round trip; an unknown mode is refused by name; a tile without
+    integer kernels (AVX-512 without VNNI / VBMI, scalar) runs neither."""
     before_isa, before = mxfp4_cpu.isa(), mxfp4_cpu.set_gemv_input("x8")
     try:
         assert mxfp4_cpu.gemv_input() == "x8"
         assert mxfp4_cpu.set_exact_gemv(True) is False and mxfp4_cpu.gemv_input() == "exact"
         assert not mxfp4_cpu.x8_active() and not mxfp4_cpu.x16_active()
         assert mxfp4_cpu.set_exact_gemv(False) is True and mxfp4_cpu.gemv_input() == "x8"
-        if "avx2" in _supported_isas():
-            mxfp4_cpu.set_isa("avx2")
-            assert not mxfp4_cpu.x8_active() and mxfp4_cpu.x16_active()
+        mxfp4_cpu.set_isa("scalar")
+        assert not mxfp4_cpu.x8_active() and not mxfp4_cpu.x16_active()
         with pytest.raises(ValueError, match="'x4'"):
             mxfp4_cpu.set_gemv_input("x4")
     finally:
@@ -732,9 +731,10 @@ def test_x16_to_x8_and_back_and_the_isa_without_x8():
         mxfp4_cpu.set_gemv_input(before)
 
 
-def test_x16_kernels_agree_bit_for_bit():
-    """AVX-512 VNNI's x16 GEMV sums the same integers per block as AVX2's and accumulates them in the same order: the
-    same fp32 results, bit for bit, where every block is in a whole group of 8 (G % 8 == 0)."""
+@pytest.mark.parametrize("mode", ["x16", "x8"])
+def test_x16_kernels_agree_bit_for_bit(mode):
+    """AVX-512 VNNI's x16 (x8) GEMV sums the same integers per block as AVX2's and accumulates them in the same order:
+    the same fp32 results, bit for bit, where every block is in a whole group of 8 (G % 8 == 0)."""
     if not {"avx2", "avx512"} <= set(_supported_isas()):
         pytest.skip("needs both AVX2 and AVX-512")
     rng = np.random.default_rng(15)
@@ -743,16 +743,16 @@ def test_x16_kernels_agree_bit_for_bit():
     w = MXFP4Array(jnp.asarray(blocks), jnp.asarray(scales), jnp.float32)
     x = (rng.normal(size=(3, 32 * G)) * np.exp2(rng.uniform(-6, 6, (3, 32 * G)))).astype(np.float32)
     idx = rng.integers(0, E, (3, 2)).astype(np.int32)
-    before_isa, before_exact = mxfp4_cpu.isa(), mxfp4_cpu.set_exact_gemv(False)
+    before_isa, before_mode = mxfp4_cpu.isa(), mxfp4_cpu.set_gemv_input(mode)
     got = {}
     try:
         for name in ("avx2", "avx512"):
             mxfp4_cpu.set_isa(name)
-            if not mxfp4_cpu.x16_active():
-                pytest.skip(f"no x16 kernel on {name} here (AVX-512 needs VNNI and VBMI)")
+            if not (mxfp4_cpu.x8_active() if mode == "x8" else mxfp4_cpu.x16_active()):
+                pytest.skip(f"no {mode} kernel on {name} here (AVX-512 needs VNNI and VBMI)")
             got[name] = np.asarray(mxfp4_cpu.mx_gather_matmul(x, w, idx, grouped=False))
     finally:
         mxfp4_cpu.set_isa(before_isa)
-        mxfp4_cpu.set_exact_gemv(before_exact)
+        mxfp4_cpu.set_gemv_input(before_mode)
     np.testing.assert_array_equal(got["avx512"], got["avx2"])
-    check(got["avx512"], x16_round(x), blocks, scales, idx)
+    check(got["avx512"], ROUNDINGS[mode][0](x), blocks, scales, idx)
