@@ -101,37 +101,28 @@ float tail_blocks(const gptoss::Tile& t, int64_t r) {
 }
 
 
-// Row r of the tile, its groups in turn. The task's rows run one after the other, one forward stream per core: cold,
-// 4-expert gate_up / down on two Zen 4 cores, 100 interleaved rounds twice, 24.6 / 24.1 -> 26.0 / 26.0 and 25.1 /
-// 24.3 -> 27.2 / 26.7 GB/s median against AVX2's four streams (a row from each quarter of the task, a group of each
-// in turn; one core from L3: about the same). (Four adjacent rows interleaved: 11 GB/s.)
-void gemv_x16_row(const gptoss::Tile& t, int64_t r, const X16& x16, const __m512i* XP) {
+// Row r of the tile, its groups in turn, on the x16 input (XP: its planes) or, where X8, the x8 input. The task's
+// rows run one after the other, one forward stream per core: cold, 4-expert gate_up / down on two Zen 4 cores, 100
+// interleaved rounds twice, 24.6 / 24.1 -> 26.0 / 26.0 and 25.1 / 24.3 -> 27.2 / 26.7 GB/s median against AVX2's four
+// streams (a row from each quarter of the task, a group of each in turn; one core from L3: about the same). (Four
+// adjacent rows interleaved: 11 GB/s.) x8 runs without the software prefetch: cold on two Zen 4 cores, x16's loop
+// with half its products streamed 40.5 -> 42.2 GB/s without it (a copy that only loads: 30 -> 42).
+template <bool X8>
+void gemv_int_row(const gptoss::Tile& t, int64_t r, const X16& x16, const __m512i* XP) {
   const int64_t G = t.G, groups = G / gptoss::kX16Blocks;
   const uint8_t* w = t.w + r * G * 16;
   const uint8_t* s = t.s + r * G;
   __m256 acc = _mm256_setzero_ps();
   for (int64_t g8 = 0; g8 < groups; ++g8) {
-    const uint8_t* xg = t.xi + g8 * gptoss::kX16GroupBytes;
+    const uint8_t* xg = t.xi + g8 * (X8 ? gptoss::kX8GroupBytes : gptoss::kX16GroupBytes);
     const uint8_t* wg = w + 128 * g8;
-    if (kX16Prefetch > 0)
+    if (!X8 && kX16Prefetch > 0)
       _mm_prefetch((const char*)(wg + kX16Prefetch), _MM_HINT_T0),
           _mm_prefetch((const char*)(wg + kX16Prefetch + 64), _MM_HINT_T0);
-    acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(x16.sums(wg, xg, XP + 8 * g8)), x16_scales(s + 8 * g8, xg), acc);
-  }
-  t.y[0][t.col0 + r] = hsum(acc) + tail_blocks(t, r);
-}
-
-// gemv_x16_row on the x8 input, without the software prefetch: cold on two Zen 4 cores, x16's loop with half its
-// products streamed 40.5 -> 42.2 GB/s without it (a copy that only loads: 30 -> 42).
-void gemv_x8_row(const gptoss::Tile& t, int64_t r, const X16& x16) {
-  const int64_t G = t.G, groups = G / gptoss::kX16Blocks;
-  const uint8_t* w = t.w + r * G * 16;
-  const uint8_t* s = t.s + r * G;
-  __m256 acc = _mm256_setzero_ps();
-  for (int64_t g8 = 0; g8 < groups; ++g8) {
-    const uint8_t* xg = t.xi + g8 * gptoss::kX8GroupBytes;
-    acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(x16.sums_x8(w + 128 * g8, xg)),
-                          block_scales(s + 8 * g8, reinterpret_cast<const float*>(xg + 288)), acc);
+    const __m256i sums = X8 ? x16.sums_x8(wg, xg) : x16.sums(wg, xg, XP + 8 * g8);
+    const __m256 scales = X8 ? block_scales(s + 8 * g8, reinterpret_cast<const float*>(xg + 288))
+                             : x16_scales(s + 8 * g8, xg);
+    acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sums), scales, acc);
   }
   t.y[0][t.col0 + r] = hsum(acc) + tail_blocks(t, r);
 }
@@ -145,10 +136,10 @@ void gptoss::gemv_x16_avx512vnni(const gptoss::Tile& t) {
   for (int64_t g8 = 0; g8 < groups; ++g8) X16::planes(t.xi + g8 * kX16GroupBytes, planes.data() + 8 * g8);
   const __m512i* XP = planes.data();
   const X16 x16;
-  for (int64_t r = 0; r < t.rows; ++r) gemv_x16_row(t, r, x16, XP);
+  for (int64_t r = 0; r < t.rows; ++r) gemv_int_row<false>(t, r, x16, XP);
 }
 
 void gptoss::gemv_x8_avx512vnni(const gptoss::Tile& t) {
   const X16 x16;
-  for (int64_t r = 0; r < t.rows; ++r) gemv_x8_row(t, r, x16);
+  for (int64_t r = 0; r < t.rows; ++r) gemv_int_row<true>(t, r, x16, nullptr);
 }
