@@ -77,6 +77,47 @@ def step_bytes(cfg, batch: int, side: str, dtype_bytes: int) -> int:
     return int(cfg.num_hidden_layers * layer + cfg.vocab_size * D * dtype_bytes)
 
 
+def step_read_set(model, rng) -> list[list]:
+    """The weight arrays a batch-1 decode step of `model` reads, grouped as its kernel calls are (per layer: q/k/v,
+    wo, router, the routed experts' gate_up, their down; then the unembedding), as in-place numpy views. The
+    experts are drawn at random per layer, as routing on random weights does. Biases, norms and the KV cache
+    (< 1 % of the bytes at these lengths) are left out. Input for `probe_step_s`."""
+    import numpy as np
+
+    k = model.config.experts_per_token
+    view = lambda p: np.asarray(p[...])  # noqa: E731  (a CPU jax array's buffer, not a copy)
+    runs = []
+    for block in model.layers:
+        a, m = block.attn, block.mlp
+        runs += [[view(a.wq_NHD), view(a.wk_KHD), view(a.wv_KHD)], [view(a.wo_DNH)], [view(m.router_ED)]]
+        gate_up, down = m.gate_up_EFD[...], m.down_EDI[...]
+        experts = rng.choice(model.config.num_experts, k, replace=False)
+        for w in (gate_up, down):
+            blocks, scales = np.asarray(w.blocks), np.asarray(w.scales)
+            runs.append([part[e] for e in experts for part in (blocks, scales)])
+    runs.append([view(model.unembed_VD)])
+    return runs
+
+
+def probe_step_s(model, rng, reps: int = 5) -> tuple[float, int]:
+    """The median time (s) to read one decode step's weights (`step_read_set`, fresh experts each rep) through the
+    kernels' pool with no compute (`mxfp4_cpu.read_probe`, one pool run per kernel call), and the bytes read: the
+    step's memory roofline in the current seconds."""
+    import time
+
+    from gptoss.kernels import mxfp4_cpu
+
+    times, nbytes = [], 0
+    for _ in range(reps):
+        runs = step_read_set(model, rng)
+        nbytes = sum(a.nbytes for run in runs for a in run)
+        t0 = time.perf_counter()
+        for run in runs:
+            mxfp4_cpu.read_probe(run)
+        times.append(time.perf_counter() - t0)
+    return sorted(times)[reps // 2], nbytes
+
+
 # ---------------------------------------------------------------------------------------------- children
 def child_ours(spec: dict) -> dict:
     import gptoss

@@ -19,7 +19,7 @@ llama.cpp the gptoss side still runs. Not part of `make test`.
     .venv/bin/python benchmarks/vs_llama_cpp.py              # 6 layers, prompt 128, 32 tokens, 2 threads
     .venv/bin/python benchmarks/vs_llama_cpp.py --shape-20b  # plus the 24-layer 20b shape (~26 GiB of /tmp)
     .venv/bin/python benchmarks/vs_llama_cpp.py --no-amx     # an AMX CPU with AMX denied to both sides
-    .venv/bin/python benchmarks/vs_llama_cpp.py --paired 6   # decode also alternated llama.cpp / gptoss, 6 rounds
+    .venv/bin/python benchmarks/vs_llama_cpp.py --paired 6   # decode alternated llama.cpp / gptoss / roofline
 """
 
 from __future__ import annotations
@@ -362,30 +362,58 @@ def child_ours(spec: dict) -> dict:
                      "timing": "N x the median time between decode steps (generate's progress callback)"}
     res["loadavg1"] = os.getloadavg()[0]  # a shared machine: other load slows either side
     log(f"gptoss: prefill {res['prefill']['tok_s']:.1f} tok/s, decode {res['decode']['tok_s']:.2f} tok/s")
-    if spec.get("paired_cmd"):
+    if spec.get("paired"):
+        import numpy as np
+        from decode import probe_step_s
+
+        rng = np.random.default_rng(0)
+
         def decode_tok_s():
             return N / timed(2)[1]
 
-        res["paired"] = paired_decode(spec["paired_cmd"], spec["paired"], decode_tok_s)
+        def roofline_tok_s():
+            return 1 / probe_step_s(model, rng)[0]
+
+        res["paired"] = paired_decode(spec.get("paired_cmd"), spec["paired"], decode_tok_s, roofline_tok_s)
     res["check"] = greedy_check(model, generate, load_tokenizer(), spec.get("llama_text"))
     return res
 
 
-def paired_decode(cmd: list[str], rounds: int, ours) -> dict:
-    """Decode tok/s of llama-bench (decode only, best of its runs) and of ours, alternated `rounds` times while
-    this process keeps its model: a shared machine's bandwidth drifts by +-15 % within minutes, so a ratio of two
-    runs minutes apart says little; the median of per-round ratios is firmer."""
+def _median(values: list[float]) -> float:
+    v = sorted(values)
+    return (v[(len(v) - 1) // 2] + v[len(v) // 2]) / 2
+
+
+def paired_decode(cmd: list[str] | None, rounds: int, ours, roofline) -> dict:
+    """Decode tok/s of llama-bench (decode only, best of its runs; when `cmd`), of ours, and the roofline (one
+    step's weight bytes read with no compute, `decode.probe_step_s`), in turn, `rounds` times while this process
+    keeps its model: a shared machine's bandwidth drifts by 2x within minutes, so a ratio of two runs minutes apart
+    says little; the medians of per-round ratios are firmer. Each side over the roofline is its share of what the
+    memory allowed in those seconds."""
     out: list[dict] = []
     for i in range(rounds):
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=1800)
-        if proc.returncode != 0:
-            return {"error": f"llama-bench exited with {proc.returncode}: {proc.stderr[-800:]}", "rounds": out}
-        theirs = max(json.loads(proc.stdout)[0]["samples_ts"])
-        mine = ours()
-        out.append({"gptoss_tok_s": mine, "llama_tok_s": theirs, "ratio": mine / theirs})
-        log(f"paired round {i}: gptoss {mine:.2f} / llama.cpp {theirs:.2f} tok/s = {mine / theirs:.3f}x")
-    ratios = sorted(r["ratio"] for r in out)
-    return {"rounds": out, "median_ratio": (ratios[(rounds - 1) // 2] + ratios[rounds // 2]) / 2, "cmd": cmd}
+        row: dict = {}
+        if cmd:
+            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=1800)
+            if proc.returncode != 0:
+                return {"error": f"llama-bench exited with {proc.returncode}: {proc.stderr[-800:]}", "rounds": out}
+            row["llama_tok_s"] = max(json.loads(proc.stdout)[0]["samples_ts"])
+        row["gptoss_tok_s"], row["roofline_tok_s"] = ours(), roofline()
+        row["of_roofline"] = row["gptoss_tok_s"] / row["roofline_tok_s"]
+        line = f"paired round {i}: gptoss {row['gptoss_tok_s']:.2f} tok/s ({row['of_roofline']:.2f} of the roofline"
+        if cmd:
+            row["ratio"] = row["gptoss_tok_s"] / row["llama_tok_s"]
+            row["llama_of_roofline"] = row["llama_tok_s"] / row["roofline_tok_s"]
+            line += f"), llama.cpp {row['llama_tok_s']:.2f} ({row['llama_of_roofline']:.2f}): {row['ratio']:.3f}x"
+        else:
+            line += ")"
+        log(line + f"; roofline {row['roofline_tok_s']:.2f}")
+        out.append(row)
+    res = {"rounds": out, "median_of_roofline": _median([r["of_roofline"] for r in out]), "cmd": cmd}
+    if cmd:
+        res["median_ratio"] = _median([r["ratio"] for r in out])
+        res["median_llama_of_roofline"] = _median([r["llama_of_roofline"] for r in out])
+    return res
 
 
 def greedy_check(model, generate, tok, llama_text: str | None) -> dict:
@@ -499,14 +527,14 @@ def run_shape(name: str, layers: int, fill: str, args, llama: dict | None, work:
         if args.paired:
             # both models resident at once: ours in memory, llama.cpp's GGUF mapped (page cache)
             need, avail = 2 * ckpt_bytes, available_memory()
+            spec["paired"] = args.paired  # ours and the roofline in any case
             if not (llama and os.path.exists(gguf) and "error" not in res.get("llama", {})):
-                res["paired"] = {"skipped": "no llama.cpp decode to pair with (see the llama.cpp side's error)"}
+                res["paired_llama"] = "no llama.cpp decode to pair with (skipped, or see its error)"
             elif need > 0.9 * avail:
-                res["paired"] = {"skipped": f"both models need ~{need / GIB:.1f} GiB, {avail / GIB:.1f} GiB available"}
-            if "skipped" in res.get("paired", {}):
-                log(f"{name}: paired decode skipped: {res['paired']['skipped']}")
+                res["paired_llama"] = f"both models need ~{need / GIB:.1f} GiB, {avail / GIB:.1f} GiB available"
+            if "paired_llama" in res:
+                log(f"{name}: rounds without llama.cpp: {res['paired_llama']}")
             else:
-                spec["paired"] = args.paired
                 spec["paired_cmd"] = [llama["bench"], "-m", gguf, "-p", "0", "-n", str(args.new), "-t",
                                       str(args.threads), "-r", "2", "-o", "json"]
         log(f"{name}: gptoss side (own process)")
@@ -529,7 +557,8 @@ def main() -> None:
                     help="repetitions per measurement (llama-bench: mean; gptoss: median, see child_ours)")
     ap.add_argument("--quick", action="store_true", help="2 layers, prompt 32, 8 tokens: a smoke run")
     ap.add_argument("--paired", type=int, default=0, metavar="R",
-                    help="also R rounds of decode alternating llama-bench and gptoss (where both models fit in RAM)")
+                    help="also R rounds of decode alternating llama-bench (where both models fit in RAM), gptoss and "
+                         "the roofline (a step's weight bytes read with no compute)")
     ap.add_argument("--skip-ours", action="store_true")
     ap.add_argument("--skip-llama", action="store_true")
     ap.add_argument("--llama-bench", help="a llama-bench binary (else $LLAMA_BENCH, PATH, or a cached build)")
@@ -620,12 +649,20 @@ def report(out: dict) -> None:
             elif "llama_reencode" in mine:
                 checks.append(f"{name}: {mine['llama_reencode']}")
         paired = r.get("paired")
-        if paired and "rounds" in paired and "error" not in paired:
-            checks.append(f"{name}: paired decode, {len(paired['rounds'])} rounds alternating the two sides: median "
-                          f"gptoss / llama.cpp {paired['median_ratio']:.2f}x (rounds: "
-                          + ", ".join(f"{p['ratio']:.2f}" for p in paired["rounds"]) + ")")
+        if paired and "error" not in paired:
+            rounds = paired["rounds"]
+            line = (f"{name}: paired decode, {len(rounds)} rounds: gptoss at {paired['median_of_roofline']:.2f} of the "
+                    "roofline (median; rounds " + ", ".join(f"{p['of_roofline']:.2f}" for p in rounds) + ")")
+            if "median_ratio" in paired:
+                per_round = {k: ", ".join(f"{p[k]:.2f}" for p in rounds) for k in ("llama_of_roofline", "ratio")}
+                line += (f", llama.cpp at {paired['median_llama_of_roofline']:.2f} (rounds "
+                         f"{per_round['llama_of_roofline']}); gptoss / llama.cpp {paired['median_ratio']:.2f}x (rounds "
+                         f"{per_round['ratio']})")
+            else:
+                line += f"; llama.cpp not paired: {r.get('paired_llama')}"
+            checks.append(line)
         elif paired:
-            checks.append(f"{name}: paired decode: {paired.get('skipped') or paired.get('error')}")
+            checks.append(f"{name}: paired decode: {paired['error']}")
     print_table(f"gptoss vs llama.cpp, CPU, batch 1, {out['threads']} threads, prompt {out['prompt']}, decode "
                 f"{out['new']} tokens, {out['runs']} runs (llama-bench: mean; gptoss: median); "
                 f"read bandwidth {out['read_gbps']:.1f} GB/s"

@@ -91,14 +91,15 @@ struct Job {
   DenseTask base;
   int64_t per, chunks, slab_rows, esize;
   float* partial;
+  const int64_t* starts;  // the rows layout's task boundaries (GuidedTasks; per unused), else null
 };
 
 void RunTask(void* ctx, int64_t i) {
   const Job& j = *static_cast<const Job*>(ctx);
   DenseTask t = j.base;
-  const int64_t q = i / j.chunks, k0 = q * j.slab_rows;
-  t.lo = (i % j.chunks) * j.per;
-  t.hi = std::min(t.N, t.lo + j.per);
+  const int64_t q = i / j.chunks, c = i % j.chunks, k0 = q * j.slab_rows;
+  t.lo = j.starts != nullptr ? j.starts[c] : c * j.per;
+  t.hi = j.starts != nullptr ? j.starts[c + 1] : std::min(t.N, t.lo + j.per);
   if (q > 0) {
     t.w = static_cast<const char*>(t.w) + k0 * t.N * j.esize;
     t.x += k0;
@@ -218,6 +219,7 @@ struct VecPlan {
   int64_t slabs = 1, tasks = 0, first = 0;  // first: its first task in a Compute of several products
   std::vector<float> xp, partial;
   std::vector<uint16_t> xb;  // the VDPBF16PS one-token path's bf16 x
+  std::vector<int64_t> starts;  // Job::starts
 };
 
 // Runs `pr` if it needs no vector-path plan (nothing to do, or a tile path); returns whether it did.
@@ -239,7 +241,8 @@ bool ComputeTrivialOrTiles(const Problem& pr) {
   return false;
 }
 
-void MakePlan(const Problem& pr, VecPlan& p) {
+// `after`: the bytes of W that the run's later products read (a Compute of several).
+void MakePlan(const Problem& pr, VecPlan& p, int64_t after) {
   p.pr = &pr;
   const int vec_isa = VectorIsa(g_isa.load());
   const bool vec = vec_isa >= kAvx2, avx512 = vec_isa >= kAvx512;
@@ -279,13 +282,14 @@ void MakePlan(const Problem& pr, VecPlan& p) {
   j.esize = pr.w_f32 ? 4 : 2;
   const int64_t line_bytes = pr.K * j.esize, threads = pool().size(), want = 2 * threads;
   int64_t slabs = 1;
+  j.starts = nullptr;
   if (pr.N * line_bytes < (int64_t{128} << 10)) {  // small: one task, run by the caller
     j.per = pr.N;
   } else if (panel) {  // AVX2's panel GEMM is compute-bound: `want` strips of 32-output multiples
     j.per = CeilDiv(CeilDiv(pr.N, want), 32) * 32;
-  } else if (pr.w_nk) {  // rows: 64 KiB .. 512 KiB of W per task, multiples of the micro-kernel's 4 rows
-    const int64_t lo = CeilDiv(int64_t{64} << 10, line_bytes), hi = std::max(lo, (int64_t{512} << 10) / line_bytes);
-    j.per = CeilDiv(std::clamp(CeilDiv(pr.N, 4 * threads), lo, hi), 4) * 4;
+  } else if (pr.w_nk) {  // rows: guided tasks, multiples of the micro-kernel's 4 rows
+    GuidedTasks(pr.N, line_bytes, 4, after, static_cast<int>(threads), p.starts);
+    j.starts = p.starts.data();
   } else {
     // Column strips, 32-column multiples: at most what keeps the strip's accumulators (8 tokens) within 32 KiB
     // of L1, at least 512 columns (1 KiB runs of each bf16 row stream well) unless N is smaller; then, if that
@@ -303,7 +307,7 @@ void MakePlan(const Problem& pr, VecPlan& p) {
       if (strips < want) slabs = std::max<int64_t>(1, std::min(CeilDiv(want, strips), pr.K / 256));
     }
   }
-  j.chunks = CeilDiv(pr.N, j.per);
+  j.chunks = j.starts != nullptr ? static_cast<int64_t>(p.starts.size()) - 1 : CeilDiv(pr.N, j.per);
   j.slab_rows = CeilDiv(pr.K, slabs);
   p.slabs = CeilDiv(pr.K, j.slab_rows);
   if (p.slabs > 1) p.partial.resize(static_cast<size_t>((p.slabs - 1) * pr.M * pr.N));
@@ -340,13 +344,18 @@ void Compute(const Problem* prs, size_t count) {
   // plan's Job points into its own vectors.
   thread_local std::vector<VecPlan> plans;
   if (plans.size() < count) plans.resize(count);
+  thread_local std::vector<size_t> vec;  // the products left to the vector paths, all in one pool run
+  vec.clear();
+  int64_t after = 0;
+  for (size_t i = 0; i < count; ++i)
+    if (!ComputeTrivialOrTiles(prs[i])) vec.push_back(i), after += prs[i].N * prs[i].K * (prs[i].w_f32 ? 4 : 2);
   int64_t total = 0;
   size_t n = 0;
-  for (size_t i = 0; i < count; ++i)
-    if (!ComputeTrivialOrTiles(prs[i])) {
-      MakePlan(prs[i], plans[n]);
-      plans[n].first = total, total += plans[n++].tasks;
-    }
+  for (size_t i : vec) {
+    after -= prs[i].N * prs[i].K * (prs[i].w_f32 ? 4 : 2);
+    MakePlan(prs[i], plans[n], after);
+    plans[n].first = total, total += plans[n++].tasks;
+  }
   ManyJob m{plans.data(), n};
   pool().Run(total, ManyTask, &m);
   for (size_t i = 0; i < n; ++i) FinishPlan(plans[i]);

@@ -58,9 +58,6 @@ using TileFn = void (*)(const Tile&);
 
 // The driver's grouped (several-token) tasks: at most kGroupRows rows of one expert times kGroupTokens of its inputs.
 constexpr int64_t kGroupRows = 16, kGroupTokens = 64;
-// One token's (gather) tasks: at most kGatherRows rows of one expert (368 KiB at K = 2880). 64 -> 256 rows: 4-expert
-// gate_up / down GEMV on two Zen 3 cores 15.1 -> 16.6 / 14.5 -> 16.1 GB/s (x16, cold, median).
-constexpr int64_t kGatherRows = 256;
 
 // The transposed product (the input gradient dx = W^T dy): blocks [g0, g1) of the K axis of one expert, for `ntok`
 // tokens, each summed over all `rows` rows of the expert. Written in the natural k order (not "xp").

@@ -262,9 +262,10 @@ struct Problem {
 struct Job {
   TileFn fn;
   int64_t G, N, rows_per_task, chunks;
+  std::vector<int64_t> starts;  // gather: task boundaries over the pairs' rows, pair a's rows at a * N
   const uint8_t* blocks;
   const uint8_t* scales;
-  // gather: one task per (unskipped pair, row chunk)
+  // gather: one task per run of rows of one unskipped pair (starts)
   const int32_t* idx;
   std::vector<int64_t> pairs;    // the unskipped pairs
   std::vector<const float*> xs;  // input rows, per unskipped pair (gather) or per sorted pair (grouped)
@@ -295,10 +296,10 @@ class ExactFp {
 void GatherTask(void* ctx, int64_t task) {
   const ExactFp fp;
   const Job& j = *static_cast<const Job*>(ctx);
-  const int64_t a = task / j.chunks, n0 = (task % j.chunks) * j.rows_per_task;
+  const int64_t a = j.starts[task] / j.N, n0 = j.starts[task] % j.N;
   const int64_t e = j.idx[j.pairs[a]];
   Tile t{j.blocks + (e * j.N + n0) * j.G * 16, j.scales + (e * j.N + n0) * j.G, j.G,
-         std::min(j.rows_per_task, j.N - n0), &j.xs[a], 1, &j.ys[a], n0, g_scales.v,
+         j.starts[task + 1] - j.starts[task], &j.xs[a], 1, &j.ys[a], n0, g_scales.v,
          j.xis.empty() ? nullptr : j.xis[a], j.x8};
   j.fn(t);
 }
@@ -600,11 +601,13 @@ std::string Compute(const Problem& pr, bool grouped) {
   j.G = pr.K / 32, j.N = pr.N, j.blocks = pr.blocks, j.scales = pr.scales, j.idx = pr.idx;
   j.xs.resize(A), j.ys.resize(A);
   if (!grouped) {
-    // rows per task: ~8 tasks per thread, at most kGatherRows; a task is one forward stream, and each start (a
-    // claim, a cold stream) costs
-    const int64_t per = std::max<int64_t>(1, A * pr.N / (8 * workers.size()));
-    j.rows_per_task = std::min<int64_t>(std::max<int64_t>(std::min<int64_t>(per, kGatherRows), 4), pr.N);
-    j.chunks = (pr.N + j.rows_per_task - 1) / j.rows_per_task;
+    // guided tasks over all pairs' rows in turn (pool.h), each cut where its pair's rows end
+    thread_local std::vector<int64_t> guided;
+    GuidedTasks(A * pr.N, j.G * 17, 4, 0, workers.size(), guided);
+    j.starts.clear();
+    for (size_t i = 0; i + 1 < guided.size(); ++i)
+      for (int64_t at = guided[i]; at < guided[i + 1]; at = (at / pr.N + 1) * pr.N) j.starts.push_back(at);
+    j.starts.push_back(A * pr.N);
     for (int64_t a = 0; a < A; ++a) {
       j.xs[a] = xp.data() + (j.pairs[a] / pr.S) * pr.K;
       j.ys[a] = pr.y + j.pairs[a] * pr.N;
@@ -623,7 +626,7 @@ std::string Compute(const Problem& pr, bool grouped) {
       j.xis.resize(A);
       for (int64_t a = 0; a < A; ++a) j.xis[a] = token_xi[j.pairs[a] / pr.S];
     }
-    workers.Run(A * j.chunks, GatherTask, &j);
+    workers.Run(static_cast<int64_t>(j.starts.size()) - 1, GatherTask, &j);
     return "";
   }
   std::vector<int64_t> start, order;

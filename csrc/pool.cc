@@ -129,6 +129,20 @@ Pool& pool() {
   return *g_pool;
 }
 
+void GuidedTasks(int64_t units, int64_t unit_bytes, int64_t align, int64_t after, int threads,
+                 std::vector<int64_t>& starts) {
+  constexpr int64_t kMinBytes = int64_t{256} << 10, kMaxBytes = int64_t{4} << 20;
+  starts.clear();
+  const int64_t row = std::max<int64_t>(1, unit_bytes), step = std::max<int64_t>(1, align);
+  for (int64_t at = 0; at < units;) {
+    starts.push_back(at);
+    const int64_t left = (units - at) * row + after;
+    const int64_t bytes = std::clamp<int64_t>(left / (2 * std::max(1, threads)), kMinBytes, kMaxBytes);
+    at = std::min(units, at + std::max<int64_t>(1, bytes / row / step) * step);
+  }
+  starts.push_back(units);
+}
+
 int spin_micros() { return g_spin.load(); }
 
 int set_spin_micros(int us) {

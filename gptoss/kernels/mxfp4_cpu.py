@@ -299,3 +299,27 @@ def set_spin_micros(us: int) -> int:
     if lib is None:
         raise RuntimeError(f"the MXFP4 CPU kernel is unavailable: {_state['error']}")
     return lib.gptoss_mxfp4_set_spin_micros(int(us))
+
+
+def read_probe(buffers) -> int:
+    """Reads each buffer (C-contiguous numpy arrays, or CPU jax arrays: read in place) once, as one run on the
+    kernels' thread pool that does nothing else with the bytes; returns the sum of their 64-bit words mod 2**64
+    (each buffer's last partial word zero-padded). A roofline for the memory-bound decode kernels: the benchmarks
+    time a decode step's weight bytes read this way in the same seconds as the step."""
+    lib = load_library()
+    if lib is None:
+        raise RuntimeError(f"the MXFP4 CPU kernel is unavailable: {_state['error']}")
+    try:
+        probe = lib.gptoss_read_probe
+    except AttributeError:
+        raise RuntimeError(f"{library_path()} predates read_probe: rebuild it (pip install -e .)") from None
+    arrays = [np.asarray(b) for b in buffers]  # a CPU jax array's buffer, not a copy
+    for i, a in enumerate(arrays):
+        if not a.flags.c_contiguous:
+            raise ValueError(f"read_probe: buffer {i} (shape {a.shape}) is not C-contiguous; a copy would be timed")
+    probe.argtypes = [ctypes.POINTER(ctypes.c_void_p), ctypes.POINTER(ctypes.c_int64), ctypes.c_int64]
+    probe.restype = ctypes.c_uint64
+    n = len(arrays)
+    ptrs = (ctypes.c_void_p * n)(*(a.ctypes.data for a in arrays))
+    sizes = (ctypes.c_int64 * n)(*(a.nbytes for a in arrays))
+    return int(probe(ptrs, sizes, n))

@@ -95,13 +95,14 @@ def test_fp32_weights(isa, w_nk):
 @pytest.mark.parametrize("threads", [1, 3, 5])
 @pytest.mark.parametrize("w_nk", [True, False], ids=["w_nk", "w_kn"])
 def test_pool_sizes_and_gpt_oss_width(threads, w_nk):
-    """The task split depends on the pool size (row chunks, column strips, K slabs); K = 2880 like gpt-oss."""
+    """The task split depends on the pool size (guided row tasks cut at multiples of 4 rows, column strips, K slabs);
+    K = 2880 like gpt-oss, 5.8 MB of W: several tasks of each size; one token with bf16 x is its own path."""
     rng = np.random.default_rng(threads)
     try:
         mxfp4_cpu.set_num_threads(threads)
-        for M in (1, 8, 9):
-            x, w = operands(rng, M, 2880, 1000 + threads, w_nk)
-            check(jit_matmul(x, w, w_nk=w_nk), x, w, w_nk)
+        for M, x_dtype in ((1, np.float32), (1, ml_dtypes.bfloat16), (8, np.float32), (9, np.float32)):
+            x, w = operands(rng, M, 2880, 1000 + threads, w_nk, x_dtype=x_dtype)
+            check(jit_matmul(jnp.asarray(x), w, w_nk=w_nk), x, w, w_nk)
     finally:
         mxfp4_cpu.set_num_threads(0)
 

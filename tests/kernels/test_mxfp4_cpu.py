@@ -120,6 +120,7 @@ SHAPES = [  # (M, S, E, N, G): odd block counts, N not a multiple of 16 or 4, on
     (64, 4, 6, 40, 3),
     (33, 2, 3, 13, 1),
     (20, 3, 3, 21, 17),  # K in two whole 8-block chunks of the AVX2 panel and one block more
+    (2, 3, 4, 1500, 9),  # gather: 1.4 MB of rows in guided tasks (pool.h), cut where a pair's rows end
 ]
 
 
@@ -597,7 +598,7 @@ X16_SHAPES = [  # (M, S, E, N, G): one group, two, groups plus 1 and 2 fp32 tail
     (1, 1, 2, 17, 17),
     (2, 4, 3, 9, 90),
     (1, 2, 2, 5, 7),  # no whole group: all fp32
-    (1, 4, 4, 1100, 9),  # tasks of kGatherRows rows and a shorter last one
+    (1, 4, 4, 1100, 9),  # guided tasks (pool.h) that start inside a pair's rows and are cut where they end
 ]
 
 
@@ -756,3 +757,23 @@ def test_x16_kernels_agree_bit_for_bit(mode):
         mxfp4_cpu.set_gemv_input(before_mode)
     np.testing.assert_array_equal(got["avx512"], got["avx2"])
     check(got["avx512"], ROUNDINGS[mode][0](x), blocks, scales, idx)
+
+
+def test_read_probe_sums_every_word_once():
+    """read_probe (the benchmarks' roofline) reads every byte of every buffer exactly once: its sum of 64-bit words
+    equals numpy's, over buffers of 0 bytes, a partial word, word and 4 KiB tails, and several chunks (6 MB); jax
+    arrays are read in place; a strided view is refused rather than copied."""
+    rng = np.random.default_rng(0)
+    bufs = [rng.integers(0, 256, n, dtype=np.uint8) for n in (0, 1, 7, 8, 9, 4095, 4097, (3 << 16) + 5, 6 << 20)]
+
+    def words(b):
+        padded = np.zeros(-(-b.nbytes // 8) * 8, np.uint8)
+        padded[: b.nbytes] = b.reshape(-1).view(np.uint8)
+        return int(padded.view("<u8").sum(dtype=np.uint64))
+
+    assert mxfp4_cpu.read_probe(bufs) == sum(map(words, bufs)) % 2**64
+    x = jnp.arange(-500, 500, dtype=jnp.float32)
+    assert mxfp4_cpu.read_probe([x, bufs[3]]) == (words(np.asarray(x)) + words(bufs[3])) % 2**64
+    assert mxfp4_cpu.read_probe([]) == 0
+    with pytest.raises(ValueError, match="buffer 1 .* not C-contiguous"):
+        mxfp4_cpu.read_probe([bufs[2], bufs[-1][::2]])
