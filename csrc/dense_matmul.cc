@@ -463,6 +463,8 @@ GPTOSS_EXPORT int gptoss_dense_matmul(const void* x, int x_bf16, const void* w, 
 }
 
 GPTOSS_EXPORT int gptoss_dense_best_isa() { return gptoss::BestIsa(); }
+// The token count from which AVX2's panel GEMM serves (dense_cpu.serves routes W [N, K] to it from there on).
+GPTOSS_EXPORT int gptoss_dense_panel_min_tokens() { return static_cast<int>(gptoss::kColsPanelMinTokens); }
 GPTOSS_EXPORT int gptoss_dense_isa() { return gptoss::g_isa.load(); }
 
 // 0 scalar, 1 AVX2, 2 AVX-512, 3 AVX-512 BF16 and 4 AMX (AVX-512 plus tiles for prefill-sized bf16 [N, K] products),

@@ -51,6 +51,12 @@ constexpr int64_t kX16Blocks = 8, kX16GroupBytes = 4 * 128 + 32 + 32;
 // -12 * sum(q) and 8 floats d / 2, both in x16's block order 0, 2, 4, 6, 1, 3, 5, 7. Blocks past the last whole
 // group run on the fp32 path, as for x16.
 constexpr int64_t kX8GroupBytes = 4 * 64 + 32 + 32;
+// Write one token's x (K fp32 or bf16 values) as its x16 or x8 input, K / 32 / kX16Blocks groups at `out` (64-byte
+// aligned; mxfp4_gemv_input.cc). False, leaving the token on the fp32 path, where a block's exponent could leave the
+// range the kernels' scale products assume: a non-finite element, or a block whose largest magnitude is >= 2**60 or
+// nonzero below 2**-100. The caller runs them with IEEE subnormals (ExactFp): subnormal x must count as nonzero.
+bool PrepareX16(const void* x, bool x_bf16, int64_t K, uint8_t* out);
+bool PrepareX8(const void* x, bool x_bf16, int64_t K, uint8_t* out);
 // E2M1 code -> the unsigned weight byte 2 * value + 12 the x16 and x8 kernels multiply (a vpshufb table).
 #define GPTOSS_X16_WEIGHT_BYTES 12, 13, 14, 15, 16, 18, 20, 24, 12, 11, 10, 9, 8, 6, 4, 0
 

@@ -31,7 +31,6 @@
 // sized by GPTOSS_MXFP4_THREADS or the CPUs this process may run on.
 #include <algorithm>
 #include <atomic>
-#include <cmath>
 #include <cstdlib>
 #include <cstring>
 #include <string>
@@ -349,97 +348,6 @@ std::atomic<int> g_gemv{[] {
   return env != nullptr && std::string(env) == "1" ? kGemvExact : gemv_input_from_env();
 }()};
 
-// Writes token m's x16 input (G / kX16Blocks groups) at `out` (32-byte aligned). Returns false, leaving the token
-// on the fp32 path, where the block exponent could leave the range the kernel's scale product assumes: a
-// non-finite element, or a block whose largest magnitude is >= 2**60 or nonzero below 2**-100.
-bool PrepareX16(const Problem& pr, int64_t m, uint8_t* out) {
-  const ExactFp fp;  // the caller may be an XLA thread (denormals-are-zero): subnormal x must count as nonzero
-  const int64_t groups = pr.K / 32 / kX16Blocks;
-  for (int64_t g8 = 0; g8 < groups; ++g8) {
-    uint8_t* dst = out + g8 * kX16GroupBytes;
-    int8_t* planes = reinterpret_cast<int8_t*>(dst);  // [pair][l even, l odd, h even, h odd][32]
-    int32_t corr[8];  // in the scale order below
-    float xscale[8];
-    for (int b = 0; b < kX16Blocks; ++b) {
-      const int64_t k0 = m * pr.K + 32 * (g8 * kX16Blocks + b);
-      float v[32], amax = 0.0f;
-      for (int i = 0; i < 32; ++i) v[i] = InputAt(pr, k0 + i), amax = std::max(amax, std::fabs(v[i]));
-      if (!(amax < 0x1p60f) || (amax > 0.0f && amax < 0x1p-100f)) return false;  // NaN fails the first test
-      int e = 0;
-      if (amax > 0.0f) e = std::ilogb(amax);  // amax in [2**e, 2**(e+1))
-      int32_t q[32];
-      for (int pass = 0; pass < 2; ++pass) {  // an fp32 element just below 2**(e+1) may round up to 16384: e + 1
-        const float up = std::ldexp(1.0f, 13 - e), magic = 0x1.8p23f;  // (y + magic) - magic: y rounded to even
-        bool over = false;
-        for (int i = 0; i < 32; ++i) {
-          const float t = v[i] * up + magic;  // v[i] * up is exact (a power of two); the add rounds it
-          q[i] = static_cast<int32_t>(t - magic);
-          over |= q[i] > 16383;
-        }
-        if (!over) break;
-        ++e;
-      }
-      const int p = b / 2, lane = b % 2;
-      int32_t sum = 0;
-      for (int i = 0; i < 32; ++i) {
-        sum += q[i];
-        const int at = 16 * lane + i / 2, odd = i % 2;
-        planes[(4 * p + odd) * 32 + at] = static_cast<int8_t>(q[i] & 127);
-        planes[(4 * p + 2 + odd) * 32 + at] = static_cast<int8_t>(q[i] >> 7);  // arithmetic: floor(q / 128)
-      }
-      static constexpr int kOrder[8] = {0, 4, 1, 5, 2, 6, 3, 7};  // block b's slot in 0, 2, 4, 6, 1, 3, 5, 7
-      corr[kOrder[b]] = -12 * sum;
-      xscale[kOrder[b]] = std::ldexp(1.0f, e - 14);
-    }
-    std::memcpy(dst + 512, corr, sizeof(corr));
-    std::memcpy(dst + 544, xscale, sizeof(xscale));
-  }
-  return true;
-}
-
-// y rounded to the nearest integer, ties to even: cvtss2si under the default MXCSR (lrintf is a libm call here).
-inline int32_t RoundToEven(float y) {
-#if defined(__SSE__)
-  return _mm_cvtss_si32(_mm_set_ss(y));
-#else
-  return static_cast<int32_t>(std::lrint(y));
-#endif
-}
-
-// Writes token m's x8 input (G / kX16Blocks groups of kX8GroupBytes) at `out` (64-byte aligned): each block's
-// q = rint(x * (127 / max|x|)) and d = max|x| / 127 (mxfp4_kernel.h). Returns false, leaving the token on the fp32
-// path, for the inputs PrepareX16 leaves there.
-bool PrepareX8(const Problem& pr, int64_t m, uint8_t* out) {
-  const ExactFp fp;
-  const int64_t groups = pr.K / 32 / kX16Blocks;
-  for (int64_t g8 = 0; g8 < groups; ++g8) {
-    uint8_t* dst = out + g8 * kX8GroupBytes;
-    int8_t* planes = reinterpret_cast<int8_t*>(dst);  // [4 blocks][even, odd][64]
-    int32_t corr[8];
-    float xscale[8];
-    for (int b = 0; b < kX16Blocks; ++b) {
-      const int64_t k0 = m * pr.K + 32 * (g8 * kX16Blocks + b);
-      float v[32], amax = 0.0f;
-      for (int i = 0; i < 32; ++i) v[i] = InputAt(pr, k0 + i), amax = std::max(amax, std::fabs(v[i]));
-      if (!(amax < 0x1p60f) || (amax > 0.0f && amax < 0x1p-100f)) return false;
-      const float inv = amax > 0.0f ? 127.0f / amax : 0.0f;
-      int32_t sum = 0;
-      for (int i = 0; i < 32; ++i) {
-        const float y = v[i] * inv;  // |y| <= 127 (rounded once; then to the nearest integer, ties to even)
-        const int32_t q = RoundToEven(y);
-        sum += q;
-        planes[(2 * (b / 4) + i % 2) * 64 + 16 * (b % 4) + i / 2] = static_cast<int8_t>(q);
-      }
-      static constexpr int kOrder[8] = {0, 4, 1, 5, 2, 6, 3, 7};  // block b's slot in 0, 2, 4, 6, 1, 3, 5, 7
-      corr[kOrder[b]] = -12 * sum;
-      xscale[kOrder[b]] = amax / 127.0f * 0.5f;  // the weight bytes are 2 * value (+ 12)
-    }
-    std::memcpy(dst + 256, corr, sizeof(corr));
-    std::memcpy(dst + 288, xscale, sizeof(xscale));
-  }
-  return true;
-}
-
 // Unskipped pairs (m, s) bucketed by expert, stable: order[start[e] .. start[e+1]) are expert e's pairs
 // (p = m * S + s).
 void SortPairs(const Problem& pr, std::vector<int64_t>& start, std::vector<int64_t>& order) {
@@ -621,8 +529,13 @@ std::string Compute(const Problem& pr, bool grouped) {
       xi.resize(static_cast<size_t>(pr.M * stride + 64));
       uint8_t* base = xi.data() + (-reinterpret_cast<uintptr_t>(xi.data()) & 63);
       token_xi.resize(pr.M);
-      for (int64_t m = 0; m < pr.M; ++m)
-        token_xi[m] = (j.x8 ? PrepareX8 : PrepareX16)(pr, m, base + m * stride) ? base + m * stride : nullptr;
+      const ExactFp fp;  // this may be an XLA thread (denormals-are-zero): subnormal x must count as nonzero
+      const int64_t row = pr.K * (pr.x_bf16 ? 2 : 4);
+      for (int64_t m = 0; m < pr.M; ++m) {
+        const void* x = static_cast<const char*>(pr.x) + m * row;
+        token_xi[m] = (j.x8 ? PrepareX8 : PrepareX16)(x, pr.x_bf16, pr.K, base + m * stride) ? base + m * stride
+                                                                                              : nullptr;
+      }
       j.xis.resize(A);
       for (int64_t a = 0; a < A; ++a) j.xis[a] = token_xi[j.pairs[a] / pr.S];
     }
@@ -631,7 +544,10 @@ std::string Compute(const Problem& pr, bool grouped) {
   }
   std::vector<int64_t> start, order;
   SortPairs(pr, start, order);
-  for (int64_t at = 0; at < A; ++at) j.xs[at] = xp.data() + (order[at] / pr.S) * pr.K, j.ys[at] = pr.y + order[at] * pr.N;
+  for (int64_t at = 0; at < A; ++at) {
+    j.xs[at] = xp.data() + (order[at] / pr.S) * pr.K;
+    j.ys[at] = pr.y + order[at] * pr.N;
+  }
   // inputs per task: kGroupTokens x K fp32 stays in L2 while a row chunk streams
   for (int64_t e = 0; e < pr.E; ++e)
     for (int64_t f = start[e]; f < start[e + 1]; f += kGroupTokens)

@@ -40,11 +40,10 @@ MAX_TOKENS_VS_BF16_GEMM_KN = 12  # the same for W [K, N]: XLA's GEMM is slower t
 # attention's wq and wo while the model stored them [in, out], before 2026-12-02)
 # ... and bf16 x times bf16 [N, K] on these: the kernel at any size (the AMX tiles from 4 tokens, VDPBF16PS from 16)
 TILE_ISAS = ("avx512bf16", "amx")
-# ... and bf16 x times bf16 W on AVX2 CPUs: the kernel at any size for W [K, N], and from PANEL_MIN_TOKENS for W
-# [N, K] (its fp32 panel GEMM from 8 tokens, csrc dense_kernel.h kColsPanelMinTokens: 1.3-1.4x XLA's bf16 GEMM at 128
-# tokens on attention's wq and wo on a 2-core Zen 3, then laid out [K, N]; [N, K] packs its panels transposed)
+# ... and bf16 x times bf16 W on AVX2 CPUs: the kernel at any size for W [K, N], and from panel_min_tokens() for W
+# [N, K] (its fp32 panel GEMM: 1.3-1.4x XLA's bf16 GEMM at 128 tokens on attention's wq and wo on a 2-core Zen 3,
+# then laid out [K, N]; [N, K] packs its panels transposed)
 PANEL_COLS_ISAS = ("avx2",)
-PANEL_MIN_TOKENS = 8
 
 
 def _setup(lib) -> None:
@@ -52,6 +51,7 @@ def _setup(lib) -> None:
     lib.gptoss_dense_matmul.argtypes = [ptr, c_int, ptr, c_int, c_int, ptr, i64, i64, i64]
     lib.gptoss_dense_matmul.restype = c_int
     lib.gptoss_dense_set_isa.argtypes = [c_int]
+    lib.gptoss_dense_panel_min_tokens.restype = c_int
     jax.ffi.register_ffi_target(TARGET, jax.ffi.pycapsule(lib.GptossDenseMatmul), platform="cpu")
     jax.ffi.register_ffi_target(TARGET_MANY, jax.ffi.pycapsule(lib.GptossDenseMatmulMany), platform="cpu")
 
@@ -68,6 +68,14 @@ def kernel_available() -> bool:
     return load_library() is not None
 
 
+def panel_min_tokens() -> int:
+    """The token count from which the kernel's AVX2 panel GEMM serves (csrc dense_kernel.h kColsPanelMinTokens)."""
+    lib = load_library()
+    if lib is None:
+        raise RuntimeError(f"the dense CPU kernel is unavailable: {load_error()}")
+    return lib.gptoss_dense_panel_min_tokens()
+
+
 def load_error() -> str | None:
     load_library()
     return _family.error
@@ -79,14 +87,14 @@ def serves(tokens: int, w, *, xla_bf16_gemm: bool = False, w_nk: bool = True, ti
     model's kernels option allows the CPU kernels, gptoss.kernels.select.cpu_kernels). `xla_bf16_gemm`:
     XLA's alternative is its native bf16 GEMM (bf16 x and w, fp32 result), which wins from a few tokens on
     (`w_nk`: w is [N, K], else [K, N]); except on an AVX2 CPU, where the kernel's panel GEMM is faster (any size
-    for w [K, N], from PANEL_MIN_TOKENS for w [N, K]). `tile_rows`: bf16 x, w [N, K] with K % 32 == 0, which on a
+    for w [K, N], from panel_min_tokens() for w [N, K]). `tile_rows`: bf16 x, w [N, K] with K % 32 == 0, which on a
     CPU with AMX or AVX512_BF16 the kernel's tile paths serve at any size."""
     limit = (MAX_TOKENS_VS_BF16_GEMM if w_nk else MAX_TOKENS_VS_BF16_GEMM_KN) if xla_bf16_gemm else MAX_TOKENS
     if not (jnp.dtype(w.dtype) == jnp.bfloat16 and tokens >= 1 and enabled
             and jax.device_count() == 1 and kernel_available()):
         return False
     return (tokens <= limit or (tile_rows and isa() in TILE_ISAS)
-            or (xla_bf16_gemm and isa() in PANEL_COLS_ISAS and (not w_nk or tokens >= PANEL_MIN_TOKENS)))
+            or (xla_bf16_gemm and isa() in PANEL_COLS_ISAS and (not w_nk or tokens >= panel_min_tokens())))
 
 
 # ------------------------------------------------------------------------------------------------- the op

@@ -297,10 +297,10 @@ def test_serves(monkeypatch):
     assert dense_cpu.serves(limit_kn + 1, w16, xla_bf16_gemm=True, w_nk=False) == panel
     assert dense_cpu.serves(10**6, w16, xla_bf16_gemm=True, w_nk=False) == panel
     assert not dense_cpu.serves(10**6, w16, w_nk=False)  # fp32 x: XLA's GEMM after MAX_TOKENS
-    # W [N, K] on AVX2: the panel GEMM from PANEL_MIN_TOKENS (between MAX_TOKENS_VS_BF16_GEMM and it: XLA's)
-    assert dense_cpu.serves(dense_cpu.PANEL_MIN_TOKENS, w16, xla_bf16_gemm=True) == panel
+    # W [N, K] on AVX2: the panel GEMM from panel_min_tokens() (between MAX_TOKENS_VS_BF16_GEMM and it: XLA's)
+    assert dense_cpu.serves(dense_cpu.panel_min_tokens(), w16, xla_bf16_gemm=True) == panel
     assert dense_cpu.serves(10**6, w16, xla_bf16_gemm=True) == panel
-    assert not dense_cpu.serves(dense_cpu.PANEL_MIN_TOKENS - 1, w16, xla_bf16_gemm=True)
+    assert not dense_cpu.serves(dense_cpu.panel_min_tokens() - 1, w16, xla_bf16_gemm=True)
     tiles = dense_cpu.isa() in ("avx512bf16", "amx")  # bf16 x times W [N, K]: the tiles serve any size
     assert dense_cpu.serves(10**6, w16, xla_bf16_gemm=True, tile_rows=True) == (tiles or panel)
     assert not dense_cpu.serves(0, w16)
