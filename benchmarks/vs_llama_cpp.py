@@ -384,35 +384,57 @@ def _median(values: list[float]) -> float:
     return (v[(len(v) - 1) // 2] + v[len(v) // 2]) / 2
 
 
+STEADY = 1.1  # a side's window is steady when the roofline before and after it, and its share, stay below this
+
+
+def _share(tok_s: float, before: float, after: float) -> tuple[float, bool]:
+    """A side's tok/s over the roofline's mean around it, and whether its window was steady: the roofline held
+    within 10 %, and the side did not beat it by 10 % (no read is faster than the roofline's: the phase swung and
+    back during the window)."""
+    share = tok_s / ((before + after) / 2)
+    return share, max(before, after) / min(before, after) < STEADY and share < STEADY
+
+
 def paired_decode(cmd: list[str] | None, rounds: int, ours, roofline) -> dict:
-    """Decode tok/s of llama-bench (decode only, best of its runs; when `cmd`), of ours, and the roofline (one
-    step's weight bytes read with no compute, `decode.probe_step_s`), in turn, `rounds` times while this process
-    keeps its model: a shared machine's bandwidth drifts by 2x within minutes, so a ratio of two runs minutes apart
-    says little; the medians of per-round ratios are firmer. Each side over the roofline is its share of what the
-    memory allowed in those seconds."""
+    """Decode tok/s of llama-bench (decode only, best of its runs; when `cmd`) and of ours, each between two
+    measurements of the roofline (one step's weight bytes read with no compute, `decode.probe_step_s`), `rounds`
+    times while this process keeps its model. A shared machine's read rate can swing 2x within seconds, so a ratio
+    of two runs even seconds apart can measure the machine: each side's share of the roofline around it (its
+    tok/s over the roofline's mean before and after) corrects for that, and is trusted in the rounds where the
+    roofline held within 10 % across both sides' windows and neither side beat it by 10 % ("steady"); the ratio of
+    the two shares is the phase-corrected speed ratio."""
     out: list[dict] = []
     for i in range(rounds):
-        row: dict = {}
+        row: dict = {"roofline_tok_s": [roofline()]}
         if cmd:
             proc = subprocess.run(cmd, capture_output=True, text=True, timeout=1800)
             if proc.returncode != 0:
                 return {"error": f"llama-bench exited with {proc.returncode}: {proc.stderr[-800:]}", "rounds": out}
             row["llama_tok_s"] = max(json.loads(proc.stdout)[0]["samples_ts"])
-        row["gptoss_tok_s"], row["roofline_tok_s"] = ours(), roofline()
-        row["of_roofline"] = row["gptoss_tok_s"] / row["roofline_tok_s"]
+            row["roofline_tok_s"].append(roofline())
+        row["gptoss_tok_s"] = ours()
+        row["roofline_tok_s"].append(roofline())
+        r = row["roofline_tok_s"]
+        row["of_roofline"], row["steady"] = _share(row["gptoss_tok_s"], r[-2], r[-1])
         line = f"paired round {i}: gptoss {row['gptoss_tok_s']:.2f} tok/s ({row['of_roofline']:.2f} of the roofline"
         if cmd:
             row["ratio"] = row["gptoss_tok_s"] / row["llama_tok_s"]
-            row["llama_of_roofline"] = row["llama_tok_s"] / row["roofline_tok_s"]
-            line += f"), llama.cpp {row['llama_tok_s']:.2f} ({row['llama_of_roofline']:.2f}): {row['ratio']:.3f}x"
+            row["llama_of_roofline"], steady = _share(row["llama_tok_s"], r[0], r[1])
+            row["steady"] = row["steady"] and steady
+            row["share_ratio"] = row["of_roofline"] / row["llama_of_roofline"]
+            line += (f"), llama.cpp {row['llama_tok_s']:.2f} ({row['llama_of_roofline']:.2f}): {row['ratio']:.3f}x, "
+                     f"shares {row['share_ratio']:.3f}x")
         else:
             line += ")"
-        log(line + f"; roofline {row['roofline_tok_s']:.2f}")
+        log(line + "; roofline " + " / ".join(f"{v:.2f}" for v in r) + ("" if row["steady"] else " (not steady)"))
         out.append(row)
-    res = {"rounds": out, "median_of_roofline": _median([r["of_roofline"] for r in out]), "cmd": cmd}
+    steady = [r for r in out if r["steady"]]
+    res = {"rounds": out, "steady_rounds": len(steady), "cmd": cmd,
+           "median_of_roofline": _median([r["of_roofline"] for r in steady or out])}
     if cmd:
         res["median_ratio"] = _median([r["ratio"] for r in out])
-        res["median_llama_of_roofline"] = _median([r["llama_of_roofline"] for r in out])
+        res["median_llama_of_roofline"] = _median([r["llama_of_roofline"] for r in steady or out])
+        res["median_share_ratio"] = _median([r["share_ratio"] for r in steady]) if steady else None
     return res
 
 
@@ -650,16 +672,18 @@ def report(out: dict) -> None:
                 checks.append(f"{name}: {mine['llama_reencode']}")
         paired = r.get("paired")
         if paired and "error" not in paired:
-            rounds = paired["rounds"]
-            line = (f"{name}: paired decode, {len(rounds)} rounds: gptoss at {paired['median_of_roofline']:.2f} of the "
-                    "roofline (median; rounds " + ", ".join(f"{p['of_roofline']:.2f}" for p in rounds) + ")")
+            rounds, n = paired["rounds"], paired["steady_rounds"]
+            over = "the steady rounds" if n else "all rounds (none steady)"
+            line = (f"{name}: paired decode, {len(rounds)} rounds, {n} steady: gptoss at "
+                    f"{paired['median_of_roofline']:.2f} of the roofline (median over {over}")
             if "median_ratio" in paired:
-                per_round = {k: ", ".join(f"{p[k]:.2f}" for p in rounds) for k in ("llama_of_roofline", "ratio")}
-                line += (f", llama.cpp at {paired['median_llama_of_roofline']:.2f} (rounds "
-                         f"{per_round['llama_of_roofline']}); gptoss / llama.cpp {paired['median_ratio']:.2f}x (rounds "
-                         f"{per_round['ratio']})")
+                line += f"), llama.cpp at {paired['median_llama_of_roofline']:.2f}"
+                if paired["median_share_ratio"] is not None:
+                    line += f"; phase-corrected gptoss / llama.cpp {paired['median_share_ratio']:.2f}x"
+                line += ("; raw per-round ratios " + ", ".join(f"{p['ratio']:.2f}" for p in rounds)
+                         + f" (median {paired['median_ratio']:.2f}x)")
             else:
-                line += f"; llama.cpp not paired: {r.get('paired_llama')}"
+                line += f"); llama.cpp not paired: {r.get('paired_llama')}"
             checks.append(line)
         elif paired:
             checks.append(f"{name}: paired decode: {paired['error']}")
