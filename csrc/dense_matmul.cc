@@ -346,13 +346,14 @@ void Compute(const Problem* prs, size_t count) {
   if (plans.size() < count) plans.resize(count);
   thread_local std::vector<size_t> vec;  // the products left to the vector paths, all in one pool run
   vec.clear();
+  const auto w_bytes = [](const Problem& pr) { return pr.N * pr.K * (pr.w_f32 ? 4 : 2); };
   int64_t after = 0;
   for (size_t i = 0; i < count; ++i)
-    if (!ComputeTrivialOrTiles(prs[i])) vec.push_back(i), after += prs[i].N * prs[i].K * (prs[i].w_f32 ? 4 : 2);
+    if (!ComputeTrivialOrTiles(prs[i])) vec.push_back(i), after += w_bytes(prs[i]);
   int64_t total = 0;
   size_t n = 0;
   for (size_t i : vec) {
-    after -= prs[i].N * prs[i].K * (prs[i].w_f32 ? 4 : 2);
+    after -= w_bytes(prs[i]);
     MakePlan(prs[i], plans[n], after);
     plans[n].first = total, total += plans[n++].tasks;
   }

@@ -365,6 +365,14 @@ struct MKT {
   }
 };
 
+// The tile's rows on the x16 (or, where X8, x8) input: four streams, a row from each quarter of the tile in turn,
+// then the rows left over.
+template <bool X8>
+void gemv_int_rows(const gptoss::Tile& t) {
+  const int64_t q = t.rows / 4;
+  for (int64_t i = 0; i < q; ++i) gemv_x16<4, X8>(t, i, q);
+  for (int64_t r = 4 * q; r < t.rows; ++r) gemv_x16<1, X8>(t, r, 0);
+}
 
 #include "mxfp4_tile_t_loop.h"
 
@@ -372,17 +380,7 @@ struct MKT {
 
 void gptoss::tile_avx2(const gptoss::Tile& t) {
   if (t.ntok > 1) return run_panel(t);
-  if (t.xi != nullptr) {
-    const int64_t q = t.rows / 4;
-    if (t.x8) {
-      for (int64_t i = 0; i < q; ++i) gemv_x16<4, true>(t, i, q);
-      for (int64_t r = 4 * q; r < t.rows; ++r) gemv_x16<1, true>(t, r, 0);
-    } else {
-      for (int64_t i = 0; i < q; ++i) gemv_x16<4, false>(t, i, q);
-      for (int64_t r = 4 * q; r < t.rows; ++r) gemv_x16<1, false>(t, r, 0);
-    }
-    return;
-  }
+  if (t.xi != nullptr) return t.x8 ? gemv_int_rows<true>(t) : gemv_int_rows<false>(t);
   int64_t r = 0;
   for (; r + 4 <= t.rows; r += 4) gemv_rows<4>(t, r);
   for (; r < t.rows; ++r) gemv_rows<1>(t, r);

@@ -68,11 +68,17 @@ def kernel_available() -> bool:
     return load_library() is not None
 
 
-def panel_min_tokens() -> int:
-    """The token count from which the kernel's AVX2 panel GEMM serves (csrc dense_kernel.h kColsPanelMinTokens)."""
+def loaded_library():
+    """The library with this op's targets, or a RuntimeError saying why it is unavailable."""
     lib = load_library()
     if lib is None:
-        raise RuntimeError(f"the dense CPU kernel is unavailable: {load_error()}")
+        raise RuntimeError(f"the dense CPU kernel is unavailable: {_family.error}")
+    return lib
+
+
+def panel_min_tokens() -> int:
+    """The token count from which the kernel's AVX2 panel GEMM serves (csrc dense_kernel.h kColsPanelMinTokens)."""
+    lib = loaded_library()
     return lib.gptoss_dense_panel_min_tokens()
 
 
@@ -127,8 +133,7 @@ def _checked(name: str, x_MK, ws: tuple, w_nk: bool):
             raise TypeError(f"{name}: {which} must be bfloat16 or float32, got {w.dtype}")
     if x_MK.dtype not in (jnp.float32, jnp.bfloat16):
         x_MK = x_MK.astype(jnp.float32)
-    if load_library() is None:
-        raise RuntimeError(f"the dense CPU kernel is unavailable: {_family.error}")
+    loaded_library()
     return x_MK, ws
 
 
@@ -184,9 +189,7 @@ def set_isa(isa: str) -> str:
     """Caps the vector path ('scalar', 'avx2', 'avx512', then 'avx512bf16' and 'amx': AVX-512 plus VDPBF16PS or AMX
     tiles for prefill-sized bf16 x times bf16 [N, K]) at what the CPU and build support, or selects AMX_EMULATED (any
     CPU); returns the one in use."""
-    lib = load_library()
-    if lib is None:
-        raise RuntimeError(f"the dense CPU kernel is unavailable: {_family.error}")
+    lib = loaded_library()
     return _ISA_CODES[lib.gptoss_dense_set_isa(_ISA_CODES.index(isa))]
 
 

@@ -121,6 +121,14 @@ def load_error() -> str | None:
 
 
 # ------------------------------------------------------------------------------------------------- the op
+def loaded_library():
+    """The library, or a RuntimeError saying why it is unavailable (for the calls that need it)."""
+    lib = load_library()
+    if lib is None:
+        raise RuntimeError(f"the MXFP4 CPU kernel is unavailable: {_state['error']}")
+    return lib
+
+
 def mx_gather_matmul(x_MK, w: MXFP4Array, idx_MS, *, grouped: bool = False) -> jax.Array:
     """x [M, K] (any float dtype; bf16 and f32 are passed as they are), w packed [E, N, K], idx int [M, S]
     -> fp32 [M, S, N] with y[m, s] = w[idx[m, s]] @ x[m], and y[m, s] = 0 where idx[m, s] < 0 (a skipped pair).
@@ -136,8 +144,7 @@ def mx_gather_matmul(x_MK, w: MXFP4Array, idx_MS, *, grouped: bool = False) -> j
 
 def _kernel_operand(a):
     """bf16 and f32 go to the kernel as they are, other floats as f32; the library must be loaded."""
-    if load_library() is None:
-        raise RuntimeError(f"the MXFP4 CPU kernel is unavailable: {_state['error']}")
+    loaded_library()
     return a if a.dtype in (jnp.float32, jnp.bfloat16) else a.astype(jnp.float32)
 
 
@@ -209,9 +216,7 @@ def set_isa(isa: str) -> str:
     """Caps the vector path ('scalar', 'avx2', 'avx512', then 'avx512bf16' and 'amx': AVX-512 plus VDPBF16PS or AMX
     tiles for grouped bf16 inputs) at what the CPU supports, or selects AMX_EMULATED (any CPU); returns the one in
     use."""
-    lib = load_library()
-    if lib is None:
-        raise RuntimeError(f"the MXFP4 CPU kernel is unavailable: {_state['error']}")
+    lib = loaded_library()
     return _ISA_CODES[lib.gptoss_mxfp4_set_isa(_ISA_CODES.index(isa))]
 
 
@@ -225,9 +230,7 @@ def set_exact_gemv(exact: bool) -> bool:
     unless GPTOSS_MXFP4_EXACT_GEMV=1) rounds each 32-block of x to 15-bit block floating point and multiplies on
     integers (|error| <= 2**-14 * the block's max |x| per element; ~1.6x the GEMV's speed on a Zen 3 core), or to x8
     where `set_gemv_input("x8")` chose it. Other paths are always exact. Returns the previous setting."""
-    lib = load_library()
-    if lib is None:
-        raise RuntimeError(f"the MXFP4 CPU kernel is unavailable: {_state['error']}")
+    lib = loaded_library()
     return bool(lib.gptoss_mxfp4_set_exact_gemv(int(bool(exact))))
 
 
@@ -255,9 +258,7 @@ def set_gemv_input(mode: str) -> str:
     GPTOSS_MXFP4_GEMV_INPUT sets it at start. Returns the previous mode."""
     if mode not in GEMV_INPUTS:
         raise ValueError(f"gemv input must be one of {GEMV_INPUTS}, not {mode!r}")
-    lib = load_library()
-    if lib is None:
-        raise RuntimeError(f"the MXFP4 CPU kernel is unavailable: {_state['error']}")
+    lib = loaded_library()
     return GEMV_INPUTS[lib.gptoss_mxfp4_set_gemv_input(GEMV_INPUTS.index(mode))]
 
 
@@ -284,9 +285,7 @@ def x8_active() -> bool:
 
 def set_num_threads(n: int) -> int:
     """Resizes the kernel's thread pool (n <= 0: GPTOSS_MXFP4_THREADS or the CPU count); returns the size."""
-    lib = load_library()
-    if lib is None:
-        raise RuntimeError(f"the MXFP4 CPU kernel is unavailable: {_state['error']}")
+    lib = loaded_library()
     return lib.gptoss_mxfp4_set_num_threads(int(n))
 
 
@@ -295,9 +294,7 @@ def set_spin_micros(us: int) -> int:
     the MXFP4 and dense kernels). Decode's calls come every 0.1-2 ms; a sleeping worker's wake-up costs ~30 us of
     each. 0 sleeps at once (a machine whose cores other work needs); < 0 restores the default: GPTOSS_POOL_SPIN_US,
     else 1000. Returns the value in use."""
-    lib = load_library()
-    if lib is None:
-        raise RuntimeError(f"the MXFP4 CPU kernel is unavailable: {_state['error']}")
+    lib = loaded_library()
     return lib.gptoss_mxfp4_set_spin_micros(int(us))
 
 
@@ -306,9 +303,7 @@ def read_probe(buffers) -> int:
     kernels' thread pool that does nothing else with the bytes; returns the sum of their 64-bit words mod 2**64
     (each buffer's last partial word zero-padded). A roofline for the memory-bound decode kernels: the benchmarks
     time a decode step's weight bytes read this way in the same seconds as the step."""
-    lib = load_library()
-    if lib is None:
-        raise RuntimeError(f"the MXFP4 CPU kernel is unavailable: {_state['error']}")
+    lib = loaded_library()
     try:
         probe = lib.gptoss_read_probe
     except AttributeError:
