@@ -99,8 +99,36 @@ def step_read_set(model, rng) -> list[list]:
     return runs
 
 
-def probe_step_s(model, rng, reps: int = 5) -> tuple[float, int]:
-    """The median time (s) to read one decode step's weights (`step_read_set`, fresh experts each rep) through the
+def synthetic_read_set(cfg, rng, pool: int = 8):
+    """`step_read_set`'s arrays without a model: the same shapes and dtypes per kernel call, for `cfg`, in fresh
+    memory (filled, so every page is real), with `pool` experts per layer to draw the step's k from (cold: the pool
+    of a 20b-shaped config is ~2.6 GB). Returns a function of nothing that gives one step's runs. For timing the
+    roofline beside a process that holds the model (llama.cpp), where this one cannot hold ours too."""
+    D, k, I, V = cfg.hidden_size, cfg.experts_per_token, cfg.intermediate_size, cfg.vocab_size
+    G, pool = D // 32, max(pool, k)
+    full = lambda *shape: np.full(shape, 1, np.uint8)  # noqa: E731
+    bf16 = lambda rows: full(rows, 2 * D)  # noqa: E731  (bf16 [rows, D] as bytes)
+    layers = []
+    for _ in range(cfg.num_hidden_layers):
+        attn = [[bf16(cfg.q_width), bf16(cfg.kv_width), bf16(cfg.kv_width)], [full(D, 2 * cfg.q_width)],
+                [bf16(cfg.num_experts)]]
+        experts = [[(full(2 * I, G, 16), full(2 * I, G)), (full(D, I // 32, 16), full(D, I // 32))]
+                   for _ in range(pool)]
+        layers.append((attn, experts))
+    unembed = bf16(V)
+
+    def runs() -> list[list]:
+        out = []
+        for attn, experts in layers:
+            pick = rng.choice(pool, k, replace=False)
+            out += attn + [[part for e in pick for part in experts[e][w]] for w in (0, 1)]
+        return out + [[unembed]]
+
+    return runs
+
+
+def probe_runs_s(step_runs, reps: int = 5) -> tuple[float, int]:
+    """The median time (s) to read one decode step's weights (`step_runs()`: fresh experts each rep) through the
     kernels' pool with no compute (`mxfp4_cpu.read_probe`, one pool run per kernel call), and the bytes read: the
     step's memory roofline in the current seconds."""
     import time
@@ -109,13 +137,18 @@ def probe_step_s(model, rng, reps: int = 5) -> tuple[float, int]:
 
     times, nbytes = [], 0
     for _ in range(reps):
-        runs = step_read_set(model, rng)
+        runs = step_runs()
         nbytes = sum(a.nbytes for run in runs for a in run)
         t0 = time.perf_counter()
         for run in runs:
             mxfp4_cpu.read_probe(run)
         times.append(time.perf_counter() - t0)
     return sorted(times)[reps // 2], nbytes
+
+
+def probe_step_s(model, rng, reps: int = 5) -> tuple[float, int]:
+    """`probe_runs_s` on `model`'s own weights (`step_read_set`)."""
+    return probe_runs_s(lambda: step_read_set(model, rng), reps)
 
 
 # ---------------------------------------------------------------------------------------------- children

@@ -356,6 +356,14 @@ def child_ours(spec: dict) -> dict:
     log("gptoss: warm-up (compiles)")
     run(prompts, 1)
     run(prompts, N + 1, [])
+    if spec.get("paired_once"):  # one paired window in a fresh process (the reload rounds, `paired_reload`)
+        import numpy as np
+        from decode import probe_step_s
+
+        rng = np.random.default_rng()
+        before = 1 / probe_step_s(model, rng)[0]
+        tok_s = N / timed(2)[1]
+        return res | {"gptoss_tok_s": tok_s, "roofline_tok_s": [before, 1 / probe_step_s(model, rng)[0]]}
     ttft, decode_s, ttfts, steps = timed(spec["runs"])
     res["prefill"] = {"tok_s": P / ttft, "ttft_s": ttft, "ttft_runs_s": ttfts}
     res["decode"] = {"tok_s": N / decode_s, "decode_s": decode_s, "step_s": steps,
@@ -395,14 +403,15 @@ def _share(tok_s: float, before: float, after: float) -> tuple[float, bool]:
     return share, max(before, after) / min(before, after) < STEADY and share < STEADY
 
 
-def paired_decode(cmd: list[str] | None, rounds: int, ours, roofline) -> dict:
+def paired_decode(cmd: list[str] | None, rounds: int, ours, roofline, *, ours_probes: bool = False) -> dict:
     """Decode tok/s of llama-bench (decode only, best of its runs; when `cmd`) and of ours, each between two
     measurements of the roofline (one step's weight bytes read with no compute, `decode.probe_step_s`), `rounds`
     times while this process keeps its model. A shared machine's read rate can swing 2x within seconds, so a ratio
     of two runs even seconds apart can measure the machine: each side's share of the roofline around it (its
     tok/s over the roofline's mean before and after) corrects for that, and is trusted in the rounds where the
     roofline held within 10 % across both sides' windows and neither side beat it by 10 % ("steady"); the ratio of
-    the two shares is the phase-corrected speed ratio."""
+    the two shares is the phase-corrected speed ratio. `ours_probes`: `ours()` returns its tok/s and the roofline it
+    measured just before and after (a process of its own per round: `paired_reload`)."""
     out: list[dict] = []
     for i in range(rounds):
         row: dict = {"roofline_tok_s": [roofline()]}
@@ -412,8 +421,12 @@ def paired_decode(cmd: list[str] | None, rounds: int, ours, roofline) -> dict:
                 return {"error": f"llama-bench exited with {proc.returncode}: {proc.stderr[-800:]}", "rounds": out}
             row["llama_tok_s"] = max(json.loads(proc.stdout)[0]["samples_ts"])
             row["roofline_tok_s"].append(roofline())
-        row["gptoss_tok_s"] = ours()
-        row["roofline_tok_s"].append(roofline())
+        if ours_probes:
+            row["gptoss_tok_s"], around = ours()
+            row["roofline_tok_s"] += around
+        else:
+            row["gptoss_tok_s"] = ours()
+            row["roofline_tok_s"].append(roofline())
         r = row["roofline_tok_s"]
         row["of_roofline"], row["steady"] = _share(row["gptoss_tok_s"], r[-2], r[-1])
         line = f"paired round {i}: gptoss {row['gptoss_tok_s']:.2f} tok/s ({row['of_roofline']:.2f} of the roofline"
@@ -436,6 +449,52 @@ def paired_decode(cmd: list[str] | None, rounds: int, ours, roofline) -> dict:
         res["median_llama_of_roofline"] = _median([r["llama_of_roofline"] for r in steady or out])
         res["median_share_ratio"] = _median([r["share_ratio"] for r in steady]) if steady else None
     return res
+
+
+def _read_through(path: str, chunk: int = 64 << 20) -> None:
+    """Reads a file once, into the page cache."""
+    buf = bytearray(chunk)
+    with open(path, "rb", buffering=0) as f:
+        while f.readinto(buf):
+            pass
+
+
+def paired_reload(cmd: list[str], rounds: int, cfg, threads: int, script: str, spec: dict) -> dict:
+    """`paired_decode` where the two models do not fit in memory together (the 20b shape in 24 GiB): each round runs
+    llama-bench between two reads of a synthetic copy of one step's weight bytes (`decode.synthetic_read_set`, held
+    by this process only during llama.cpp's window), then a fresh gptoss process that loads the model and times its
+    decode between two reads of its own weights. The GGUF is read through the page cache before llama.cpp's first
+    roofline read, so its load (a mmap) stays short inside the window; ours loads before its window."""
+    import gc
+
+    import numpy as np
+    from decode import probe_runs_s, synthetic_read_set
+
+    from gptoss.kernels import mxfp4_cpu
+
+    mxfp4_cpu.set_num_threads(threads)  # as many pool threads as each side runs on
+    rng, held = np.random.default_rng(), {}
+    gguf = cmd[cmd.index("-m") + 1]
+
+    def roofline() -> float:
+        if "runs" not in held:  # before llama.cpp's window
+            _read_through(gguf)
+            held["runs"] = synthetic_read_set(cfg, rng)
+        return 1 / probe_runs_s(held["runs"])[0]
+
+    def ours() -> tuple[float, list[float]]:
+        held.clear()
+        gc.collect()  # the synthetic weights go before our model loads
+        res = run_child(script, spec | {"paired_once": True}, timeout=1800)
+        if "error" in res:
+            raise RuntimeError(f"gptoss's round failed: {res['error']}")
+        return res["gptoss_tok_s"], res["roofline_tok_s"]
+
+    try:
+        out = paired_decode(cmd, rounds, ours, roofline, ours_probes=True)
+    except RuntimeError as e:
+        return {"error": str(e)}
+    return out | {"reload": "a fresh gptoss process per round; llama.cpp's roofline from a synthetic read set"}
 
 
 def greedy_check(model, generate, tok, llama_text: str | None) -> dict:
@@ -543,24 +602,31 @@ def run_shape(name: str, layers: int, fill: str, args, llama: dict | None, work:
             log(f"{name}: llama.cpp side failed: {e}")
         if not args.keep and not args.paired:
             Path(gguf).unlink(missing_ok=True)  # disk: the 20b GGUF is ~13 GiB (--paired needs it until the end)
+    reload_rounds = None  # llama-bench's command where paired rounds reload gptoss (`paired_reload`)
     if not args.skip_ours:
         spec = {"ckpt": ckpt, "prompt": args.prompt, "new": args.new, "runs": args.runs, "threads": args.threads,
                 "llama_text": res.get("llama_check", {}).get("text"), "out": os.path.join(work, f"ours-{name}.json")}
         if args.paired:
             # both models resident at once: ours in memory, llama.cpp's GGUF mapped (page cache)
             need, avail = 2 * ckpt_bytes, available_memory()
-            spec["paired"] = args.paired  # ours and the roofline in any case
+            cmd = [llama["bench"], "-m", gguf, "-p", "0", "-n", str(args.new), "-t", str(args.threads), "-r", "2",
+                   "-o", "json"] if llama else None
             if not (llama and os.path.exists(gguf) and "error" not in res.get("llama", {})):
                 res["paired_llama"] = "no llama.cpp decode to pair with (skipped, or see its error)"
-            elif need > 0.9 * avail:
-                res["paired_llama"] = f"both models need ~{need / GIB:.1f} GiB, {avail / GIB:.1f} GiB available"
-            if "paired_llama" in res:
+                spec["paired"] = args.paired  # ours and the roofline only
                 log(f"{name}: rounds without llama.cpp: {res['paired_llama']}")
+            elif need > 0.9 * avail:
+                log(f"{name}: both models need ~{need / GIB:.1f} GiB, {avail / GIB:.1f} GiB available: "
+                    "paired rounds reload gptoss each round")
+                reload_rounds = cmd
             else:
-                spec["paired_cmd"] = [llama["bench"], "-m", gguf, "-p", "0", "-n", str(args.new), "-t",
-                                      str(args.threads), "-r", "2", "-o", "json"]
+                spec["paired"], spec["paired_cmd"] = args.paired, cmd
         log(f"{name}: gptoss side (own process)")
         res["gptoss"] = run_child(script, spec, timeout=3600)
+        if reload_rounds:
+            res["paired"] = paired_reload(reload_rounds, args.paired, cfg, args.threads, script,
+                                          {k: spec[k] for k in ("ckpt", "prompt", "new", "threads")}
+                                          | {"out": os.path.join(work, f"ours-{name}-round.json")})
     if "paired" in res.get("gptoss", {}):
         res["paired"] = res["gptoss"].pop("paired")
     for path in ([] if args.keep else [ckpt, gguf]):
@@ -579,8 +645,8 @@ def main() -> None:
                     help="repetitions per measurement (llama-bench: mean; gptoss: median, see child_ours)")
     ap.add_argument("--quick", action="store_true", help="2 layers, prompt 32, 8 tokens: a smoke run")
     ap.add_argument("--paired", type=int, default=0, metavar="R",
-                    help="also R rounds of decode alternating llama-bench (where both models fit in RAM), gptoss and "
-                         "the roofline (a step's weight bytes read with no compute)")
+                    help="also R rounds of decode alternating llama-bench, gptoss and the roofline (a step's weight "
+                         "bytes read with no compute); where both models do not fit in RAM, gptoss reloads per round")
     ap.add_argument("--skip-ours", action="store_true")
     ap.add_argument("--skip-llama", action="store_true")
     ap.add_argument("--llama-bench", help="a llama-bench binary (else $LLAMA_BENCH, PATH, or a cached build)")
@@ -682,6 +748,8 @@ def report(out: dict) -> None:
                     line += f"; phase-corrected gptoss / llama.cpp {paired['median_share_ratio']:.2f}x"
                 line += ("; raw per-round ratios " + ", ".join(f"{p['ratio']:.2f}" for p in rounds)
                          + f" (median {paired['median_ratio']:.2f}x)")
+                if "reload" in paired:
+                    line += " (gptoss reloaded per round)"
             else:
                 line += f"); llama.cpp not paired: {r.get('paired_llama')}"
             checks.append(line)

@@ -1,4 +1,5 @@
-"""Benchmarks are scripts, not tests; this only keeps the device check from rotting (reduced shapes, CPU)."""
+"""Benchmarks are scripts, not tests; this keeps the device check from rotting (reduced shapes, CPU) and checks the
+logic behind figures they report (the paired decode rounds' roofline shares)."""
 
 import importlib.util
 import json
@@ -58,3 +59,57 @@ print(before, req(2), req(18), libc.syscall(158, 0x1022, ctypes.byref(ctypes.c_u
     # before: the kernel's own answer (0, EINVAL or EOPNOTSUPP), never EPERM (1); after: EPERM for any feature, while
     # ARCH_GET_XCOMP_PERM (0x1022) still answers and a child process runs
     assert before != "1" and sse_after == amx_after == "1" and get_perm == "0" and child_ok == "True"
+
+
+def _bench_module(name: str):
+    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+    try:
+        return importlib.import_module(name)
+    finally:
+        sys.path.remove(os.path.join(ROOT, "benchmarks"))
+
+
+def test_synthetic_read_set_has_the_models_step_bytes():
+    """The roofline beside llama.cpp (no model in the process) reads what one decode step of the model reads:
+    per kernel call, the same array shapes and bytes as `step_read_set` on the model's own weights."""
+    import jax.numpy as jnp
+    import numpy as np
+
+    from gptoss import ModelConfig
+    from gptoss.model import random_model
+
+    decode = _bench_module("decode")
+    cfg = ModelConfig(vocab_size=331, hidden_size=96, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=6, num_key_value_heads=2, head_dim=20, num_experts=5, experts_per_token=3,
+                      sliding_window=5, layer_types=("sliding_attention", "full_attention"))
+    model = random_model(cfg, dtype=jnp.bfloat16)
+    real = decode.step_read_set(model, np.random.default_rng(0))
+    synthetic = decode.synthetic_read_set(cfg, np.random.default_rng(0), pool=4)()
+    assert [[a.nbytes for a in run] for run in synthetic] == [[a.nbytes for a in run] for run in real]
+    assert all(a.dtype == np.uint8 and a.flags.c_contiguous and a.min() == 1 for run in synthetic for a in run)
+
+
+def test_paired_rounds_share_each_sides_own_roofline(tmp_path):
+    """`paired_decode`: each side's share is its tok/s over the mean of the two roofline reads around it (llama.cpp
+    between the first two; ours between its own pair when it brings one, else the second and third), a round is
+    steady only when both windows held within 10 %, and the phase-corrected ratio is the median over steady rounds."""
+    vs = _bench_module("vs_llama_cpp")
+    bench = tmp_path / "bench.py"  # llama-bench's JSON: the best of its samples counts
+    bench.write_text("import json; print(json.dumps([{'samples_ts': [9.0, 10.0]}]))")
+    cmd = [sys.executable, str(bench)]
+    # ours with its own probes: round 0 steady (shares 19/20 and 10/20), round 1 not (its own roofline swung)
+    rooflines = iter([20.0, 20.0, 30.0, 30.0])
+    ours = iter([(19.0, [20.0, 20.0]), (19.0, [20.0, 30.0])])
+    out = vs.paired_decode(cmd, 2, lambda: next(ours), lambda: next(rooflines), ours_probes=True)
+    r0, r1 = out["rounds"]
+    assert r0["roofline_tok_s"] == [20.0, 20.0, 20.0, 20.0] and r0["steady"]
+    assert abs(r0["of_roofline"] - 0.95) < 1e-12 and abs(r0["llama_of_roofline"] - 0.5) < 1e-12
+    assert abs(r1["of_roofline"] - 19 / 25) < 1e-12 and abs(r1["llama_of_roofline"] - 10 / 30) < 1e-12
+    assert not r1["steady"] and out["steady_rounds"] == 1
+    assert abs(out["median_share_ratio"] - 1.9) < 1e-12 and abs(out["median_ratio"] - 1.9) < 1e-12
+    # ours in this process: the roofline read after llama.cpp also opens ours' window
+    rooflines = iter([20.0, 21.0, 22.0])
+    out = vs.paired_decode(cmd, 1, lambda: 21.5, lambda: next(rooflines))
+    (r,) = out["rounds"]
+    assert r["roofline_tok_s"] == [20.0, 21.0, 22.0] and r["steady"]
+    assert abs(r["of_roofline"] - 1.0) < 1e-12 and abs(r["llama_of_roofline"] - 10 / 20.5) < 1e-12
