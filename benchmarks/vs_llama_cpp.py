@@ -607,7 +607,7 @@ def run_shape(name: str, layers: int, fill: str, args, llama: dict | None, work:
         spec = {"ckpt": ckpt, "prompt": args.prompt, "new": args.new, "runs": args.runs, "threads": args.threads,
                 "llama_text": res.get("llama_check", {}).get("text"), "out": os.path.join(work, f"ours-{name}.json")}
         if args.paired:
-            # both models resident at once: ours in memory, llama.cpp's GGUF mapped (page cache)
+            # both models resident at once where they fit (ours in memory, llama.cpp's GGUF mapped), else reloads
             need, avail = 2 * ckpt_bytes, available_memory()
             cmd = [llama["bench"], "-m", gguf, "-p", "0", "-n", str(args.new), "-t", str(args.threads), "-r", "2",
                    "-o", "json"] if llama else None
