@@ -38,13 +38,15 @@ UNITS = {
                             "GPTOSS_HAVE_AVX512BF16"),
     "mxfp4_amx.cc": (["-mavx512f", "-mavx512bw", "-mavx512dq", "-mavx512vl", "-mavx512bf16", "-mfma", "-mamx-tile",
                       "-mamx-bf16"], "GPTOSS_HAVE_AMX"),
+    "bf12_avx512.cc": (["-mavx512f", "-mavx512bw", "-mavx512vbmi", "-mavx512bf16"], "GPTOSS_HAVE_BF12_AVX512"),
     "mxfp4_amx_emulated.cc": ([], None),  # the AMX algorithm on emulated tile instructions, for tests on any CPU
 }
 DRIVER = "mxfp4_matmul.cc"
 # compiled without ISA flags, like the driver
-COMMON = ["pool.cc", "dense_matmul.cc", "attention_decode.cc", "read_probe.cc", "mxfp4_gemv_input.cc"]
+COMMON = ["pool.cc", "dense_matmul.cc", "attention_decode.cc", "read_probe.cc", "mxfp4_gemv_input.cc",
+          "bf12_matmul.cc"]
 HEADERS = ["mxfp4_kernel.h", "mxfp4_tile_loop.h", "mxfp4_tile_t_loop.h", "mxfp4_amx_loop.h", "mxfp4_bf16_block.h",
-           "mxfp4_x16.h", "pool.h", "dense_kernel.h", "attention_kernel.h"]
+           "mxfp4_x16.h", "pool.h", "dense_kernel.h", "attention_kernel.h", "bf12_kernel.h"]
 BASE_FLAGS = ["-O3", "-std=c++17", "-fPIC", "-fvisibility=hidden", "-pthread"]
 
 

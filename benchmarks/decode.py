@@ -84,38 +84,49 @@ def step_read_set(model, rng) -> list[list]:
     (< 1 % of the bytes at these lengths) are left out. Input for `probe_step_s`."""
     import numpy as np
 
+    from gptoss.quant import BF12Array
+
     k = model.config.experts_per_token
-    view = lambda p: np.asarray(p[...])  # noqa: E731  (a CPU jax array's buffer, not a copy)
+
+    def views(p) -> list:  # a CPU jax array's buffer, not a copy; a bf12 weight's rows and exceptions
+        v = p[...]
+        return ([np.asarray(a) for a in (v.data, v.exc_rows, v.exc_cols, v.exc_bits)] if isinstance(v, BF12Array)
+                else [np.asarray(v)])
+
     runs = []
     for block in model.layers:
         a, m = block.attn, block.mlp
-        runs += [[view(a.wq_NHD), view(a.wk_KHD), view(a.wv_KHD)], [view(a.wo_DNH)], [view(m.router_ED)]]
+        runs += [views(a.wq_NHD) + views(a.wk_KHD) + views(a.wv_KHD), views(a.wo_DNH), views(m.router_ED)]
         gate_up, down = m.gate_up_EFD[...], m.down_EDI[...]
         experts = rng.choice(model.config.num_experts, k, replace=False)
         for w in (gate_up, down):
             blocks, scales = np.asarray(w.blocks), np.asarray(w.scales)
             runs.append([part[e] for e in experts for part in (blocks, scales)])
-    runs.append([view(model.unembed_VD)])
+    runs.append(views(model.unembed_VD))
     return runs
 
 
-def synthetic_read_set(cfg, rng, pool: int = 8):
+def synthetic_read_set(cfg, rng, pool: int = 8, dense: str = "bf16"):
     """`step_read_set`'s arrays without a model: the same shapes and dtypes per kernel call, for `cfg`, in fresh
     memory (filled, so every page is real), with `pool` experts per layer to draw the step's k from (cold: the pool
     of a 20b-shaped config is ~2.6 GB). Returns a function of nothing that gives one step's runs. For timing the
-    roofline beside a process that holds the model (llama.cpp), where this one cannot hold ours too."""
+    roofline beside a process that holds the model (llama.cpp), where this one cannot hold ours too. `dense`: "bf12"
+    where the model's attention and unembedding are packed (gptoss.pack_dense): their rows at 49 bytes per 32
+    weights (the exceptions, ~0.03 % of the weights, left out)."""
     D, k, I, V = cfg.hidden_size, cfg.experts_per_token, cfg.intermediate_size, cfg.vocab_size
     G, pool = D // 32, max(pool, k)
     full = lambda *shape: np.full(shape, 1, np.uint8)  # noqa: E731
     bf16 = lambda rows: full(rows, 2 * D)  # noqa: E731  (bf16 [rows, D] as bytes)
+    # bf16 [rows, K] as bytes, or bf12 where pack_dense packs it (whole 32-blocks)
+    packed = lambda rows, K=D: full(rows, K // 32 * 49 if dense == "bf12" and K % 32 == 0 else 2 * K)  # noqa: E731
     layers = []
     for _ in range(cfg.num_hidden_layers):
-        attn = [[bf16(cfg.q_width), bf16(cfg.kv_width), bf16(cfg.kv_width)], [full(D, 2 * cfg.q_width)],
+        attn = [[packed(cfg.q_width), packed(cfg.kv_width), packed(cfg.kv_width)], [packed(D, cfg.q_width)],
                 [bf16(cfg.num_experts)]]
         experts = [[(full(2 * I, G, 16), full(2 * I, G)), (full(D, I // 32, 16), full(D, I // 32))]
                    for _ in range(pool)]
         layers.append((attn, experts))
-    unembed = bf16(V)
+    unembed = packed(V)
 
     def runs() -> list[list]:
         out = []

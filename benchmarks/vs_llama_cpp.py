@@ -328,7 +328,11 @@ def child_ours(spec: dict) -> dict:
 
     t0 = time.perf_counter()
     model = gptoss.from_pretrained(spec["ckpt"], dtype="bfloat16", progress=False)
-    res: dict = {"load_s": time.perf_counter() - t0, "kernel": kernel_state(), "cpus": cpus}
+    gptoss.pack_dense(model, spec.get("dense_weights", "auto"))  # as `gptoss generate` does by default
+    from gptoss.model.packing import dense_format
+
+    res: dict = {"load_s": time.perf_counter() - t0, "kernel": kernel_state(), "cpus": cpus,
+                 "dense_weights": dense_format(model)}
 
     def run(prompts, n, stamps=None):
         t0 = time.perf_counter()
@@ -475,11 +479,12 @@ def paired_reload(cmd: list[str], rounds: int, cfg, threads: int, script: str, s
     mxfp4_cpu.set_num_threads(threads)  # as many pool threads as each side runs on
     rng, held = np.random.default_rng(), {}
     gguf = cmd[cmd.index("-m") + 1]
+    dense = spec.pop("dense_format", "bf16")  # what our side's weights are (the roofline reads our step's bytes)
 
     def roofline() -> float:
         if "runs" not in held:  # before llama.cpp's window
             _read_through(gguf)
-            held["runs"] = synthetic_read_set(cfg, rng)
+            held["runs"] = synthetic_read_set(cfg, rng, dense=dense)
         return 1 / probe_runs_s(held["runs"])[0]
 
     def ours() -> tuple[float, list[float]]:
@@ -605,6 +610,7 @@ def run_shape(name: str, layers: int, fill: str, args, llama: dict | None, work:
     reload_rounds = None  # llama-bench's command where paired rounds reload gptoss (`paired_reload`)
     if not args.skip_ours:
         spec = {"ckpt": ckpt, "prompt": args.prompt, "new": args.new, "runs": args.runs, "threads": args.threads,
+                "dense_weights": args.dense_weights,
                 "llama_text": res.get("llama_check", {}).get("text"), "out": os.path.join(work, f"ours-{name}.json")}
         if args.paired:
             # both models resident at once where they fit (ours in memory, llama.cpp's GGUF mapped), else reloads
@@ -625,8 +631,9 @@ def run_shape(name: str, layers: int, fill: str, args, llama: dict | None, work:
         res["gptoss"] = run_child(script, spec, timeout=3600)
         if reload_rounds:
             res["paired"] = paired_reload(reload_rounds, args.paired, cfg, args.threads, script,
-                                          {k: spec[k] for k in ("ckpt", "prompt", "new", "threads")}
-                                          | {"out": os.path.join(work, f"ours-{name}-round.json")})
+                                          {k: spec[k] for k in ("ckpt", "prompt", "new", "threads", "dense_weights")}
+                                          | {"out": os.path.join(work, f"ours-{name}-round.json"),
+                                             "dense_format": res["gptoss"].get("dense_weights", "bf16")})
     if "paired" in res.get("gptoss", {}):
         res["paired"] = res["gptoss"].pop("paired")
     for path in ([] if args.keep else [ckpt, gguf]):
@@ -658,6 +665,9 @@ def main() -> None:
     ap.add_argument("--gemv-input", choices=("x16", "x8", "exact"),
                     help="gptoss's one-token MXFP4 GEMV input (GPTOSS_MXFP4_GEMV_INPUT; default: the library's, x16); "
                          "x8 rounds x per 32 elements to 8 bits as llama.cpp's Q8_0 does")
+    ap.add_argument("--dense-weights", choices=("auto", "bf16", "bf12"), default="auto",
+                    help="gptoss's attention and unembedding weights (gptoss.pack_dense; default auto, as `gptoss "
+                         "generate`: bf12 where the CPU decodes it in registers)")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
@@ -671,7 +681,7 @@ def main() -> None:
     interrupt_on_sigterm()
     out: dict = {"benchmark": "llama_cpp", "machine": machine_info() | {"isa_flags": isa_flags()},
                  "threads": args.threads, "prompt": args.prompt, "new": args.new, "runs": args.runs, "shapes": {},
-                 "amx_denied": args.no_amx, "gemv_input": args.gemv_input}
+                 "amx_denied": args.no_amx, "gemv_input": args.gemv_input, "dense_weights": args.dense_weights}
     out["read_gbps"] = stream_read_gbps()
     log(f"numpy streaming read: {out['read_gbps']:.1f} GB/s")
     llama = None
@@ -695,7 +705,8 @@ def main() -> None:
             shutil.rmtree(work, ignore_errors=True)
     report(out)
     path = write_json(("llama_cpp_quick" if args.quick else "llama_cpp") + ("_noamx" if args.no_amx else "")
-                      + (f"_{args.gemv_input}" if args.gemv_input else ""), out)
+                      + (f"_{args.gemv_input}" if args.gemv_input else "")
+                      + (f"_{args.dense_weights}" if args.dense_weights != "auto" else ""), out)
     log(f"wrote {path}")
 
 
@@ -759,7 +770,8 @@ def report(out: dict) -> None:
                 f"{out['new']} tokens, {out['runs']} runs (llama-bench: mean; gptoss: median); "
                 f"read bandwidth {out['read_gbps']:.1f} GB/s"
                 + ("; AMX denied (--no-amx)" if out.get("amx_denied") else "")
-                + (f"; gptoss GEMV input {out['gemv_input']}" if out.get("gemv_input") else ""),
+                + (f"; gptoss GEMV input {out['gemv_input']}" if out.get("gemv_input") else "")
+                + f"; gptoss dense weights {out.get('dense_weights', 'bf16')}",
                 ["shape", "side", "prefill tok/s", "decode tok/s", "ms/token", "% read bw", "peak RSS GiB", "load"],
                 rows)
     print("% read bw: decode weight bytes/s over the 1-thread numpy read bandwidth (2 threads can pass 100%); load: "

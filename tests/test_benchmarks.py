@@ -75,6 +75,7 @@ def test_synthetic_read_set_has_the_models_step_bytes():
     import jax.numpy as jnp
     import numpy as np
 
+    import gptoss
     from gptoss import ModelConfig
     from gptoss.model import random_model
 
@@ -87,6 +88,16 @@ def test_synthetic_read_set_has_the_models_step_bytes():
     synthetic = decode.synthetic_read_set(cfg, np.random.default_rng(0), pool=4)()
     assert [[a.nbytes for a in run] for run in synthetic] == [[a.nbytes for a in run] for run in real]
     assert all(a.dtype == np.uint8 and a.flags.c_contiguous and a.min() == 1 for run in synthetic for a in run)
+    # packed (q, k, v and the unembedding contract 96: bf12; o contracts 120, no whole blocks: bf16): the same bytes
+    # per call but the exceptions (10 bytes each; the synthetic set leaves them out)
+    gptoss.pack_dense(model, "bf12")
+    real = decode.step_read_set(model, np.random.default_rng(0))
+    synthetic = decode.synthetic_read_set(cfg, np.random.default_rng(0), pool=4, dense="bf12")()
+    packed = [run for run in real if any(a.dtype == np.int32 for a in run)]
+    assert len(packed) == cfg.num_hidden_layers + 1  # per layer q/k/v, then the unembedding
+    for ours, syn in zip(real, synthetic):
+        exc = sum(a.size for a in ours if a.dtype == np.int32) // 2
+        assert sum(a.nbytes for a in ours) - sum(a.nbytes for a in syn) == 10 * exc
 
 
 def test_paired_rounds_share_each_sides_own_roofline(tmp_path):

@@ -14,7 +14,8 @@ from gptoss.io import from_pretrained, local_folder, save_pretrained
 from gptoss.kernels import mxfp4_cpu
 from gptoss.kernels.select import KERNELS
 from gptoss.layers import MOE_IMPLS
-from gptoss.model import random_model
+from gptoss.model import pack_dense, random_model
+from gptoss.model.packing import DENSE_FORMATS
 from gptoss.tokenizer import load_tokenizer, save_tokenizer_info
 
 DTYPES = ("bfloat16", "float32")  # what a model computes in (norm gains stay fp32 either way)
@@ -34,6 +35,10 @@ class ModelSpec:
     # what the CPU kernels' decode GEMV multiplies: "x16" | "x8" | "exact" (mxfp4_cpu.set_gemv_input; process-wide);
     # None: $GPTOSS_MXFP4_GEMV_INPUT or x16
     gemv_input: str | None = None
+    # attention's and the unembedding's weights: "bf16" as stored, "bf12" packed losslessly in 77 % of the bytes
+    # (gptoss.pack_dense: faster CPU decode), "auto": bf12 where it pays (a bf16 model on a CPU that decodes it in
+    # registers), except when training
+    dense_weights: str = "auto"
     seed: int = 0
     mesh: dict | None = None  # e.g. {data: 1, expert: 8, tensor: 1}: sharded over devices (gptoss.sharding)
 
@@ -44,7 +49,8 @@ class ModelSpec:
             raise ValueError(f"model.preset: only 'tiny' can be built at random, got {self.preset!r} (a real "
                              "model is a checkpoint: model.path=FOLDER or a hub id)")
         choices = {"dtype": DTYPES, "experts": ("auto", "mxfp4", "dense"), "moe_impl": MOE_IMPLS,
-                   "kernels": (None, *KERNELS), "gemv_input": (None, *mxfp4_cpu.GEMV_INPUTS)}
+                   "kernels": (None, *KERNELS), "gemv_input": (None, *mxfp4_cpu.GEMV_INPUTS),
+                   "dense_weights": DENSE_FORMATS}
         for key, allowed in choices.items():
             value = getattr(self, key)
             if value not in allowed:
@@ -78,7 +84,8 @@ def chat_defaults(spec: ModelSpec) -> dict:
     return {}
 
 
-def load_model_and_tokenizer(spec: ModelSpec, progress: bool = True):
+def load_model_and_tokenizer(spec: ModelSpec, progress: bool = True, *, training: bool = False):
+    """The model and its tokenizer. `training`: dense_weights "auto" keeps bf16 (packed weights are frozen)."""
     if spec.gemv_input is not None:
         if not mxfp4_cpu.kernel_available():
             raise ValueError(f"model.gemv_input={spec.gemv_input!r} sets gptoss's CPU kernels, which did not load: "
@@ -91,13 +98,15 @@ def load_model_and_tokenizer(spec: ModelSpec, progress: bool = True):
     if spec.preset is not None:
         with tempfile.TemporaryDirectory(prefix="gptoss-tiny-") as folder:
             random_tiny_checkpoint(folder, spec.seed, spec.config)
-            return _load(folder, spec, progress=False)
-    return _load(spec.path, spec, progress)
+            return _load(folder, spec, progress=False, training=training)
+    return _load(spec.path, spec, progress, training)
 
 
-def _load(path: str, spec: ModelSpec, progress: bool):
+def _load(path: str, spec: ModelSpec, progress: bool, training: bool):
     model = from_pretrained(path, dtype=spec.dtype, experts=spec.experts, moe_impl=spec.moe_impl,
                             kernels=spec.kernels, progress=progress, mesh=spec.mesh)
+    if not (training and spec.dense_weights == "auto"):
+        pack_dense(model, spec.dense_weights)
     folder = local_folder(path)
     tokenizer = load_tokenizer(folder if folder and os.path.isdir(folder) else None)
     if tokenizer.vocab_size > model.config.vocab_size:

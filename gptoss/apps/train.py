@@ -129,7 +129,7 @@ def plot_loss(rows: list[dict], path: str) -> None:
 
 
 def run(cfg: TrainJobConfig) -> dict:
-    model, tokenizer = load_model_and_tokenizer(cfg.model, progress=cfg.progress)
+    model, tokenizer = load_model_and_tokenizer(cfg.model, progress=cfg.progress, training=True)
     model.remat = cfg.remat
     if cfg.method == "lora":
         add_lora(model, cfg.lora, seed=cfg.data.seed)

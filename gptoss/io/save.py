@@ -15,6 +15,7 @@ from flax import nnx
 from gptoss.io.keymap import QUANTIZATION_CONFIG, hf_entries
 from gptoss.io.safetensors_io import DTYPES, NAMES, write_file
 from gptoss.quant import MXFP4Array, quantize
+from gptoss.quant.bf12 import BF12Array
 from gptoss.tokenizer import save_tokenizer_info
 
 DEFAULT_SHARD_BYTES = 5 * 1024**3
@@ -53,6 +54,8 @@ def save_pretrained(model, path: str | os.PathLike, *, experts: str = "mxfp4",
         else:
             if isinstance(value, MXFP4Array):
                 value = value.dequantize(model.dtype)
+            elif isinstance(value, BF12Array):  # packed for decode (gptoss.pack_dense): its exact bf16 bits
+                value = value.unpack()
             shape = tuple(entry.to_ckpt(np.empty(value.shape, np.bool_)).shape)
             code = NAMES[np.dtype(value.dtype)]
             tensors.append((entry.names[0], code, shape,

@@ -5,6 +5,10 @@ projections with bf16 weights go to gptoss.kernels.dense_cpu (when the model's `
 kernels and `dense_cpu.serves`), as does the unembedding at any length on CPUs with AMX or AVX512_BF16 tiles;
 everything else, and the reference twin, is the plain `jnp.einsum` (bf16 x bf16 asked for an fp32 result, XLA's
 fast case). Both give the einsum's result dtype.
+
+A weight packed as bf12 (gptoss.quant.bf12, frozen dense weights for CPU decode) goes to gptoss.kernels.bf12_cpu
+where that serves (bf16 x on one CPU device: decode's few tokens, and prefill where the CPU has bf16 tiles);
+elsewhere it is unpacked to its exact bf16 bits first (by the kernel library when it loaded, else in XLA).
 """
 
 from __future__ import annotations
@@ -16,7 +20,8 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-from gptoss.kernels import dense_cpu
+from gptoss.kernels import bf12_cpu, dense_cpu
+from gptoss.quant.bf12 import BF12Array
 
 
 class Plan(NamedTuple):
@@ -49,6 +54,9 @@ def plan(spec: str) -> Plan | None:
 def project(spec: str, x, w, *, preferred_element_type=None, precision=None, kernels: bool = False):
     """`jnp.einsum(spec, x, w, preferred_element_type=..., precision=...)`, computed by the dense CPU kernel when
     `kernels` (the model's choice allows the CPU kernels) and the kernel serves this size and dtype."""
+    if isinstance(w, BF12Array):
+        return project_many((spec,), x, (w,), precision=precision, kernels=kernels,
+                            preferred_element_type=preferred_element_type)[0]
     out_dtype = jnp.dtype(preferred_element_type or jnp.result_type(x, w))
     bf16 = x.dtype == w.dtype == jnp.bfloat16
     p = plan(spec)
@@ -66,12 +74,15 @@ def project(spec: str, x, w, *, preferred_element_type=None, precision=None, ker
     return jnp.einsum(spec, x, w, preferred_element_type=preferred_element_type, precision=precision)
 
 
-def project_many(specs, x, ws, *, precision=None, kernels: bool = False) -> list:
+def project_many(specs, x, ws, *, precision=None, kernels: bool = False, preferred_element_type=None) -> list:
     """[project(spec, x, w) for each pair], as one dense-kernel call when the kernel serves every one of them with
     the same token dims and weight layout (decode's q, k and v: one run of the kernel's thread pool instead of three
-    calls that XLA would run at once on the same cores); otherwise the projections one by one."""
+    calls that XLA would run at once on the same cores); otherwise the projections one by one. The same for weights
+    that are all bf12 (one bf12 kernel call)."""
     plans = [plan(spec) for spec in specs]
     p = plans[0]
+    if any(isinstance(w, BF12Array) for w in ws):
+        return _project_bf12(specs, plans, x, ws, precision, kernels, preferred_element_type)
     if (kernels and p is not None and all(q == p for q in plans) and x.ndim - p.batch == 1
             and all(_kernel_serves(p, x, w) for w in ws)):
         K = x.shape[-1]
@@ -79,6 +90,23 @@ def project_many(specs, x, ws, *, precision=None, kernels: bool = False) -> list
         ys = dense_cpu.dense_matmul_many(x.reshape(-1, K), w2s, w_nk=p.w_nk)
         return [_unflatten(p, x, w, y, jnp.result_type(x, w)) for w, y in zip(ws, ys)]
     return [project(spec, x, w, precision=precision, kernels=kernels) for spec, w in zip(specs, ws)]
+
+
+def _project_bf12(specs, plans, x, ws, precision, kernels: bool, preferred_element_type) -> list:
+    """project_many where some weights are bf12: the bf12 kernel when it serves them all (each w [*out, *in] with x's
+    trailing dims as its `in`), else each one unpacked to bf16 and projected as usual."""
+    p = plans[0]
+    if (kernels and p is not None and all(q == p for q in plans) and p.w_nk
+            and all(isinstance(w, BF12Array) and w.n_in == x.ndim - p.batch for w in ws)
+            and bf12_cpu.serves(math.prod(x.shape[: p.batch]), x)):
+        K = math.prod(x.shape[p.batch:])
+        ys = bf12_cpu.matmul_many(x.reshape(-1, K), ws)
+        out_dtype = jnp.dtype(preferred_element_type or x.dtype)
+        return [y.reshape(*x.shape[: p.batch], *w.shape[: w.ndim - w.n_in]).astype(out_dtype) for w, y in zip(ws, ys)]
+    unpack = bf12_cpu.unpack if kernels and jax.device_count() == 1 and bf12_cpu.kernel_available() else None
+    ws = [(unpack(w) if unpack else w.unpack()) if isinstance(w, BF12Array) else w for w in ws]
+    return [project(spec, x, w, precision=precision, kernels=kernels, preferred_element_type=preferred_element_type)
+            for spec, w in zip(specs, ws)]
 
 
 def _kernel_serves(p: Plan, x, w) -> bool:

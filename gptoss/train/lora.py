@@ -18,6 +18,7 @@ from flax import nnx
 from gptoss.layers.lora import ATTENTION_TARGETS, check_dropout, check_rank
 from gptoss.layers.moe import ExpertLoRA
 from gptoss.quant import MXFP4Array
+from gptoss.quant.bf12 import BF12Array
 
 TARGETS = (*ATTENTION_TARGETS, "experts")
 ADAPTER_CONFIG = "gptoss_adapter.json"
@@ -152,6 +153,9 @@ def merge_lora(model):
                 delta = ad.delta(target)
                 if delta is not None:
                     w = getattr(block.attn, wname)
+                    if isinstance(w.get_value(), BF12Array):  # packed for decode: merged, it is a parameter again
+                        w = nnx.Param(w.get_value().unpack())
+                        setattr(block.attn, wname, w)
                     w.set_value((w.get_value().astype(jnp.float32) + delta).astype(w.get_value().dtype))
             block.attn.adapters = None
         if block.mlp.adapters is not None:

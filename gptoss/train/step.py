@@ -12,6 +12,7 @@ import optax
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
+from gptoss.model.packing import dense_format
 from gptoss.train.lora import set_dropout_keys
 from gptoss.train.loss import cross_entropy_sum, expert_load, load_balancing_loss, router_z_loss
 
@@ -117,6 +118,9 @@ class Trainer:
         self.seed = seed  # adapter dropout: step n draws its masks from fold_in(key(seed), n), so a resume repeats them
         self.optim = optim
         self.loss = loss
+        if method == "full" and dense_format(model) == "bf12":  # packed weights are frozen: they would not train
+            raise ValueError("full fine-tuning: the model's dense weights are packed as bf12 (frozen); "
+                             "gptoss.unpack_dense(model) first")
         self.graphdef, self.params, self.rest = nnx.split(model, trainable_filter(method), ...)
         if not jax.tree.leaves(self.params):
             raise ValueError(f"method {method!r}: the model has nothing to train"
