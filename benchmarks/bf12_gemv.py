@@ -1,74 +1,100 @@
-"""A prototype's speed: one-token GEMV over a bf16 weight read as bf16, or as bf12 (a lossless 12.25-bit form of the
-same weights), on the unembedding's shape (201088 x 2880), cold, the variants in random order per round.
+"""bf12 against bf16 on the library's kernels: the unembedding's GEMV and a decode step's attention projections (cold:
+L layers' q/k/v + o in turn), one token and a 128-token prefill, the two forms in random order per round.
 
-Both gptoss and llama.cpp read the same bytes per decode token, so where the memory is the limit neither can lead;
-bf12 reads 77 % of the bytes for the same weights (benchmarks/RESULTS.md, "A lossless 12-bit form of the bf16
-weights"). `bf12_gemv.cc` is standalone (not the library): built here with the C++ compiler for this CPU (needs
-AVX512_BF16 and AVX512_VBMI; skipped with a message otherwise). Prints a table, writes results/bf12_gemv.json.
+A one-token decode step reads every weight once, so it runs at the memory's speed; bf12 (gptoss.pack_dense) holds
+the same bf16 bits in 77 % of the bytes. Both forms run on gptoss's kernels (bf16: dense_cpu, one token on
+VDPBF16PS; bf12: bf12_cpu, decoded in registers, then the same instruction). Needs a CPU where bf12 is fast
+(AVX-512 VBMI + BF16; skipped with a message otherwise). Prints a table, writes results/bf12_gemv.json.
 
-    .venv/bin/python benchmarks/bf12_gemv.py [--rows 201088] [--rounds 60] [--threads 2]
+    .venv/bin/python benchmarks/bf12_gemv.py [--rounds 40] [--layers 16] [--vocab 201088]
 """
 
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import shutil
-import subprocess
 import sys
-import tempfile
+import time
 
 import numpy as np
 from _common import log, machine_info, print_table, write_json
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-
-
-def cpu_flags() -> set[str]:
-    try:
-        with open("/proc/cpuinfo") as f:
-            return set(next(line.split(":", 1)[1].split() for line in f if line.startswith("flags")))
-    except (OSError, StopIteration):
-        return set()
+D, Q, KV = 2880, 4096, 512  # gpt-oss's hidden size, q width (64 heads x 64), kv width (8 x 64)
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--rows", type=int, default=201088)
-    ap.add_argument("--rounds", type=int, default=60)
-    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--rounds", type=int, default=40)
+    ap.add_argument("--layers", type=int, default=16, help="layers of attention weights read in turn (cold)")
+    ap.add_argument("--vocab", type=int, default=201088)
+    ap.add_argument("--prefill", type=int, default=128, help="tokens of the prefill-sized products (0: none)")
     args = ap.parse_args()
-    missing = {"avx512_bf16", "avx512vbmi"} - cpu_flags()
-    cxx = os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++")
-    if missing or cxx is None:
-        print(f"bf12_gemv skipped: {'this CPU lacks ' + ', '.join(sorted(missing)) if missing else 'no C++ compiler'}")
+
+    import jax
+    import jax.numpy as jnp
+    import ml_dtypes
+
+    from gptoss.kernels import bf12_cpu, dense_cpu
+
+    if not bf12_cpu.fast():
+        print(f"bf12_gemv skipped: bf12 is not fast on this CPU (needs AVX-512 VBMI and BF16; ISA {bf12_cpu.isa()})")
         return
-    with tempfile.TemporaryDirectory() as tmp:
-        exe = os.path.join(tmp, "bf12_gemv")
-        subprocess.run([cxx, "-O3", "-march=native", "-std=c++17", "-pthread", os.path.join(HERE, "bf12_gemv.cc"),
-                        "-o", exe], check=True)
-        log(f"{args.rows} rows x 2880, {args.rounds} rounds, {args.threads} threads")
-        proc = subprocess.run([exe, str(args.rows), str(args.rounds), str(args.threads)], capture_output=True,
-                              text=True, check=True)
-    res = json.loads(proc.stdout)
-    t = {k: np.array(v) for k, v in res["seconds"].items()}
-    fast = np.argsort(t["bf16"])[: max(1, args.rounds // 10)]  # the fastest tenth of bf16's rounds: a fast phase
-    rows = []
-    for name, nbytes in (("bf16", res["bf16_bytes"]), ("bf12", res["packed_bytes"]), ("plain", res["packed_bytes"])):
-        ratio = t["bf16"] / t[name]
-        rows.append([name, nbytes / 1e6, 1e3 * np.median(t[name]), nbytes / np.median(t[name]) / 1e9,
-                     np.median(ratio), np.percentile(ratio, 10), np.percentile(ratio, 90), np.median(ratio[fast]),
-                     res["exceptions"].get(name, 0)])
-    print_table(f"one-token GEMV, {res['N']} x {res['K']}, {res['threads']} threads, cold, {res['rounds']} rounds in "
-                "random order (bf12: table decode; plain: the same information decoded with shifts)",
-                ["form", "MB", "median ms", "GB/s read", "bf16 / it", "p10", "p90", "fast tenth", "exceptions"], rows)
-    print(f"max |y - y_bf16|: bf12 {res['max_abs_diff']['bf12']:.3g}, plain {res['max_abs_diff']['plain']:.3g} "
-          f"(exceptions decoded as zero; max |y| {res['max_abs_y']:.3g})")
-    out = {"benchmark": "bf12_gemv", "machine": machine_info(), **res,
-           "table": {r[0]: dict(zip(["mb", "median_ms", "gbps", "speedup", "p10", "p90", "fast_tenth"], r[1:8]))
-                     for r in rows}}
-    log(f"wrote {write_json('bf12_gemv', out)}")
+    rng = np.random.default_rng(0)
+
+    def weight(rows, K):  # N(0, 0.02) in bf16, as the synthetic checkpoints
+        return (rng.standard_normal((rows, K), dtype=np.float32) * 0.02).astype(ml_dtypes.bfloat16)
+
+    log(f"weights: unembedding {args.vocab} x {D}, {args.layers} layers of q/k/v/o")
+    unembed = weight(args.vocab, D)
+    layers = [(weight(Q, D), weight(KV, D), weight(KV, D), weight(D, Q)) for _ in range(args.layers)]
+    forms = {"bf16": ([jnp.asarray(unembed)], [[jnp.asarray(w) for w in ws] for ws in layers]),
+             "bf12": ([bf12_cpu.pack(unembed)], [[bf12_cpu.pack(w) for w in ws] for ws in layers])}
+    exceptions = sum(w.num_exceptions for w in [forms["bf12"][0][0], *(w for ws in forms["bf12"][1] for w in ws)])
+    forms["bf12"] = jax.tree.map(jnp.asarray, forms["bf12"])
+    dense_many = jax.jit(lambda x, ws: dense_cpu.dense_matmul_many(x, ws, w_nk=True))
+    packed_many = jax.jit(bf12_cpu.matmul_many)
+    call = {"bf16": dense_many, "bf12": packed_many}
+
+    def unembedding(form, x):
+        jax.block_until_ready(call[form](x, forms[form][0]))
+
+    def attention(form, x, o):
+        for ws in forms[form][1]:  # q, k, v in one call, then o, layer after layer
+            jax.block_until_ready((call[form](x, ws[:3]), call[form](o, ws[3:])))
+
+    nbytes = {"bf16": {"unembedding": unembed.nbytes, "attention": sum(w.nbytes for ws in layers for w in ws)},
+              "bf12": {"unembedding": forms["bf12"][0][0].nbytes,
+                       "attention": sum(w.nbytes for ws in forms["bf12"][1] for w in ws)}}
+    cases = [("unembedding", 1), ("attention", 1)] + ([("unembedding", args.prefill), ("attention", args.prefill)]
+                                                     if args.prefill else [])
+    rows, out = [], {}
+    for what, M in cases:
+        x = jnp.asarray(rng.standard_normal((M, D)).astype(ml_dtypes.bfloat16))
+        o = jnp.asarray(rng.standard_normal((M, Q)).astype(ml_dtypes.bfloat16))
+        run = ((lambda f, x=x: unembedding(f, x)) if what == "unembedding"
+               else (lambda f, x=x, o=o: attention(f, x, o)))
+        for f in forms:
+            run(f)  # compile, first touch
+        t: dict = {f: [] for f in forms}
+        rounds = args.rounds if M == 1 else max(3, args.rounds // 8)
+        for _ in range(rounds):
+            for f in rng.permutation(list(forms)):
+                t0 = time.perf_counter()
+                run(f)
+                t[f].append(time.perf_counter() - t0)
+        t = {f: np.array(v) for f, v in t.items()}
+        ratio = t["bf16"] / t["bf12"]
+        fast = np.argsort(t["bf16"])[: max(1, rounds // 10)]  # bf16's fastest tenth: a fast memory phase
+        for f in forms:
+            gain = [np.median(ratio), *np.percentile(ratio, [10, 90]), np.median(ratio[fast])] if f == "bf12" else []
+            rows.append([f"{what}, {M} token{'s' if M > 1 else ''}", f, nbytes[f][what] / 1e6,
+                         1e3 * np.median(t[f]), nbytes[f][what] / np.median(t[f]) / 1e9, *gain])
+        out[f"{what}_{M}"] = {"seconds": {f: v.tolist() for f, v in t.items()},
+                              "bytes": {f: nbytes[f][what] for f in forms}, "speedup_median": float(np.median(ratio))}
+    print_table(f"bf16 vs bf12 on gptoss's CPU kernels, {jax.local_devices()[0].platform}, cold, random order "
+                f"({exceptions} exceptions)", ["product", "form", "MB", "median ms", "GB/s", "bf16 / bf12", "p10",
+                                               "p90", "fast tenth"], rows)
+    res = {"benchmark": "bf12_gemv", "machine": machine_info(), "args": vars(args), "exceptions": exceptions, **out}
+    log(f"wrote {write_json('bf12_gemv', res)}")
 
 
 if __name__ == "__main__":

@@ -56,6 +56,12 @@ class BF12Array:
         if not (self.exc_rows.shape == self.exc_cols.shape == self.exc_bits.shape) or self.exc_rows.ndim != 1:
             raise ValueError("BF12Array: the exceptions' rows, columns and bits must be 1-d of one length, got "
                              f"{self.exc_rows.shape}, {self.exc_cols.shape}, {self.exc_bits.shape}")
+        if not isinstance(self.exc_rows, jax.core.Tracer):  # the kernels index with them: in range and sorted
+            rows, cols = np.asarray(self.exc_rows, np.int64), np.asarray(self.exc_cols, np.int64)
+            if rows.size and not (rows.min() >= 0 and rows.max() < R and cols.min() >= 0 and cols.max() < K
+                                  and np.all(np.diff(rows * K + cols) > 0)):
+                raise ValueError(f"BF12Array: exceptions must lie inside the {R} x {K} rows, sorted by row then "
+                                 "column, each once")
 
     def tree_flatten(self):
         return (self.data, self.exc_rows, self.exc_cols, self.exc_bits), (self.shape, self.n_in)

@@ -99,6 +99,13 @@ def test_errors_name_the_problem():
     p = pack_bf12(np.zeros((4, 32), ml_dtypes.bfloat16))
     with pytest.raises(ValueError, match="do not fit"):
         BF12Array(p.data[:3], p.exc_rows, p.exc_cols, p.exc_bits, (4, 32))
+    w = np.zeros((4, 32), ml_dtypes.bfloat16)
+    w[1, :2] = w[2, :2] = [1.0, 2.0**-30]  # exceptions at (1, 1) and (2, 1)
+    q = pack_bf12(w)
+    assert q.num_exceptions == 2
+    for rows, cols in (([1, 4], [1, 1]), ([2, 1], [1, 1]), ([1, 2], [1, 32]), ([1, 1], [1, 1])):
+        with pytest.raises(ValueError, match="exceptions must lie inside"):
+            BF12Array(q.data, np.array(rows, np.int32), np.array(cols, np.int32), q.exc_bits, (4, 32))
     with pytest.raises(TypeError, match="read whole"):
         p[0]
     assert p[...] is p
