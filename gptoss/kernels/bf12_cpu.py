@@ -54,6 +54,14 @@ def kernel_available() -> bool:
     return load_library() is not None
 
 
+def loaded_library():
+    """The library with these targets, or a RuntimeError saying why it is unavailable."""
+    lib = load_library()
+    if lib is None:
+        raise RuntimeError(f"the bf12 CPU kernel is unavailable: {_family.error}")
+    return lib
+
+
 def isa() -> str:
     lib = load_library()
     return ISAS[lib.gptoss_bf12_isa()] if lib is not None else "unavailable"
@@ -63,10 +71,7 @@ def set_isa(name: str) -> str:
     """Caps the kernels at 'scalar' (the reference), 'avx512' (VBMI + BF16: decode in registers, VDPBF16PS tiles for
     prefill) or 'amx' (AMX tiles for prefill) where the CPU has them, or picks 'amx_emulated' (tests); returns the one
     in use."""
-    lib = load_library()
-    if lib is None:
-        raise RuntimeError(f"the bf12 CPU kernel is unavailable: {_family.error}")
-    return ISAS[lib.gptoss_bf12_set_isa(ISAS.index(name))]
+    return ISAS[loaded_library().gptoss_bf12_set_isa(ISAS.index(name))]
 
 
 def fast() -> bool:
@@ -111,8 +116,7 @@ def pack(w, n_in: int = 1) -> BF12Array:
 
 def unpack(w: BF12Array) -> jax.Array:
     """The bf16 weight (w.shape), bit for bit, by the kernel library (a custom call, inside or outside jit)."""
-    if load_library() is None:
-        raise RuntimeError(f"the bf12 CPU kernel is unavailable: {_family.error}")
+    loaded_library()
     R, K = w.rows_cols
     call = jax.ffi.ffi_call(TARGET_UNPACK, jax.ShapeDtypeStruct((R, K), jnp.bfloat16), vmap_method="sequential")
     return call(w.data, w.exc_rows, w.exc_cols, w.exc_bits).reshape(w.shape)
@@ -131,8 +135,7 @@ def matmul_many(x_MK, ws) -> tuple[jax.Array, ...]:
             raise ValueError(f"bf12 matmul_many: x {x_MK.shape} does not fit weight {i}'s rows {w.rows_cols}")
     if x_MK.dtype != jnp.bfloat16:
         raise TypeError(f"bf12 matmul_many: x must be bfloat16, got {x_MK.dtype}")
-    if load_library() is None:
-        raise RuntimeError(f"the bf12 CPU kernel is unavailable: {_family.error}")
+    loaded_library()
     return _matmul(x_MK, ws)
 
 
