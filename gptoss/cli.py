@@ -27,7 +27,7 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
                         "blocks as llama.cpp: faster, less exact) or exact fp32")
     p.add_argument("--dense-weights", default="auto", choices=["auto", "bf16", "bf12"],
                    help="attention and unembedding weights: bf16, or bf12 (lossless, 77 %% of the bytes: faster CPU "
-                        "decode); auto: bf12 where this CPU decodes it fast")
+                        "decode); auto: bf12 where this CPU decodes it fast and has no AMX")
 
 
 def _add_sampling_args(p: argparse.ArgumentParser, max_new: int) -> None:

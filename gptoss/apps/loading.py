@@ -37,7 +37,7 @@ class ModelSpec:
     gemv_input: str | None = None
     # attention's and the unembedding's weights: "bf16" as stored, "bf12" packed losslessly in 77 % of the bytes
     # (gptoss.pack_dense: faster CPU decode), "auto": bf12 where it pays (a bf16 model on a CPU that decodes it in
-    # registers), except when training
+    # registers, without AMX), except when training
     dense_weights: str = "auto"
     seed: int = 0
     mesh: dict | None = None  # e.g. {data: 1, expert: 8, tensor: 1}: sharded over devices (gptoss.sharding)

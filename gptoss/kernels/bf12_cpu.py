@@ -80,6 +80,19 @@ def fast() -> bool:
     return lib is not None and lib.gptoss_bf12_best_isa() >= ISAS.index("avx512")
 
 
+def best_isa() -> str:
+    """The best path this CPU and build have (the cap GPTOSS_MXFP4_ISA applied), whatever set_isa chose."""
+    lib = load_library()
+    return ISAS[lib.gptoss_bf12_best_isa()] if lib is not None else "unavailable"
+
+
+def packs_by_default() -> bool:
+    """Whether `dense_weights: auto` packs here: where the GEMV decodes in registers and the CPU has no AMX. Measured
+    on Zen 4 (decode 1.2x, prefill -3 %); next to AMX's tiles prefill's decode costs relatively more and bf12 is
+    unmeasured there, so AMX CPUs keep bf16 unless asked for 'bf12'."""
+    return fast() and best_isa() == "avx512"
+
+
 def serves(tokens: int, x, *, enabled: bool = True) -> bool:
     """Whether x (tokens rows) times a BF12Array goes to the kernel now (else: unpack, then the dense path): bf16 x on
     one device, a few tokens, or any number where the ISA in use has tiles."""

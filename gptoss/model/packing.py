@@ -2,8 +2,9 @@
 
 A one-token decode step on a CPU runs at the memory's speed; bf12 (gptoss.quant.bf12) holds the same bf16 bits in
 77 % of the bytes, so those GEMVs run ~1.25-1.3x faster where the CPU decodes it in registers (AVX-512 VBMI and
-BF16: gptoss.kernels.bf12_cpu.fast()). Nothing changes numerically: each packed weight unpacks to its exact bits, and
-the kernels' products and sums are those of the bf16 paths (exceptions aside: added after each row's sum).
+BF16: gptoss.kernels.bf12_cpu.fast(); `auto` packs there unless the CPU has AMX: bf12_cpu.packs_by_default()).
+Nothing changes numerically: each packed weight unpacks to its exact bits, and the kernels' products and sums are
+those of the bf16 paths (exceptions aside: added after each row's sum).
 
 Packed weights are `QuantWeight`s, not parameters: they are frozen (LoRA trains beside them; full fine-tuning and
 sharding need `unpack_dense`). Saving writes them back as bf16.
@@ -41,13 +42,13 @@ def dense_format(model) -> str:
 
 def resolve_dense_format(fmt: str, model) -> str:
     """'auto' -> 'bf12' where it pays (a bf16 model on one CPU device with the CPU kernels, on a CPU that decodes bf12
-    in registers), else 'bf16'; 'bf16' and 'bf12' as they are."""
+    in registers and has no AMX: bf12_cpu.packs_by_default), else 'bf16'; 'bf16' and 'bf12' as they are."""
     if fmt not in DENSE_FORMATS:
         raise ValueError(f"dense weights: must be one of {list(DENSE_FORMATS)}, got {fmt!r}")
     if fmt != "auto":
         return fmt
     ok = (model.dtype == jnp.bfloat16 and model.layout is None and jax.device_count() == 1
-          and jax.default_backend() == "cpu" and cpu_kernels(model.kernels) and bf12_cpu.fast())
+          and jax.default_backend() == "cpu" and cpu_kernels(model.kernels) and bf12_cpu.packs_by_default())
     return "bf12" if ok else "bf16"
 
 

@@ -80,12 +80,23 @@ def test_unpack_restores_parameters_and_auto_follows_the_cpu(bf16_mxfp4_ckpt):
     model = load(bf16_mxfp4_ckpt[0], kernels="cpu")
     before = np.asarray(model.unembed_VD[...]).view(np.uint16)
     gptoss.pack_dense(model, "auto")
-    assert packing.dense_format(model) == ("bf12" if bf12_cpu.fast() else "bf16")
+    assert packing.dense_format(model) == ("bf12" if bf12_cpu.fast() and bf12_cpu.best_isa() != "amx" else "bf16")
     gptoss.unpack_dense(model)
     assert packing.dense_format(model) == "bf16" and isinstance(model.unembed_VD, gptoss.quant.QuantWeight) is False
     assert np.array_equal(np.asarray(model.unembed_VD[...]).view(np.uint16), before)
     model.kernels = "xla"
     assert packing.resolve_dense_format("auto", model) == "bf16"  # the XLA path has no bf12 kernel to pay for it
+
+
+@pytest.mark.parametrize("best, fast, expected", [("avx512", True, "bf12"), ("amx", True, "bf16"),
+                                                  ("scalar", False, "bf16")])
+def test_auto_packs_where_measured_to_pay(bf16_mxfp4_ckpt, monkeypatch, best, fast, expected):
+    """auto: bf12 on AVX-512 VBMI + BF16 CPUs without AMX (Zen 4); AMX CPUs and the scalar reference keep bf16."""
+    model = load(bf16_mxfp4_ckpt[0], kernels="cpu")
+    monkeypatch.setattr(bf12_cpu, "best_isa", lambda: best)
+    monkeypatch.setattr(bf12_cpu, "fast", lambda: fast)
+    assert packing.resolve_dense_format("auto", model) == expected
+    assert packing.resolve_dense_format("bf12", model) == "bf12"  # asked for, it packs anywhere
 
 
 def test_many_exceptions_keep_bf16_and_refusals(bf16_mxfp4_ckpt, monkeypatch):
