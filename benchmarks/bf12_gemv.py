@@ -6,7 +6,7 @@ the same bf16 bits in 77 % of the bytes. Both forms run on gptoss's kernels (bf1
 VDPBF16PS; bf12: bf12_cpu, decoded in registers, then the same instruction). Needs a CPU where bf12 is fast
 (AVX-512 VBMI + BF16; skipped with a message otherwise). Prints a table, writes results/bf12_gemv.json.
 
-    .venv/bin/python benchmarks/bf12_gemv.py [--rounds 40] [--layers 16] [--vocab 201088]
+    .venv/bin/python benchmarks/bf12_gemv.py [--rounds 40] [--layers 16] [--vocab 201088] [--tokens 1,2,4]
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=40)
     ap.add_argument("--layers", type=int, default=16, help="layers of attention weights read in turn (cold)")
     ap.add_argument("--vocab", type=int, default=201088)
+    ap.add_argument("--tokens", default="1", help="decode-sized token counts, comma-separated (batched decode: 2-4)")
     ap.add_argument("--prefill", type=int, default=128, help="tokens of the prefill-sized products (0: none)")
     args = ap.parse_args()
 
@@ -64,8 +65,9 @@ def main() -> None:
     nbytes = {"bf16": {"unembedding": unembed.nbytes, "attention": sum(w.nbytes for ws in layers for w in ws)},
               "bf12": {"unembedding": forms["bf12"][0][0].nbytes,
                        "attention": sum(w.nbytes for ws in forms["bf12"][1] for w in ws)}}
-    cases = [("unembedding", 1), ("attention", 1)] + ([("unembedding", args.prefill), ("attention", args.prefill)]
-                                                     if args.prefill else [])
+    decode = [int(m) for m in args.tokens.split(",")]
+    cases = [(what, M) for M in decode + ([args.prefill] if args.prefill else []) for what in ("unembedding",
+                                                                                                "attention")]
     rows, out = [], {}
     for what, M in cases:
         x = jnp.asarray(rng.standard_normal((M, D)).astype(ml_dtypes.bfloat16))
@@ -75,7 +77,7 @@ def main() -> None:
         for f in forms:
             run(f)  # compile, first touch
         t: dict = {f: [] for f in forms}
-        rounds = args.rounds if M == 1 else max(3, args.rounds // 8)
+        rounds = args.rounds if M in decode else max(3, args.rounds // 8)
         for _ in range(rounds):
             for f in rng.permutation(list(forms)):
                 t0 = time.perf_counter()

@@ -4,7 +4,7 @@
 //   bits: uint16 [E], sorted by row then column)
 //
 // A few tokens (decode): the rows are split over the library's thread pool as the dense rows path splits them
-// (GuidedTasks), each decoded in registers per token. More tokens (prefill): per task kDpRows (32 on AMX) rows are
+// (GuidedTasks), each block decoded in registers once for up to 4 tokens. More tokens (prefill): per task kDpRows (32 on AMX) rows are
 // decoded once into a thread's scratch and multiplied by the dense bf16 tiles (VDPBF16PS, or AMX), so a prefill
 // reads the packed bytes instead of a bf16 copy unpacked per call. Each task adds its rows' exceptions x[k] * w after
 // their sums. The AVX-512 paths (bf12_avx512.cc) need VBMI and BF16; elsewhere the scalar reference runs (correct,

@@ -26,7 +26,7 @@ from gptoss.quant.bf12 import BF12Array, pack_bf12
 TARGET = "gptoss_bf12_matmul"
 TARGET_UNPACK = "gptoss_bf12_unpack"
 ISAS = ("scalar", "avx512", "amx", "amx_emulated")  # the last outside the cap order: AMX's tile loop emulated (tests)
-MAX_TOKENS = 4  # the row GEMV decodes each block again per token; from 5 the tiles take over, where there are tiles
+MAX_TOKENS = 4  # the row GEMV decodes a block once for up to 4 tokens; from 5 the tiles serve, where there are tiles
 
 
 def _setup(lib) -> None:

@@ -64,7 +64,7 @@ def test_library_packs_the_reference_bytes_and_unpacks_exactly(isa, R, K):
     assert np.array_equal(np.asarray(jax.jit(bf12_cpu.unpack)(ours)).view(np.uint16), w.view(np.uint16))
 
 
-@pytest.mark.parametrize("M", [1, 2, 4, 5, 35])
+@pytest.mark.parametrize("M", [1, 2, 3, 4, 5, 35])
 @pytest.mark.parametrize("R,K", [(1, 32), (37, 160), (300, 2880)])
 def test_products_match_float64_oracle(isa, M, R, K):
     rng = np.random.default_rng(M * 1000 + R)
@@ -73,6 +73,18 @@ def test_products_match_float64_oracle(isa, M, R, K):
     x = inputs(rng, M, K, packed)
     (y,) = jax.jit(bf12_cpu.matmul_many)(jnp.asarray(x), [packed])
     check(y, x, w)
+
+
+def test_each_token_sums_alone_in_a_batched_decode_call(isa):
+    """2-4 tokens (batched decode) share each decoded block; every token's sum keeps its one-token bits."""
+    rng = np.random.default_rng(11)
+    w = weights(rng, 301, 2880 + 96, exceptions=6)  # 93 blocks: a tail after the groups of 4
+    packed = bf12_cpu.pack(w)
+    x = inputs(rng, 4, w.shape[1], packed)
+    alone = np.concatenate([np.asarray(bf12_cpu.matmul_many(jnp.asarray(x[m:m + 1]), [packed])[0]) for m in range(4)])
+    for M in (2, 3, 4):
+        (y,) = bf12_cpu.matmul_many(jnp.asarray(x[:M]), [packed])
+        assert np.array_equal(np.asarray(y), alone[:M]), M
 
 
 def test_large_enough_to_split_and_many_weights_in_one_call(isa):
