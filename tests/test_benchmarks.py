@@ -36,6 +36,22 @@ def test_gpu_check_runs_in_reduced_mode():
         assert len(sides) == 1 or out["ratios"][key] > 0
 
 
+def test_bf12_gemv_runs_reduced():
+    from gptoss.kernels import bf12_cpu
+
+    cmd = [sys.executable, os.path.join(ROOT, "benchmarks", "bf12_gemv.py"), "--rounds", "2", "--layers", "1",
+           "--vocab", "320", "--tokens", "1,3", "--prefill", "6"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    if not bf12_cpu.fast():
+        assert "bf12_gemv skipped" in proc.stdout
+        pytest.skip("bf12 is not fast on this CPU: the script says so and stops")
+    with open(os.path.join(ROOT, "benchmarks", "results", "bf12_gemv.json")) as f:
+        out = json.load(f)
+    for key in ("unembedding_1", "attention_1", "unembedding_3", "attention_3", "unembedding_6", "attention_6"):
+        assert out[key]["speedup_median"] > 0 and out[key]["bytes"]["bf12"] < out[key]["bytes"]["bf16"], key
+
+
 @pytest.mark.skipif(not (sys.platform == "linux" and os.uname().machine == "x86_64"), reason="x86-64 Linux only")
 def test_no_amx_refuses_only_the_tile_permission():
     """`--no-amx` (deny_amx): the seccomp filter answers arch_prctl(ARCH_REQ_XCOMP_PERM) with EPERM in the process and
