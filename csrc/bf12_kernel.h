@@ -37,7 +37,7 @@ struct Bf12UnpackTask {
 };
 
 // The reference (bf12_matmul.cc): fp32 sums over k in order. The AVX-512 path (bf12_avx512.cc; VBMI and BF16):
-// VDPBF16PS with the accumulators and order of dense_rows_one_bf16, so a row without exceptions gives the bits
+// VDPBF16PS with the accumulators and order of dense_rows_bf16, so a row without exceptions gives the bits
 // the bf16 weight gives there (bf16 subnormals in x read as zero, as that instruction defines).
 void bf12_rows_scalar(const Bf12Task& t);
 void bf12_unpack_scalar(const Bf12UnpackTask& t);

@@ -27,7 +27,7 @@ struct DenseTask {
   float* y;        // [M, N] row-major
   int64_t M, K, N;
   int64_t lo, hi;
-  const uint16_t* xb = nullptr;  // dense_rows_one_bf16 only: the token's bf16 x, zero padded to ldx elements
+  const uint16_t* xb = nullptr;  // dense_rows_bf16 only: the M tokens' bf16 x, each zero padded to ldx elements
 };
 
 using DenseFn = void (*)(const DenseTask&);
@@ -48,8 +48,9 @@ void dense_cols_avx2(const DenseTask& t);
 void dense_rows_panel_avx2(const DenseTask& t);
 void dense_rows_avx512(const DenseTask& t);
 void dense_cols_avx512(const DenseTask& t);
-// One token, bf16 x and bf16 W [N, K] on VDPBF16PS (CPUs with AVX512_BF16; t.xb set, t.M == 1).
-void dense_rows_one_bf16(const DenseTask& t);
+// A few tokens (the driver: 1-3), bf16 x and bf16 W [N, K] on VDPBF16PS (CPUs with AVX512_BF16; t.xb set): each
+// weight load serves up to 4 tokens, each token's sum in the same order whatever M is.
+void dense_rows_bf16(const DenseTask& t);
 
 }  // namespace gptoss
 

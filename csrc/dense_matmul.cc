@@ -30,7 +30,7 @@ void dense_cols_avx2(const DenseTask& t) __attribute__((weak));
 void dense_rows_panel_avx2(const DenseTask& t) __attribute__((weak));
 void dense_rows_avx512(const DenseTask& t) __attribute__((weak));
 void dense_cols_avx512(const DenseTask& t) __attribute__((weak));
-void dense_rows_one_bf16(const DenseTask& t) __attribute__((weak));  // dense_avx512bf16.cc
+void dense_rows_bf16(const DenseTask& t) __attribute__((weak));  // dense_avx512bf16.cc
 void tile_amx_bf16(const AmxTile& t) __attribute__((weak));  // mxfp4_amx.cc, when built
 void tile_dp_bf16(const DpTile& t) __attribute__((weak));    // mxfp4_avx512bf16.cc, when built
 
@@ -191,7 +191,7 @@ void ComputeAmx(const Problem& pr, AmxFn fn) {
 // The VDPBF16PS tiles: one task per (kDpRows weight rows, token block), the weight rows read in place. From 16
 // tokens: below that the rows GEMV is as fast (measured at [50272, 2880] on an AMX CPU capped to these paths:
 // 4 tokens 14.1 vs 12.1 ms, 16 tokens 27.5 vs 27.0, 128 tokens 178 vs 210).
-constexpr int64_t kDpMinTokens = 16, kDpTokenBlock = 256;
+constexpr int64_t kDpMinTokens = 16, kDpTokenBlock = 256, kDpRowsMaxTokens = 3;
 
 bool DpServes(const Problem& pr, int isa) {
   return isa == kAvx512Bf16 && &tile_dp_bf16 != nullptr && pr.x_bf16 && !pr.w_f32 && pr.w_nk && pr.K % 32 == 0 &&
@@ -218,7 +218,7 @@ struct VecPlan {
   Job j;
   int64_t slabs = 1, tasks = 0, first = 0;  // first: its first task in a Compute of several products
   std::vector<float> xp, partial;
-  std::vector<uint16_t> xb;  // the VDPBF16PS one-token path's bf16 x
+  std::vector<uint16_t> xb;  // the VDPBF16PS rows path's bf16 x
   std::vector<int64_t> starts;  // Job::starts
 };
 
@@ -247,15 +247,17 @@ void MakePlan(const Problem& pr, VecPlan& p, int64_t after) {
   const int vec_isa = VectorIsa(g_isa.load());
   const bool vec = vec_isa >= kAvx2, avx512 = vec_isa >= kAvx512;
   Job& j = p.j;
-  // One token times bf16 W [N, K] with x already bf16: VDPBF16PS, one instruction per 32 weights (the products are
-  // exact; dense_avx512bf16.cc), on CPUs with AVX512_BF16 unless capped below that. (W [K, N] the same way, rows
+  // 1-3 tokens times bf16 W [N, K] with x already bf16: VDPBF16PS, one instruction per 32 weights and token (the
+  // products are exact; dense_avx512bf16.cc), on CPUs with AVX512_BF16 unless capped below that. Cold [201088, 2880]
+  // on a Zen 4 against the fp32 FMA rows path (4 rows x 4 tokens), interleaved: 2 tokens 1.26x, 3 1.21x, 4 1.02x,
+  // 5-15 0.90-0.94x (each row's x loads are not shared across rows). (W [K, N], one token, the same way with rows
   // paired by vpunpck{l,h}wd: no faster than ColsOne on the Zen 4, 0.89-0.99x; not kept.)
-  const bool dp_one = pr.M == 1 && pr.w_nk && pr.x_bf16 && !pr.w_f32 && vec_isa >= kAvx512Bf16 &&
-                      &dense_rows_one_bf16 != nullptr && dp_bf16_usable();
+  const bool dp_rows = pr.M <= kDpRowsMaxTokens && pr.w_nk && pr.x_bf16 && !pr.w_f32 && vec_isa >= kAvx512Bf16 &&
+                       &dense_rows_bf16 != nullptr && dp_bf16_usable();
   // dense_avx2.cc's panel GEMM, both layouts (W [N, K]: its panels transposed from the rows)
   const bool panel = vec && !avx512 && pr.M >= kColsPanelMinTokens && (!pr.w_nk || &dense_rows_panel_avx2 != nullptr);
-  if (dp_one)
-    j.fn = dense_rows_one_bf16;
+  if (dp_rows)
+    j.fn = dense_rows_bf16;
   else if (panel && pr.w_nk)
     j.fn = dense_rows_panel_avx2;
   else if (avx512)
@@ -270,15 +272,16 @@ void MakePlan(const Problem& pr, VecPlan& p, int64_t after) {
   if (panel) {
     PackColsPanel(pr, p.xp);
     x = p.xp.data();
-  } else if (dp_one) {
-    p.xb.assign(static_cast<size_t>(ldx), 0);
-    std::memcpy(p.xb.data(), pr.x, static_cast<size_t>(pr.K) * 2);
+  } else if (dp_rows) {
+    p.xb.assign(static_cast<size_t>(pr.M * ldx), 0);
+    for (int64_t m = 0; m < pr.M; ++m)
+      std::memcpy(p.xb.data() + m * ldx, static_cast<const uint16_t*>(pr.x) + m * pr.K, static_cast<size_t>(pr.K) * 2);
   } else if (pr.x_bf16 || pad) {
     PrepareInputs(pr, ldx, avx512 && pr.w_nk && !pr.w_f32, p.xp);  // the AVX-512 bf16 rows path's order
     x = p.xp.data();
   }
   j.base = DenseTask{pr.w, pr.w_f32, x, ldx, pr.y, pr.M, pr.K, pr.N, 0, pr.N};
-  if (dp_one) j.base.xb = p.xb.data();
+  if (dp_rows) j.base.xb = p.xb.data();
   j.esize = pr.w_f32 ? 4 : 2;
   const int64_t line_bytes = pr.K * j.esize, threads = pool().size(), want = 2 * threads;
   int64_t slabs = 1;

@@ -97,11 +97,12 @@ def test_large_enough_to_split_and_many_weights_in_one_call(isa):
         check(y, x, w)
 
 
-@pytest.mark.parametrize("M,bf12_isa,dense_isa", [(1, "avx512", "avx512bf16"), (35, "avx512", "avx512bf16"),
+@pytest.mark.parametrize("M,bf12_isa,dense_isa", [(1, "avx512", "avx512bf16"), (3, "avx512", "avx512bf16"),
+                                                  (35, "avx512", "avx512bf16"),
                                                   (7, "amx_emulated", "amx_emulated")])
 def test_rows_without_exceptions_equal_the_dense_kernel_bit_for_bit(M, bf12_isa, dense_isa):
-    """One token: VDPBF16PS in the dense one-token path's order; from 16 tokens: the same VDPBF16PS tiles; AMX
-    tiles (emulated) from 4."""
+    """1-4 tokens: VDPBF16PS in the dense rows path's order; from 16 tokens: the same VDPBF16PS tiles; AMX tiles
+    (emulated) from 4."""
     if bf12_cpu.set_isa(bf12_isa) != bf12_isa or dense_cpu.set_isa(dense_isa) != dense_isa:
         pytest.skip(f"{bf12_isa} / {dense_isa} are not supported by this CPU or build")
     try:

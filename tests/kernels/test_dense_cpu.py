@@ -84,6 +84,23 @@ def test_one_token_streams(isa, w_nk, x_dtype):
             check(jit_matmul(jnp.asarray(x), w, w_nk=w_nk), x, w, w_nk)
 
 
+def test_batched_decode_sums_each_token_as_alone():
+    """1-3 tokens of bf16 x times W [N, K] on VDPBF16PS share each weight load; every token's sum keeps its
+    one-token bits (K with a tail after the 128-element steps)."""
+    if dense_cpu.set_isa("avx512bf16") != "avx512bf16":
+        dense_cpu.set_isa(dense_cpu.best_isa())
+        pytest.skip("no AVX512_BF16 rows path on this CPU or build")
+    try:
+        rng = np.random.default_rng(8)
+        x, w = operands(rng, 3, 2880 + 40, 77, True, x_dtype=ml_dtypes.bfloat16)
+        alone = np.concatenate([np.asarray(jit_matmul(x[m:m + 1], w, w_nk=True)) for m in range(3)])
+        for M in (2, 3):
+            assert np.array_equal(np.asarray(jit_matmul(x[:M], w, w_nk=True)), alone[:M]), M
+        check(alone, np.asarray(x, np.float32), w, True)
+    finally:
+        dense_cpu.set_isa(dense_cpu.best_isa())
+
+
 @pytest.mark.parametrize("w_nk", [True, False], ids=["w_nk", "w_kn"])
 def test_fp32_weights(isa, w_nk):
     rng = np.random.default_rng(11)
