@@ -46,7 +46,7 @@ DRIVER = "mxfp4_matmul.cc"
 COMMON = ["pool.cc", "dense_matmul.cc", "attention_decode.cc", "read_probe.cc", "mxfp4_gemv_input.cc",
           "bf12_matmul.cc"]
 HEADERS = ["mxfp4_kernel.h", "mxfp4_tile_loop.h", "mxfp4_tile_t_loop.h", "mxfp4_amx_loop.h", "mxfp4_bf16_block.h",
-           "mxfp4_x16.h", "pool.h", "dense_kernel.h", "attention_kernel.h", "bf12_kernel.h"]
+           "mxfp4_x16.h", "pool.h", "dense_kernel.h", "attention_kernel.h", "bf12_kernel.h", "dp_rows.h"]
 BASE_FLAGS = ["-O3", "-std=c++17", "-fPIC", "-fvisibility=hidden", "-pthread"]
 
 

@@ -5,17 +5,10 @@
 // operations) was compute-bound on a Zen 4 when memory was fast (benchmarks/bf12_gemv.py).
 #include <immintrin.h>
 
-#include <algorithm>
-
 #include "bf12_kernel.h"
+#include "dp_rows.h"
 
 namespace {
-
-// Several tokens make a row's sums compute-bound enough that the hardware prefetcher falls behind and memory waits
-// add to the compute instead of hiding under it; prefetching 2 KiB ahead (the stream runs on into the next row)
-// took 4 cold tokens from 68 to 45 ms on the unembedding (Zen 4; 1 KiB and 4 KiB alike). One token is memory-bound
-// and streams best without it.
-constexpr int64_t kPrefetchAhead = 2048;
 
 struct Decoder {
   __m512i idx, offs, sign, low_nibbles;
@@ -44,61 +37,19 @@ struct Decoder {
   }
 };
 
-// Row n times M tokens (x rows ldx apart), each block decoded once for all of them: per token the accumulators and
-// order of dense_avx512bf16.cc's RowOneBf16 (K % 32 == 0 here), so a token's sum does not depend on M.
-template <int M>
-void Rows(const Decoder& dec, const uint8_t* row, int64_t G, const uint16_t* x, int64_t ldx, float* y,
-          int64_t ldy) {
-  const uint8_t* b = row + G;
-  const int64_t gfull = G & ~int64_t{3};
-  __m512 acc[M][4];  // every loop over m and u unrolled, or GCC keeps acc on the stack (a load and store per product)
-#pragma GCC unroll 4
-  for (int m = 0; m < M; ++m)
-#pragma GCC unroll 4
-    for (int u = 0; u < 4; ++u) acc[m][u] = _mm512_setzero_ps();
-  for (int64_t g = 0; g < gfull; g += 4) {
-    if constexpr (M > 1) {
-      const char* ahead = reinterpret_cast<const char*>(b + g * gptoss::kBf12BlockBytes) + kPrefetchAhead;
-      _mm_prefetch(ahead, _MM_HINT_T0), _mm_prefetch(ahead + 64, _MM_HINT_T0), _mm_prefetch(ahead + 128, _MM_HINT_T0);
-    }
-#pragma GCC unroll 4
-    for (int u = 0; u < 4; ++u) {
-      const __m512bh w = (__m512bh)dec(b + (g + u) * gptoss::kBf12BlockBytes, row[g + u]);
-#pragma GCC unroll 4
-      for (int m = 0; m < M; ++m)
-        acc[m][u] = _mm512_dpbf16_ps(acc[m][u], w, (__m512bh)_mm512_loadu_si512(x + m * ldx + 32 * (g + u)));
-    }
-  }
-  for (int64_t g = gfull; g < G; ++g) {
-    const __m512bh w = (__m512bh)dec(b + g * gptoss::kBf12BlockBytes, row[g]);
-#pragma GCC unroll 4
-    for (int m = 0; m < M; ++m)
-      acc[m][0] = _mm512_dpbf16_ps(acc[m][0], w, (__m512bh)_mm512_loadu_si512(x + m * ldx + 32 * g));
-  }
-#pragma GCC unroll 4
-  for (int m = 0; m < M; ++m)
-    y[m * ldy] = _mm512_reduce_add_ps(
-        _mm512_add_ps(_mm512_add_ps(acc[m][0], acc[m][1]), _mm512_add_ps(acc[m][2], acc[m][3])));
-}
-
 }  // namespace
 
 void gptoss::bf12_rows_avx512(const Bf12Task& t) {
   static const Decoder dec;
   const int64_t G = t.K / kBf12Block, row_bytes = G * kBf12RowBytesPerBlock;
-  for (int64_t n = t.lo; n < t.hi; ++n) {
+  DpRowsByFour(t.lo, t.hi, t.M, [&](int64_t n, int64_t m0, auto tokens) {
     const uint8_t* row = t.w + n * row_bytes;
-    for (int64_t m = 0; m < t.M; m += 4) {  // 4 tokens' accumulators take 16 of the 32 registers
-      const uint16_t* x = t.x + m * t.K;
-      float* y = t.y + m * t.R + n;
-      switch (std::min<int64_t>(4, t.M - m)) {
-        case 4: Rows<4>(dec, row, G, x, t.K, y, t.R); break;
-        case 3: Rows<3>(dec, row, G, x, t.K, y, t.R); break;
-        case 2: Rows<2>(dec, row, G, x, t.K, y, t.R); break;
-        default: Rows<1>(dec, row, G, x, t.K, y, t.R);
-      }
-    }
-  }
+    const uint8_t* b = row + G;
+    const auto block = [&](int64_t g) { return (__m512bh)dec(b + g * kBf12BlockBytes, row[g]); };
+    DpRowSums<decltype(tokens)::value, 4 * kBf12BlockBytes>(
+        G & ~int64_t{3}, G, block, block, [&](int64_t g) { return b + g * kBf12BlockBytes; }, t.x + m0 * t.K, t.K,
+        t.y + m0 * t.R + n, t.R);
+  });
 }
 
 void gptoss::bf12_unpack_avx512(const Bf12UnpackTask& t) {

@@ -9,63 +9,19 @@
 #include <immintrin.h>
 
 #include "dense_kernel.h"
-
-namespace {
-
-// Several tokens make a row's sums compute-bound enough that the hardware prefetcher falls behind; 2 KiB ahead (into
-// the next row) as in bf12_avx512.cc. One token streams best without it.
-constexpr int64_t kPrefetchAhead = 2048;
-
-// Row n of W [N, K] times M tokens of x (bf16, zero padded to ldx, a multiple of 32), each weight load shared by
-// them: per token four accumulators over 128-element steps, as RowOne, the K tail 32 at a time with the weights past
-// K masked to zero; a token's sum does not depend on M.
-template <int M>
-void RowsBf16(const gptoss::DenseTask& t, int64_t n, int64_t m0) {
-  const int64_t K = t.K, kfull = K & ~int64_t{127};
-  const uint16_t* w = static_cast<const uint16_t*>(t.w) + n * K;
-  const uint16_t* x = t.xb + m0 * t.ldx;
-  __m512 acc[M][4];  // every loop over m and u unrolled, or GCC keeps acc on the stack
-#pragma GCC unroll 4
-  for (int m = 0; m < M; ++m)
-#pragma GCC unroll 4
-    for (int u = 0; u < 4; ++u) acc[m][u] = _mm512_setzero_ps();
-  for (int64_t k = 0; k < kfull; k += 128) {
-    if constexpr (M > 1) {
-      const char* ahead = reinterpret_cast<const char*>(w + k) + kPrefetchAhead;
-#pragma GCC unroll 4
-      for (int l = 0; l < 4; ++l) _mm_prefetch(ahead + 64 * l, _MM_HINT_T0);
-    }
-#pragma GCC unroll 4
-    for (int u = 0; u < 4; ++u) {
-      const __m512bh wu = (__m512bh)_mm512_loadu_si512(w + k + 32 * u);
-#pragma GCC unroll 4
-      for (int m = 0; m < M; ++m)
-        acc[m][u] = _mm512_dpbf16_ps(acc[m][u], wu, (__m512bh)_mm512_loadu_si512(x + m * t.ldx + k + 32 * u));
-    }
-  }
-  for (int64_t k = kfull; k < K; k += 32) {
-    const __mmask32 mask = K - k >= 32 ? ~__mmask32{0} : static_cast<__mmask32>((uint64_t{1} << (K - k)) - 1);
-    const __m512bh wk = (__m512bh)_mm512_maskz_loadu_epi16(mask, w + k);
-#pragma GCC unroll 4
-    for (int m = 0; m < M; ++m)
-      acc[m][0] = _mm512_dpbf16_ps(acc[m][0], wk, (__m512bh)_mm512_loadu_si512(x + m * t.ldx + k));
-  }
-#pragma GCC unroll 4
-  for (int m = 0; m < M; ++m)
-    t.y[(m0 + m) * t.N + n] = _mm512_reduce_add_ps(
-        _mm512_add_ps(_mm512_add_ps(acc[m][0], acc[m][1]), _mm512_add_ps(acc[m][2], acc[m][3])));
-}
-
-}  // namespace
+#include "dp_rows.h"
 
 void gptoss::dense_rows_bf16(const DenseTask& t) {
-  for (int64_t n = t.lo; n < t.hi; ++n)
-    for (int64_t m = 0; m < t.M; m += 4) {  // 4 tokens' accumulators take 16 of the 32 registers
-      switch (t.M - m < 4 ? t.M - m : 4) {
-        case 4: RowsBf16<4>(t, n, m); break;
-        case 3: RowsBf16<3>(t, n, m); break;
-        case 2: RowsBf16<2>(t, n, m); break;
-        default: RowsBf16<1>(t, n, m);
-      }
-    }
+  const int64_t K = t.K, gfull = (K / 32) & ~int64_t{3}, blocks = (K + 31) / 32;
+  DpRowsByFour(t.lo, t.hi, t.M, [&](int64_t n, int64_t m0, auto tokens) {
+    const uint16_t* w = static_cast<const uint16_t*>(t.w) + n * K;
+    const auto block = [&](int64_t g) { return (__m512bh)_mm512_loadu_si512(w + 32 * g); };
+    const auto tail = [&](int64_t g) {  // weights past K read as 0 and meet the zero padding of x
+      const int64_t left = K - 32 * g;
+      const __mmask32 m = left >= 32 ? ~__mmask32{0} : static_cast<__mmask32>((uint64_t{1} << left) - 1);
+      return (__m512bh)_mm512_maskz_loadu_epi16(m, w + 32 * g);
+    };
+    DpRowSums<decltype(tokens)::value, 256>(gfull, blocks, block, tail, [&](int64_t g) { return w + 32 * g; },
+                                            t.xb + m0 * t.ldx, t.ldx, t.y + m0 * t.N + n, t.N);
+  });
 }
