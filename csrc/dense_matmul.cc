@@ -188,10 +188,11 @@ void ComputeAmx(const Problem& pr, AmxFn fn) {
   pool().Run(CeilDiv(pr.N, kAmxRows) * j.blocks, AmxTask, &j);
 }
 
-// The VDPBF16PS tiles: one task per (kDpRows weight rows, token block), the weight rows read in place. From 16
-// tokens: below that the rows GEMV is as fast (measured at [50272, 2880] on an AMX CPU capped to these paths:
-// 4 tokens 14.1 vs 12.1 ms, 16 tokens 27.5 vs 27.0, 128 tokens 178 vs 210).
-constexpr int64_t kDpMinTokens = 16, kDpTokenBlock = 256, kDpRowsMaxTokens = 3;
+// The VDPBF16PS tiles: one task per (kDpRows weight rows, token block), the weight rows read in place. From 5
+// tokens, as bf12's tiles: on a Zen 4 (cold [201088, 2880], interleaved against the fp32 FMA rows path) 5 tokens
+// 1.27x, 6 1.26x, 8 1.2x, 12 1.4x, 4 only 1.04x. (An AMX Xeon capped to these paths had put the crossover near 16,
+// [50272, 2880]: 4 tokens 14.1 vs 12.1 ms, 16 tokens 27.5 vs 27.0; there AMX's tiles serve from 4 anyway.)
+constexpr int64_t kDpMinTokens = 5, kDpTokenBlock = 256, kDpRowsMaxTokens = 3;
 
 bool DpServes(const Problem& pr, int isa) {
   return isa == kAvx512Bf16 && &tile_dp_bf16 != nullptr && pr.x_bf16 && !pr.w_f32 && pr.w_nk && pr.K % 32 == 0 &&

@@ -38,7 +38,7 @@ MAX_TOKENS = 128  # vs einsums XLA runs by converting the weight to fp32 (bf16 r
 MAX_TOKENS_VS_BF16_GEMM = 4  # vs bf16 x and W with an fp32 result: XLA's own bf16 GEMM, faster from 3-6 tokens
 MAX_TOKENS_VS_BF16_GEMM_KN = 12  # the same for W [K, N]: XLA's GEMM is slower there up to 8-16 tokens (measured on
 # attention's wq and wo while the model stored them [in, out], before 2026-12-02)
-# ... and bf16 x times bf16 [N, K] on these: the kernel at any size (the AMX tiles from 4 tokens, VDPBF16PS from 16)
+# ... and bf16 x times bf16 [N, K] on these: the kernel at any size (the AMX tiles from 4 tokens, VDPBF16PS from 5)
 TILE_ISAS = ("avx512bf16", "amx")
 # ... and bf16 x times bf16 W on AVX2 CPUs: the kernel at any size for W [K, N], and from panel_min_tokens() for W
 # [N, K] (its fp32 panel GEMM: 1.3-1.4x XLA's bf16 GEMM at 128 tokens on attention's wq and wo on a 2-core Zen 3,
