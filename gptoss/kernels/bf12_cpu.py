@@ -1,10 +1,11 @@
 """bf12 weights (gptoss.quant.bf12) on the CPU kernel library (csrc/bf12_matmul.cc): pack, unpack, decode's GEMV.
 
 `matmul_many(x_MK, ws)`: bf16 x [M, K] times each packed weight's [R, K] rows, fp32 [M, R] results, in one pool run
-(decode's q, k and v, like dense_cpu.dense_matmul_many). On CPUs with AVX-512 VBMI and BF16 each 32-weight block is
-decoded in registers and multiplied by VDPBF16PS in the order of the dense bf16 one-token path, so a row without
-exceptions gives the bits the bf16 weight gives there; the exceptions are added after each row's sum. Elsewhere the
-scalar reference runs (slow): `fast()` says which, and gptoss packs weights only when it is the fast one.
+(decode's q, k and v, like dense_cpu.dense_matmul_many). On CPUs with AVX-512 VBMI and BF16, for up to 4 tokens each
+32-weight block is decoded in registers once and multiplied by VDPBF16PS in the order of the dense bf16 rows path, so
+a row without exceptions gives the bits the bf16 weight gives there (the exceptions are added after each row's sum);
+from 5 tokens rows are decoded with their exceptions into scratch for the dense tiles (every row: the dense bits).
+Elsewhere the scalar reference runs (slow): `fast()` says which, and gptoss packs weights only when it is the fast one.
 
 `unpack(w)`: the bf16 weight on the library's threads (prefill, where a GEMM wants bf16 rows), the twin of
 BF12Array.unpack. `pack(w)`: the bytes of gptoss.quant.bf12.pack_bf12, on the library's threads.

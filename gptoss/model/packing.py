@@ -4,7 +4,7 @@ A one-token decode step on a CPU runs at the memory's speed; bf12 (gptoss.quant.
 77 % of the bytes, so those GEMVs run ~1.25-1.3x faster where the CPU decodes it in registers (AVX-512 VBMI and
 BF16: gptoss.kernels.bf12_cpu.fast(); `auto` packs there unless the CPU has AMX: bf12_cpu.packs_by_default()).
 Nothing changes numerically: each packed weight unpacks to its exact bits, and the kernels' products and sums are
-those of the bf16 paths (exceptions aside: added after each row's sum).
+those of the bf16 paths (for 1-4 tokens a row's exceptions are added after its sum).
 
 Packed weights are `QuantWeight`s, not parameters: they are frozen (LoRA trains beside them; full fine-tuning and
 sharding need `unpack_dense`). Saving writes them back as bf16.
