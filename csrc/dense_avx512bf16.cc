@@ -1,11 +1,12 @@
-// A few tokens times bf16 W [N, K] with bf16 x on VDPBF16PS (compiled with -mavx512f -mavx512bw -mavx512bf16; called
-// only when the CPU has AVX512_BF16): decode's unembedding, batched decode below the tiles (the router's x is fp32). Each VDPBF16PS multiplies 32
-// weights with 32 elements of x and adds the products pairwise into 16 fp32 lanes (a bf16 x bf16 product is exact
-// in fp32, each add rounds once, as an FMA would), so a 64-byte row chunk costs one instruction where the fp32 path
-// (RowOne in dense_avx512.cc) shifts, masks and runs two FMAs. That path is compute-bound in a Zen 4 VM's fast
-// phases: unembedding-sized, two cores, interleaved rounds: 35-42 GB/s fp32 vs 41-46 here (a plain read loop
-// 46-48); equal-ish when the machine is slow. As VDPBF16PS is defined, bf16 subnormals (below 2**-126) in W or x
-// read as zero and subnormal sums flush to zero; x must arrive as bf16 (the driver takes this path only then).
+// 1-3 tokens times bf16 W [N, K] with bf16 x on VDPBF16PS (compiled with -mavx512f -mavx512bw -mavx512bf16; called
+// only when the CPU has AVX512_BF16): decode's projections and unembedding, and batched decode below the tiles (the
+// router's x is fp32). Each VDPBF16PS multiplies 32 weights with 32 elements of x and adds the products pairwise into
+// 16 fp32 lanes (a bf16 x bf16 product is exact in fp32, each add rounds once, as an FMA would), so a 64-byte row
+// chunk costs one instruction per token where the fp32 path (dense_avx512.cc) shifts, masks and runs two FMAs. That
+// path is compute-bound in a Zen 4 VM's fast phases: unembedding-sized, one token, two cores, interleaved rounds:
+// 35-42 GB/s fp32 vs 41-46 here (a plain read loop 46-48); equal-ish when the machine is slow. The sums' order is
+// dp_rows.h's. As VDPBF16PS is defined, bf16 subnormals (below 2**-126) in W or x read as zero and subnormal sums
+// flush to zero; x must arrive as bf16 (the driver takes this path only then).
 #include <immintrin.h>
 
 #include "dense_kernel.h"

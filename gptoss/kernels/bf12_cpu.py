@@ -89,7 +89,7 @@ def best_isa() -> str:
 
 def packs_by_default() -> bool:
     """Whether `dense_weights: auto` packs here: where the GEMV decodes in registers and the CPU has no AMX. Measured
-    on Zen 4 (decode 1.2x, prefill -3 %); next to AMX's tiles prefill's decode costs relatively more and bf12 is
+    on Zen 4 (decode 1.2x, prefill at par); next to AMX's faster tiles prefill's decode weighs more and bf12 is
     unmeasured there, so AMX CPUs keep bf16 unless asked for 'bf12'."""
     return fast() and best_isa() == "avx512"
 
