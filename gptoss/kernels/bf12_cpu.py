@@ -77,8 +77,7 @@ def set_isa(name: str) -> str:
 
 def fast() -> bool:
     """Whether this CPU runs the decoded-in-registers GEMV (where packing pays: fewer bytes at the same speed)."""
-    lib = load_library()
-    return lib is not None and lib.gptoss_bf12_best_isa() >= ISAS.index("avx512")
+    return best_isa() in ("avx512", "amx")
 
 
 def best_isa() -> str:
@@ -91,7 +90,7 @@ def packs_by_default() -> bool:
     """Whether `dense_weights: auto` packs here: where the GEMV decodes in registers and the CPU has no AMX. Measured
     on Zen 4 (decode 1.2x, prefill at par); next to AMX's faster tiles prefill's decode weighs more and bf12 is
     unmeasured there, so AMX CPUs keep bf16 unless asked for 'bf12'."""
-    return fast() and best_isa() == "avx512"
+    return best_isa() == "avx512"
 
 
 def serves(tokens: int, x, *, enabled: bool = True) -> bool:

@@ -118,7 +118,7 @@ def test_equals_the_dense_kernel_bit_for_bit(M, bf12_isa, dense_isa):
         rows = clean if M <= bf12_cpu.MAX_TOKENS else np.arange(300)
         assert np.array_equal(np.asarray(y)[:, rows], np.asarray(yd)[:, rows])
     finally:
-        bf12_cpu.set_isa(bf12_cpu.ISAS[bf12_cpu.load_library().gptoss_bf12_best_isa()])
+        bf12_cpu.set_isa(bf12_cpu.best_isa())
         dense_cpu.set_isa(dense_cpu.best_isa())
 
 
